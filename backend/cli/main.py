@@ -1,0 +1,280 @@
+"""The ``sonoseg`` command line. Each command parses options, calls the core, prints the result.
+
+Command groups that belong to one subsystem live in their own module (``model_cmd``: the
+offline U-Mamba engine; ``serve_cmd``: the Label Studio backend) and are registered here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from backend import __version__
+from backend.cli.context import CliContext, NotYetAvailable, fail, pass_ctx, setup_logging
+from backend.errors import SonosegError
+from backend.settings import Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sonoseg")
+@click.option("--log-level", default=None, help="Override SONOSEG_LOG_LEVEL (DEBUG, INFO, WARNING...).")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None) -> None:
+    """sonoseg: U-Mamba pre-annotations for Label Studio, retrained on sonographers' corrections.
+
+    Configuration comes from SONOSEG_* environment variables (see README.md).
+    """
+    try:
+        settings = Settings.from_env()
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    ctx.obj = CliContext(settings)
+    setup_logging(log_level or settings.log_level)
+
+
+# -- db ------------------------------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """Database schema: migrate, inspect."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target Alembic revision.")
+@pass_ctx
+def db_upgrade(c: CliContext, revision: str) -> None:
+    """Create or migrate the database to the latest schema (safe to run repeatedly)."""
+    from backend.db.migrate import current_revision, upgrade
+
+    before = current_revision(c.engine)
+    upgrade(c.engine, revision)
+    after = current_revision(c.engine)
+    url = c.engine.url.render_as_string(hide_password=True)
+    click.echo(f"database {url}: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+@pass_ctx
+def db_current(c: CliContext) -> None:
+    """Print the database's schema revision and the one this sonoseg needs."""
+    from backend.db.migrate import current_revision, head_revision
+
+    click.echo(f"current: {current_revision(c.engine) or 'empty'}\nrequired: {head_revision()}")
+
+
+# -- dataset -------------------------------------------------------------------------------------
+@cli.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--project", "project_name", required=True, help="Project name (created if missing).")
+@click.option("--labels", default="Nerve,Vessel", show_default=True, help="Class names, in class-index order.")
+@click.option("--masks", "mask_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of masks matched to images by file stem (class-index PNG/NIfTI/MHA; 0/255 = class 1).")
+@click.option("--subject", default=None, help="One subject identifier for all files (pseudonymised before storing).")
+@click.option("--subject-from", type=click.Choice(["file", "parent"]), default="file", show_default=True,
+              help="Where each file's subject comes from: the file itself, or its parent folder's name.")
+@pass_ctx
+def import_cmd(c: CliContext, paths: tuple[Path, ...], project_name: str, labels: str, mask_dir: Path | None,
+               subject: str | None, subject_from: str) -> None:
+    """Import images (PNG, JPEG, TIFF, BMP, DICOM incl. cine, NIfTI, MHA) and optional masks."""
+    from backend.services.dataset import import_files
+
+    class_names = tuple(x.strip() for x in labels.split(",") if x.strip())
+    try:
+        report = import_files(c.factory, c.store, c.settings, project_name=project_name, class_names=class_names,
+                              paths=list(paths), mask_dir=mask_dir, subject=subject, subject_from=subject_from)
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(f"{report.files} file(s): {report.images_added} new image(s), {report.images_existing} already "
+               f"present, {report.masks_added} mask(s), {len(report.errors)} rejected")
+    for path, message in report.errors:
+        click.echo(f"  rejected {path}: {message}", err=True)
+    if report.errors:
+        sys.exit(1)
+
+
+@cli.command("export")
+@click.option("--project", "project_name", required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "val", "test"]),
+              help="Only these splits (repeatable; default all).")
+@pass_ctx
+def export_cmd(c: CliContext, project_name: str, out_dir: Path, splits: tuple[str, ...]) -> None:
+    """Export labelled images, current masks and a manifest (subject, split, mask version)."""
+    from backend.db.session import unit_of_work
+    from backend.services.dataset import export_dataset
+    from backend.services.projects import get_project
+
+    try:
+        with unit_of_work(c.factory) as session:
+            project = get_project(session, project_name)
+            n = export_dataset(session, c.store, project, out_dir, splits=splits or ("train", "val", "test"))
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(f"exported {n} image/mask pair(s) to {out_dir}")
+
+
+# -- models --------------------------------------------------------------------------------------
+@cli.group()
+def models() -> None:
+    """Model versions: list, promote, roll back."""
+
+
+@models.command("list")
+@click.option("--project", "project_name", default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_ctx
+def models_list(c: CliContext, project_name: str | None, as_json: bool) -> None:
+    """List model versions with status and headline metrics."""
+    from backend.db.session import unit_of_work
+    from backend.services.projects import get_project
+    from backend.services.versions import list_versions
+
+    try:
+        with unit_of_work(c.factory) as session:
+            pid = get_project(session, project_name).id if project_name else None
+            rows = [(v.uid, v.project_id, v.status, v.metrics, v.created_at, v.gate_reason)
+                    for v in list_versions(session, pid)]
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if not rows:
+        click.echo("no model versions yet")
+    for uid, pid_, status, metrics, created, reason in rows:
+        if as_json:
+            click.echo(json.dumps({"uid": uid, "project": pid_, "status": status, "metrics": metrics,
+                                   "created_at": created.isoformat(), "reason": reason}))
+        else:
+            dice = metrics.get("fg_mDice")
+            click.echo(f"{uid:40s} project={pid_} {status:9s} fg_mDice={dice if dice is not None else '-'} "
+                       f"{created:%Y-%m-%d %H:%M}  {reason or ''}")
+
+
+@models.command("promote")
+@click.argument("version")
+@pass_ctx
+def models_promote(c: CliContext, version: str) -> None:
+    """Make VERSION (uid or id) the serving model of its project. Servers pick it up within seconds."""
+    from backend.db.session import unit_of_work
+    from backend.services.versions import get_version, promote
+
+    try:
+        with unit_of_work(c.factory) as session:
+            mv = get_version(session, version)
+            previous = promote(session, mv, reason="promoted by hand (sonoseg models promote)")
+            uid = mv.uid
+            prev_uid = previous.uid if previous else None
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(f"{uid} is serving" + (f" (was {prev_uid})" if prev_uid else ""))
+
+
+@models.command("rollback")
+@click.option("--project", "project_name", required=True)
+@pass_ctx
+def models_rollback(c: CliContext, project_name: str) -> None:
+    """Serve the version that served before the current one."""
+    from backend.db.session import unit_of_work
+    from backend.services.projects import get_project
+    from backend.services.versions import rollback
+
+    try:
+        with unit_of_work(c.factory) as session:
+            project = get_project(session, project_name)
+            uid = rollback(session, project.id).uid
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(f"rolled back: {uid} is serving")
+
+
+# -- status --------------------------------------------------------------------------------------
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status_cmd(c: CliContext, as_json: bool) -> None:
+    """Database revision, projects, images, labels, serving models, recent training runs."""
+    from backend.services.status import collect_status
+
+    try:
+        report = collect_status(c.engine, c.store)
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else report_text(report))
+
+
+def report_text(report: dict) -> str:  # type: ignore[type-arg]
+    lines = [f"database: {report['database']} (revision {report['revision']}, required {report['required_revision']})"]
+    for p in report["projects"]:
+        lines.append(
+            f"project {p['id']} {p['name']!r} (Label Studio {p['ls_project_id']}): {p['images']} images, "
+            f"{p['labelled']} labelled, serving {p['serving'] or 'none'}, retrain pending: {p['retrain_pending']}"
+        )
+        for r in p["runs"]:
+            err = f" error: {r['error']}" if r["error"] else ""
+            lines.append(f"  run {r['id']} {r['trigger']} {r['status']} on {r['device'] or '-'} {r['created_at']}{err}")
+    if not report["projects"]:
+        lines.append("no projects yet: `sonoseg import --project NAME FILES...` or connect Label Studio")
+    if report["store_temp_files"]:
+        lines.append(f"warning: {report['store_temp_files']} leftover temp file(s) in the store")
+    return "\n".join(lines)
+
+
+# -- later issues: present, honest about it --------------------------------------------------------
+def _not_yet(feature: str) -> None:
+    raise NotYetAvailable(f"{feature} is not available yet in this version of sonoseg")
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker_cmd(celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker (training, batch prediction, housekeeping queues)."""
+    _not_yet("the Celery worker (retraining loop)")
+
+
+@cli.command("train")
+@click.option("--project", "project_name", required=True)
+@click.option("--from-scratch", is_flag=True)
+def train_cmd(project_name: str, from_scratch: bool) -> None:
+    """Queue a training run for a project (runs on a worker). For offline training: `sonoseg model train`."""
+    _not_yet("queued training runs (the worker loop)")
+
+
+@cli.command("evaluate")
+@click.option("--project", "project_name", required=True)
+@click.option("--version", "version", default=None, help="Model version uid (default: the serving one).")
+def evaluate_cmd(project_name: str, version: str | None) -> None:
+    """Evaluate a model version on the project's held-out split. Offline: `sonoseg model evaluate`."""
+    _not_yet("evaluation of registered model versions on a project's split")
+
+
+@cli.command("predict")
+@click.option("--project", "project_name", required=True)
+def predict_cmd(project_name: str) -> None:
+    """Re-predict a project's unlabelled images with the serving model. Offline: `sonoseg model predict`."""
+    _not_yet("batch re-prediction of a project's images")
+
+
+def _register_subsystems() -> None:
+    """Command groups owned by their subsystems, registered when their modules exist."""
+    import importlib
+
+    for module_name, names in (("backend.cli.model_cmd", ("model",)), ("backend.cli.serve_cmd", ("serve", "sync"))):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for name in names:
+            cli.add_command(getattr(module, name))
+
+
+_register_subsystems()
+
+
+def main() -> None:
+    cli(prog_name="sonoseg")
+
+
+if __name__ == "__main__":
+    main()

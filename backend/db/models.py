@@ -1,0 +1,288 @@
+"""The sonoseg schema: what was labelled, by whom, which model learnt from it, and how well.
+
+Rules about the data live here, in the database, not in application code:
+- an image is unique per project by its content hash (importing it twice yields one row);
+- mask versions are append-only: a correction adds a version, a deletion marks it inactive;
+- at most one *current* label mask per image, at most one *serving* model per project, and at
+  most one *active* (queued or running) training run per project: all partial unique indexes;
+- a webhook delivery is recorded once, by its event key.
+
+Enumerated columns are short strings guarded by named CHECK constraints (portable, and readable in
+psql / sqlite3 without a lookup table). The allowed values are the ``*_VALUES`` tuples below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from backend.db.base import Base, JSONType, UTCDateTime, utcnow
+
+SPLIT_VALUES = ("train", "val", "test")
+MASK_SOURCE_VALUES = ("annotation", "prediction", "import")
+MODEL_STATUS_VALUES = ("training", "candidate", "serving", "retired", "failed")
+RUN_TRIGGER_VALUES = ("annotations", "schedule", "manual", "start_training")
+RUN_STATUS_VALUES = ("queued", "running", "succeeded", "failed", "cancelled")
+EVENT_STATUS_VALUES = ("pending", "processed", "ignored", "failed")
+SERVING_CHANGE_VALUES = ("promote", "rollback")
+IMAGE_SOURCE_VALUES = ("labelstudio", "import")
+
+ACTIVE_RUN_STATUSES = ("queued", "running")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _where(clause: str) -> dict[str, Any]:
+    """Partial-index WHERE clause for both SQLite and PostgreSQL."""
+    return {"sqlite_where": text(clause), "postgresql_where": text(clause)}
+
+
+class Project(Base):
+    """A Label Studio project (or an offline dataset) and its label set."""
+
+    __tablename__ = "project"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    ls_project_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+    label_config: Mapped[str | None] = mapped_column(Text)
+    # Ordered label names; class index i (1-based) is class_names[i-1], 0 is background.
+    class_names: Mapped[list[str]] = mapped_column(JSONType)
+    # Per-project overrides of the retraining policy (None: use Settings).
+    retrain_after: Mapped[int | None] = mapped_column(Integer)
+    train_max_minutes: Mapped[float | None] = mapped_column(Float)
+    # Set when a training trigger arrives while a run is active: one more run is due afterwards.
+    retrain_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="project")
+
+
+class Image(Base):
+    """One 2D frame. Pixels live in the blob store under ``blob_key``; never in the database."""
+
+    __tablename__ = "image"
+    __table_args__ = (
+        UniqueConstraint("project_id", "sha256"),
+        CheckConstraint(_in("split", SPLIT_VALUES), name="split"),
+        CheckConstraint("width > 0 AND height > 0", name="size"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the decoded grey pixels' PNG encoding
+    blob_key: Mapped[str] = mapped_column(String(200))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    # Pseudonym only (e.g. "subj-0042"): never a real name or hospital id.
+    subject: Mapped[str] = mapped_column(String(64), index=True)
+    split: Mapped[str] = mapped_column(String(8))
+    source_format: Mapped[str] = mapped_column(String(16))
+    frame_index: Mapped[int] = mapped_column(Integer, default=0)
+    # Allow-listed, non-identifying acquisition metadata (see backend.imaging.dicom.KEPT_DICOM_TAGS).
+    acquisition: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="images")
+    sources: Mapped[list[ImageSource]] = relationship(back_populates="image", cascade="all, delete-orphan")
+    masks: Mapped[list[MaskVersion]] = relationship(back_populates="image", order_by="MaskVersion.version")
+
+
+class ImageSource(Base):
+    """Where an image came from: a Label Studio task, or an imported file path.
+
+    One image may have several sources (the same file uploaded to two tasks); a Label Studio task
+    maps to exactly one image.
+    """
+
+    __tablename__ = "image_source"
+    __table_args__ = (
+        UniqueConstraint("project_id", "ls_task_id"),
+        CheckConstraint(_in("kind", IMAGE_SOURCE_VALUES), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ls_task_id: Mapped[int | None] = mapped_column(Integer)
+    uri: Mapped[str | None] = mapped_column(Text)  # LS task URL or the imported file's path
+    # False once Label Studio reports the task deleted; history is kept.
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="sources")
+
+
+class MaskVersion(Base):
+    """One version of one image's mask: class indices in a PNG in the blob store.
+
+    Append-only. ``is_current`` marks the label mask used for training (an annotation or import);
+    prediction masks are kept for the correction statistics but are never current.
+    """
+
+    __tablename__ = "mask_version"
+    __table_args__ = (
+        UniqueConstraint("image_id", "version"),
+        CheckConstraint(_in("source", MASK_SOURCE_VALUES), name="source"),
+        CheckConstraint("NOT (is_current AND source = 'prediction')", name="prediction_not_current"),
+        Index("uq_mask_version_one_current", "image_id", unique=True, **_where("is_current")),
+        Index("ix_mask_version_ls_annotation_id", "ls_annotation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per image
+    source: Mapped[str] = mapped_column(String(16))
+    ls_annotation_id: Mapped[int | None] = mapped_column(Integer)
+    author: Mapped[str | None] = mapped_column(String(200))
+    blob_key: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    foreground_pixels: Mapped[int] = mapped_column(Integer, default=0)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    webhook_event_id: Mapped[int | None] = mapped_column(ForeignKey("webhook_event.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="masks")
+
+
+model_version_mask = Table(
+    "model_version_mask",
+    Base.metadata,
+    Column("model_version_id", ForeignKey("model_version.id", ondelete="CASCADE"), primary_key=True),
+    Column("mask_version_id", ForeignKey("mask_version.id", ondelete="RESTRICT"), primary_key=True),
+)
+"""The exact mask versions a model version was trained on (its training-set snapshot)."""
+
+
+class ModelVersion(Base):
+    """An immutable trained model. Only ``status`` (and its timestamps) ever change."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (
+        CheckConstraint(_in("status", MODEL_STATUS_VALUES), name="status"),
+        Index("uq_model_version_one_serving", "project_id", unique=True, **_where("status = 'serving'")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)  # what Label Studio sees as model_version
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16))
+    arch: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(200))
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    gate_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    promoted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    parent: Mapped[ModelVersion | None] = relationship(remote_side="ModelVersion.id")
+    training_masks: Mapped[list[MaskVersion]] = relationship(secondary=model_version_mask)
+
+
+class ServingChange(Base):
+    """Audit log of which version served when. Rollback replays it as a stack (promote pushes,
+    rollback pops), so repeated rollbacks walk back through history instead of toggling."""
+
+    __tablename__ = "serving_change"
+    __table_args__ = (CheckConstraint(_in("kind", SERVING_CHANGE_VALUES), name="kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id", ondelete="CASCADE"))
+    previous_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Prediction(Base):
+    """A prediction served for an image, and how much the sonographer corrected it afterwards."""
+
+    __tablename__ = "prediction"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    # None when no model existed yet ("untrained": an empty pre-annotation was served).
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id", ondelete="SET NULL"))
+    model_version_uid: Mapped[str] = mapped_column(String(64))
+    ls_task_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    mask_version_id: Mapped[int | None] = mapped_column(ForeignKey("mask_version.id", ondelete="SET NULL"))
+    score: Mapped[float | None] = mapped_column(Float)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    # The correction that followed: Dice between this prediction and the saved corrected mask.
+    corrected_mask_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("mask_version.id", ondelete="SET NULL")
+    )
+    correction_dice: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrainingRun(Base):
+    """One attempt to train a model for a project. At most one queued/running per project."""
+
+    __tablename__ = "training_run"
+    __table_args__ = (
+        CheckConstraint(_in("trigger", RUN_TRIGGER_VALUES), name="trigger"),
+        CheckConstraint(_in("status", RUN_STATUS_VALUES), name="status"),
+        Index(
+            "uq_training_run_one_active",
+            "project_id",
+            unique=True,
+            **_where(_in("status", ACTIVE_RUN_STATUSES)),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # epoch, loss, val_dice...
+    from_scratch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookEvent(Base):
+    """A raw Label Studio webhook delivery, stored before anything else happens to it."""
+
+    __tablename__ = "webhook_event"
+    __table_args__ = (CheckConstraint(_in("status", EVENT_STATUS_VALUES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # sha256 of the canonical JSON body: an identical re-delivery has the same key.
+    event_key: Mapped[str] = mapped_column(String(64), unique=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    ls_project_id: Mapped[int | None] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

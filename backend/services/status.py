@@ -1,0 +1,67 @@
+"""One read-only snapshot of the installation, for `sonoseg status` (and, later, an admin page)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from backend.db.migrate import current_revision, head_revision
+from backend.db.models import Image, MaskVersion, ModelVersion, Project, TrainingRun
+from backend.db.session import make_session_factory
+from backend.storage.blobs import LocalBlobStore
+
+
+def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: int = 5) -> dict[str, Any]:
+    revision = current_revision(engine)
+    report: dict[str, Any] = {
+        "database": engine.url.render_as_string(hide_password=True),
+        "revision": revision or "empty",
+        "required_revision": head_revision(),
+        "projects": [],
+        "store_temp_files": len(store.leftover_temp_files()),
+    }
+    if revision is None:
+        return report
+    with make_session_factory(engine)() as session:
+        for project in session.scalars(select(Project).order_by(Project.id)):
+            images = session.scalar(select(func.count(Image.id)).where(Image.project_id == project.id)) or 0
+            labelled = session.scalar(
+                select(func.count(MaskVersion.id))
+                .join(Image, Image.id == MaskVersion.image_id)
+                .where(Image.project_id == project.id, MaskVersion.is_current)
+            ) or 0
+            serving = session.scalars(
+                select(ModelVersion.uid).where(ModelVersion.project_id == project.id, ModelVersion.status == "serving")
+            ).first()
+            runs = session.scalars(
+                select(TrainingRun)
+                .where(TrainingRun.project_id == project.id)
+                .order_by(TrainingRun.id.desc())
+                .limit(runs_per_project)
+            )
+            report["projects"].append(
+                {
+                    "id": project.id,
+                    "name": project.name,
+                    "ls_project_id": project.ls_project_id,
+                    "classes": project.class_names,
+                    "images": images,
+                    "labelled": labelled,
+                    "serving": serving,
+                    "retrain_pending": project.retrain_pending,
+                    "runs": [
+                        {
+                            "id": r.id,
+                            "trigger": r.trigger,
+                            "status": r.status,
+                            "device": r.device,
+                            "progress": r.progress,
+                            "error": r.error,
+                            "created_at": r.created_at.isoformat(),
+                        }
+                        for r in runs
+                    ],
+                }
+            )
+    return report

@@ -1,0 +1,152 @@
+"""Typed settings, read once from ``SONOSEG_*`` (and ``LABEL_STUDIO_*``) environment variables.
+
+This module is the only reader of ``os.environ`` in sonoseg. Everything else receives a
+:class:`Settings` instance (built at the edge: the CLI, the Flask factory, the Celery app), so
+tests pass overrides instead of patching globals. Every variable is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.errors import InvalidInput
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in {"1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off", ""}:
+        return False
+    raise InvalidInput(f"expected a boolean (true/false), got {value!r}")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration. Defaults give the embedded setup: SQLite and files under ``data_dir``."""
+
+    data_dir: Path = Path("./sonoseg-data")
+    database_url: str = ""  # "" -> sqlite:///<data_dir>/sonoseg.db
+    broker_url: str = ""  # "" -> kombu SQLAlchemy transport on <data_dir>/broker.sqlite
+    result_backend: str = ""  # "" -> SQLAlchemy result backend on <data_dir>/results.sqlite
+    host: str = "127.0.0.1"
+    port: int = 9090
+    log_level: str = "INFO"
+
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    # Documents root for /data/local-files/?d=... (Label Studio's LOCAL_FILES_DOCUMENT_ROOT).
+    local_files_root: Path | None = None
+    # Extra hosts from which plain http(s) image URLs may be fetched (the LS host is always allowed).
+    allowed_image_hosts: tuple[str, ...] = ()
+
+    basic_auth_user: str = ""
+    basic_auth_password: str = field(default="", repr=False)
+    webhook_secret: str = field(default="", repr=False)
+    max_request_bytes: int = 32 * 1024 * 1024
+
+    # Images: reject anything with a side longer than this (decompression bombs).
+    max_image_side: int = 8192
+    max_image_bytes: int = 256 * 1024 * 1024
+
+    device: str = "auto"  # auto | cpu | cuda
+    model_preset: str = "cpu_small"
+    train_max_minutes: float = 30.0
+    retrain_after: int = 20
+    retrain_debounce_seconds: float = 60.0
+    gate_margin: float = 0.0
+    repredict_after_promotion: bool = True
+    model_poll_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir.resolve() / 'sonoseg.db'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.sqlite'}")
+        if not self.result_backend:
+            object.__setattr__(self, "result_backend", f"db+sqlite:///{self.data_dir.resolve() / 'results.sqlite'}")
+        if self.device not in {"auto", "cpu", "cuda"}:
+            raise InvalidInput(f"SONOSEG_DEVICE must be auto, cpu or cuda, not {self.device!r}")
+        if not 0 < self.port < 65536:
+            raise InvalidInput(f"SONOSEG_PORT must be 1-65535, not {self.port}")
+
+    # -- derived paths -------------------------------------------------------------------------
+    @property
+    def store_dir(self) -> Path:
+        """Root of the content-addressed file store (images, masks, checkpoints)."""
+        return self.data_dir / "store"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (derived URLs are recomputed if left empty)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment. Unknown ``SONOSEG_*`` variables are ignored."""
+        env = os.environ if environ is None else environ
+        kw: dict[str, object] = {}
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return None if value is None or value == "" else value
+
+        def num(name: str, conv: type) -> object | None:
+            raw = get(name)
+            if raw is None:
+                return None
+            try:
+                return conv(raw)
+            except ValueError as exc:
+                raise InvalidInput(f"{name} must be a number, got {raw!r}") from exc
+
+        simple = {
+            "SONOSEG_DATA_DIR": ("data_dir", Path),
+            "SONOSEG_DATABASE_URL": ("database_url", str),
+            "SONOSEG_BROKER_URL": ("broker_url", str),
+            "SONOSEG_RESULT_BACKEND": ("result_backend", str),
+            "SONOSEG_HOST": ("host", str),
+            "SONOSEG_LOG_LEVEL": ("log_level", str),
+            "LABEL_STUDIO_URL": ("label_studio_url", lambda s: s.rstrip("/")),
+            "LABEL_STUDIO_API_KEY": ("label_studio_api_key", str),
+            "SONOSEG_LOCAL_FILES_ROOT": ("local_files_root", Path),
+            "SONOSEG_ALLOWED_IMAGE_HOSTS": ("allowed_image_hosts", _csv),
+            "SONOSEG_BASIC_AUTH_USER": ("basic_auth_user", str),
+            "SONOSEG_BASIC_AUTH_PASSWORD": ("basic_auth_password", str),
+            "SONOSEG_WEBHOOK_SECRET": ("webhook_secret", str),
+            "SONOSEG_DEVICE": ("device", str.lower),
+            "SONOSEG_MODEL_PRESET": ("model_preset", str),
+            "SONOSEG_REPREDICT_AFTER_PROMOTION": ("repredict_after_promotion", _bool),
+        }
+        for var, (attr, conv) in simple.items():
+            raw = get(var)
+            if raw is not None:
+                kw[attr] = conv(raw)  # type: ignore[operator]
+        numeric = {
+            "SONOSEG_PORT": ("port", int),
+            "SONOSEG_MAX_REQUEST_BYTES": ("max_request_bytes", int),
+            "SONOSEG_MAX_IMAGE_SIDE": ("max_image_side", int),
+            "SONOSEG_MAX_IMAGE_BYTES": ("max_image_bytes", int),
+            "SONOSEG_TRAIN_MAX_MINUTES": ("train_max_minutes", float),
+            "SONOSEG_RETRAIN_AFTER": ("retrain_after", int),
+            "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": ("retrain_debounce_seconds", float),
+            "SONOSEG_GATE_MARGIN": ("gate_margin", float),
+            "SONOSEG_MODEL_POLL_SECONDS": ("model_poll_seconds", float),
+        }
+        for var, (attr, conv) in numeric.items():
+            value = num(var, conv)
+            if value is not None:
+                kw[attr] = value
+        return cls(**kw)  # type: ignore[arg-type]

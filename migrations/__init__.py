@@ -1,0 +1,1 @@
+"""Alembic migration scripts for the sonoseg database (run with ``sonoseg db upgrade``)."""

@@ -1,0 +1,64 @@
+"""Promotion and rollback of model versions (the registry half of the gate)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.db.models import ModelVersion, Project
+from backend.db.session import SessionFactory, unit_of_work
+from backend.errors import Conflict
+from backend.services.versions import promote, rollback, serving_version
+
+
+def _versions(factory: SessionFactory, n: int) -> tuple[int, list[int]]:
+    with unit_of_work(factory) as s:
+        p = Project(name="p", class_names=["Nerve"])
+        s.add(p)
+        s.flush()
+        vs = [ModelVersion(project_id=p.id, uid=f"v{i}", status="candidate", checkpoint_key=f"k{i}") for i in range(n)]
+        s.add_all(vs)
+        s.flush()
+        return p.id, [v.id for v in vs]
+
+
+def _serving_uid(factory: SessionFactory, pid: int) -> str | None:
+    with factory() as s:
+        v = serving_version(s, pid)
+        return v.uid if v else None
+
+
+def test_promote_retires_previous(factory: SessionFactory) -> None:
+    pid, ids = _versions(factory, 2)
+    for vid in ids:
+        with unit_of_work(factory) as s:
+            promote(s, s.get_one(ModelVersion, vid))
+    with factory() as s:
+        assert [s.get_one(ModelVersion, i).status for i in ids] == ["retired", "serving"]
+
+
+def test_rollback_walks_back_through_history(factory: SessionFactory) -> None:
+    pid, ids = _versions(factory, 3)
+    for vid in ids:
+        with unit_of_work(factory) as s:
+            promote(s, s.get_one(ModelVersion, vid))
+    assert _serving_uid(factory, pid) == "v2"
+    with unit_of_work(factory) as s:
+        rollback(s, pid)
+    assert _serving_uid(factory, pid) == "v1"
+    with unit_of_work(factory) as s:
+        rollback(s, pid)
+    assert _serving_uid(factory, pid) == "v0"
+    with pytest.raises(Conflict, match="no earlier served version"):
+        with unit_of_work(factory) as s:
+            rollback(s, pid)
+    assert _serving_uid(factory, pid) == "v0"
+
+
+def test_failed_version_cannot_serve(factory: SessionFactory) -> None:
+    pid, ids = _versions(factory, 1)
+    with unit_of_work(factory) as s:
+        s.get_one(ModelVersion, ids[0]).status = "failed"
+    with pytest.raises(Conflict):
+        with unit_of_work(factory) as s:
+            promote(s, s.get_one(ModelVersion, ids[0]))
+    assert _serving_uid(factory, pid) is None
