@@ -6,7 +6,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-import imaging_samples as samples
+from tests import imaging_samples as samples
 import numpy as np
 import pytest
 import SimpleITK as sitk
