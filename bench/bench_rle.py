@@ -1,4 +1,4 @@
-"""Brush RLE: our numpy codec against label-studio-sdk's reference, in one run.
+"""Brush RLE: our codec against label-studio-sdk's reference, in one run.
 
     .venv/bin/python bench/bench_rle.py                  # ~15 s
     .venv/bin/python bench/bench_rle.py --masks DIR      # palette masks: 0 bg, 1 nerve, 2 vessel
@@ -13,9 +13,12 @@ Cases, all 512x512 (the size of the USG-RA masks):
 
 Encode is SDK ``mask2rle`` vs our ``mask_to_rle`` on the same 0/255 array; decode is SDK
 ``decode_rle`` vs our ``decode_rle`` on the same bytes. Both outputs are checked identical
-before timing. A time is the best of up to 5 batches after a warm-up call (2 calls when one
-takes over 0.3 s), per call. Ratios are SDK time / our time from this run. The machine may
-be shared: the load average is printed with the table. Never run by the test suite.
+before timing. The machine may be shared, so the two sides are measured interleaved: each of
+7 rounds times one ~20 ms batch of the SDK, then one of ours, so that load hits both alike. A
+time is the best round, per call; the ratio is SDK best / our best, and "med x" is the median
+of the 7 per-round ratios (a check that the best rounds were not a lucky pair). Our kernels are
+warmed up first; the start-up cost of a fresh process (import, warmup, first call) is timed in
+a child process. The load average is printed before and after. Never run by the test suite.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backend.labelstudio.rle import decode_rle, mask_to_rle
+from backend.labelstudio.rle import decode_rle, mask_to_rle, warmup
 
 DEFAULT_MASKS = Path("/work/shared/data/usgra-seg/masks")
 NERVE = 1
@@ -42,23 +46,49 @@ NOISE_FRACTION = 0.05
 T = TypeVar("T")
 
 
-def best_time(fn: Callable[[], object]) -> float:
-    """Seconds per call: best of up to 5 batches of ~50 ms after one warm-up call."""
+ROUNDS = 7
+BATCH_SECONDS = 0.02
+
+
+def batch_size(fn: Callable[[], object]) -> int:
+    """Calls per batch so that one batch takes about ``BATCH_SECONDS`` (after a warm-up call)."""
+    fn()
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    if first > 0.3:
-        start = time.perf_counter()
+    once = time.perf_counter() - start
+    return max(1, round(BATCH_SECONDS / max(once, 1e-7)))
+
+
+def timed(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
         fn()
-        return min(first, time.perf_counter() - start)
-    number = max(1, int(0.05 / max(first, 1e-7)))
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+    return (time.perf_counter() - start) / number
+
+
+def interleaved(sdk: Callable[[], object], ours: Callable[[], object]) -> tuple[float, float, float]:
+    """Seconds per call of each, best of ``ROUNDS`` alternating rounds, and the median round ratio."""
+    sdk_n, our_n = batch_size(sdk), batch_size(ours)
+    sdk_times, our_times = [], []
+    for _ in range(ROUNDS):
+        sdk_times.append(timed(sdk, sdk_n))
+        our_times.append(timed(ours, our_n))
+    ratio = float(np.median(np.divide(sdk_times, our_times)))
+    return min(sdk_times), min(our_times), ratio
+
+
+def fresh_process_start() -> str:
+    """Seconds a new interpreter spends importing the codec, in warmup(), then on a first encode."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, time; import numpy as np; t0 = time.perf_counter()\n"
+        "from backend.labelstudio.rle import mask_to_rle, warmup; t1 = time.perf_counter()\n"
+        "warmup(); t2 = time.perf_counter()\n"
+        "mask_to_rle(np.eye(512, dtype=bool)); t3 = time.perf_counter()\n"
+        "print(f'import {t1 - t0:.3f} s, warmup {t2 - t1:.3f} s, first 512x512 encode {(t3 - t2) * 1e3:.2f} ms')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 def each(fn: Callable[[T], object], items: Sequence[T]) -> Callable[[], None]:
@@ -119,6 +149,8 @@ def main() -> None:
         f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    print(f"fresh process: {fresh_process_start()}")
+    warmup()
     rows = []
     for label, masks in (("nerve", [nerve]), ("noisy (5% flipped)", [noisy]), (f"nerve x {len(group)}", group)):
         streams = [mask_to_rle(mask) for mask in masks]
@@ -127,24 +159,22 @@ def main() -> None:
                 raise SystemExit(f"{label}: our bytes differ from the SDK's")
             if not np.array_equal(decode_rle(stream), sdk_decode(stream)):
                 raise SystemExit(f"{label}: our decoding differs from the SDK's")
-        sdk_enc = best_time(each(sdk_encode, masks))
-        our_enc = best_time(each(mask_to_rle, masks))
-        sdk_dec = best_time(each(sdk_decode, streams))
-        our_dec = best_time(each(decode_rle, streams))
-        rows.append((label, sum(map(len, streams)), sdk_enc, our_enc, sdk_dec, our_dec))
+        enc = interleaved(each(sdk_encode, masks), each(mask_to_rle, masks))
+        dec = interleaved(each(sdk_decode, streams), each(decode_rle, streams))
+        rows.append((label, sum(map(len, streams)), enc, dec))
 
     print("\nidentical bytes and words: yes (checked for every mask)\n")
-    header = f"{'case':<20}{'RLE bytes':>10}{'enc SDK ms':>12}{'enc ours ms':>13}{'x':>7}"
-    header += f"{'dec SDK ms':>12}{'dec ours ms':>13}{'x':>7}"
+    header = f"{'case':<20}{'RLE bytes':>10}"
+    for side in ("enc", "dec"):
+        header += f"{side + ' SDK ms':>12}{side + ' ours ms':>13}{'x':>7}{'med x':>7}"
     print(header)
     print("-" * len(header))
-    for label, size, sdk_enc, our_enc, sdk_dec, our_dec in rows:
-        print(
-            f"{label:<20}{size:>10}{sdk_enc * 1e3:>12.3f}{our_enc * 1e3:>13.3f}{sdk_enc / our_enc:>7.1f}"
-            f"{sdk_dec * 1e3:>12.3f}{our_dec * 1e3:>13.3f}{sdk_dec / our_dec:>7.1f}"
-        )
+    for label, size, *pairs in rows:
+        line = f"{label:<20}{size:>10}"
+        for sdk_s, our_s, median in pairs:
+            line += f"{sdk_s * 1e3:>12.3f}{our_s * 1e3:>13.3f}{sdk_s / our_s:>7.1f}{median:>7.1f}"
+        print(line)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -321,10 +323,79 @@ def test_rle_to_mask_rejects_bad_sizes(height: object, width: object) -> None:
         rle_to_mask(VALID, height, width)  # type: ignore[arg-type]
 
 
-def test_packing_in_blocks_gives_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from backend.labelstudio import rle
+# --- the numba kernels -------------------------------------------------------------------
 
-    mask = np.random.default_rng(8).random((40, 50)) < 0.5
-    whole = mask_to_rle(mask)
-    monkeypatch.setattr(rle, "_PACK_BLOCK", 7)
-    assert mask_to_rle(mask) == whole == sdk_mask_rle(mask)
+EDGES = [0, 1, 7, 8, 9, 63, 64, 65, 71, 72, 127, 128, 129, 149, 150]
+
+
+def test_runs_starting_and_ending_around_word_and_line_boundaries_match_sdk() -> None:
+    """The kernel skips 8- and 64-pixel blocks: put edges on, before and after their borders."""
+    for start in EDGES:
+        for stop in EDGES:
+            if start < stop:
+                for shape in ((1, 150), (2, 75)):
+                    line = np.zeros(150, bool)
+                    line[start:stop] = True
+                    mask = line.reshape(shape)
+                    assert mask_to_rle(mask) == sdk_mask_rle(mask), (start, stop, shape)
+                    assert mask_to_rle(~mask) == sdk_mask_rle(~mask), (start, stop, shape)
+
+
+def test_any_non_zero_byte_counts_as_set() -> None:
+    """The kernel tests 8 bytes at once for "no zero byte": values 1, 0x7F, 0x80, 0xFF, -1..."""
+    rng = np.random.default_rng(41)
+    mask = ragged_ellipse(70, 90, seed=41)
+    values = rng.integers(1, 256, mask.shape)
+    expected = sdk_mask_rle(mask)
+    as_bytes = np.where(mask, values, 0).astype(np.uint8)
+    assert mask_to_rle(as_bytes) == expected
+    assert mask_to_rle(as_bytes.view(np.int8)) == expected  # -128 .. 127 but 0
+
+
+def test_worst_case_streams_fit_the_buffer_bound() -> None:
+    """Runs of one pixel (or one word) are the most bits per input: exactly the bound's 14."""
+    from backend.labelstudio import rle_kernels
+
+    checker = np.indices((33, 67)).sum(axis=0) % 2 == 1
+    stream = mask_to_rle(checker)
+    assert stream == sdk_mask_rle(checker)
+    assert len(stream) == (53 + 14 * checker.size) // 8 + 1 <= rle_kernels.stream_capacity(checker.size)
+    words = (np.arange(1001) % 2 * 255).astype(np.uint8)
+    stream = encode_rle(words)
+    assert stream == list(brush.encode_rle(words))
+    assert len(stream) == (53 + 14 * words.size) // 8 + 1 <= rle_kernels.stream_capacity(words.size)
+
+
+def test_read_only_and_strided_inputs_encode_like_a_writable_copy() -> None:
+    from backend.labelstudio import rle_kernels
+
+    mask = ragged_ellipse(64, 80, seed=5).astype(np.uint8)
+    frozen = mask.copy()
+    frozen.flags.writeable = False
+    assert mask_to_rle(frozen) == mask_to_rle(mask) == sdk_mask_rle(mask.astype(bool))
+    words = np.repeat(np.arange(40, dtype=np.uint8), 5)
+    frozen_words = words.copy()
+    frozen_words.flags.writeable = False
+    assert encode_rle(frozen_words) == encode_rle(words) == list(brush.encode_rle(words))
+    assert encode_rle(np.repeat(words, 2)[::2]) == encode_rle(words)
+    # one compiled signature serves both: no compile on a new array type at request time
+    assert len(rle_kernels.encode_mask.signatures) == len(rle_kernels.encode_words.signatures) == 1
+
+
+def test_empty_list_encodes_as_a_header() -> None:
+    assert encode_rle([]) == encode_rle(np.zeros(0, dtype=np.uint8))
+
+
+def test_warmup_loads_the_kernels() -> None:
+    from backend.labelstudio.rle import warmup
+
+    assert warmup() >= 0.0
+    assert mask_to_rle(np.ones((2, 3), bool)) == sdk_mask_rle(np.ones((2, 3), bool))
+
+
+def test_importing_the_codec_does_not_import_numba() -> None:
+    """numba loads on first encode or warmup, so the CLI and /health start fast."""
+    code = "import sys, backend.labelstudio.rle; print('numba' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
