@@ -13,7 +13,7 @@ export SONOSEG_DATA_DIR ?= $(CURDIR)/sonoseg-data
 .PHONY: run test install install-ls lint bench clean help
 
 help:
-	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start sonoseg"
+	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start the server and a worker"
 	@echo "make test   - install into $(VENV) (+ Label Studio into $(VENV_LS)), run all tests"
 	@echo "make bench  - run the benchmarks in bench/ (minutes)"
 
@@ -36,9 +36,12 @@ $(VENV_LS)/.installed:
 
 install-ls: $(VENV_LS)/.installed
 
+# The main job: the Label Studio backend, plus one worker (with the beat scheduler embedded) that
+# retrains in the background. The worker stops when the server does.
 run: install
 	$(VENV)/bin/sonoseg db upgrade
-	$(VENV)/bin/sonoseg serve
+	$(VENV)/bin/sonoseg worker --beat & w=$$!; trap "kill $$w 2>/dev/null; wait $$w" EXIT INT TERM; \
+	  $(VENV)/bin/sonoseg serve
 
 test: install install-ls
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup

@@ -65,6 +65,13 @@ class Settings:
     gate_margin: float = 0.0
     repredict_after_promotion: bool = True
     model_poll_seconds: float = 2.0
+    # Retraining loop (workers/): gate metric, nightly schedule, liveness of running runs.
+    gate_metric: str = "fg_mDice"  # a key of a model version's metrics (fg_mDice, fg_mIoU, fg_image_dice)
+    retrain_cron: str = "0 2 * * *"  # crontab (m h dom mon dow) of the "anything changed?" retrain; "" = off
+    dispatch_interval_seconds: float = 5.0  # how often beat hands due queued runs to the broker
+    train_heartbeat_seconds: float = 10.0  # a running run writes heartbeat_at this often
+    train_stale_after_seconds: float = 300.0  # no heartbeat for this long: the worker is gone
+    train_max_attempts: int = 2  # a run whose worker was lost is retried until this many attempts
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -129,6 +136,8 @@ class Settings:
             "SONOSEG_DEVICE": ("device", str.lower),
             "SONOSEG_MODEL_PRESET": ("model_preset", str),
             "SONOSEG_REPREDICT_AFTER_PROMOTION": ("repredict_after_promotion", _bool),
+            "SONOSEG_GATE_METRIC": ("gate_metric", str),
+            "SONOSEG_RETRAIN_CRON": ("retrain_cron", str.strip),
         }
         for var, (attr, conv) in simple.items():
             raw = get(var)
@@ -144,6 +153,10 @@ class Settings:
             "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": ("retrain_debounce_seconds", float),
             "SONOSEG_GATE_MARGIN": ("gate_margin", float),
             "SONOSEG_MODEL_POLL_SECONDS": ("model_poll_seconds", float),
+            "SONOSEG_DISPATCH_INTERVAL_SECONDS": ("dispatch_interval_seconds", float),
+            "SONOSEG_TRAIN_HEARTBEAT_SECONDS": ("train_heartbeat_seconds", float),
+            "SONOSEG_TRAIN_STALE_AFTER_SECONDS": ("train_stale_after_seconds", float),
+            "SONOSEG_TRAIN_MAX_ATTEMPTS": ("train_max_attempts", int),
         }
         for var, (attr, conv) in numeric.items():
             value = num(var, conv)

@@ -50,3 +50,12 @@ def test_pseudonyms_are_keyed_and_stable(tmp_path: Path) -> None:
     p = pseudonymise("Jane Doe 12345", key)
     assert p == pseudonymise("Jane Doe 12345", key) and p.startswith("subj-") and "Jane" not in p
     assert pseudonymise("Jane Doe 12345", b"another-key") != p
+
+
+def test_pseudonym_key_creation_races_to_one_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_or_create_key(tmp_path), range(32)))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert not list(tmp_path.glob(".tmp-key-*"))

@@ -48,9 +48,3 @@ def fail(exc: SonosegError) -> click.ClickException:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-class NotYetAvailable(click.ClickException):
-    """A command whose feature lands in a later issue: says so plainly, exits 3."""
-
-    exit_code = 3

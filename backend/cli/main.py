@@ -1,7 +1,8 @@
 """The ``sonoseg`` command line. Each command parses options, calls the core, prints the result.
 
 Command groups that belong to one subsystem live in their own module (``model_cmd``: the
-offline U-Mamba engine; ``serve_cmd``: the Label Studio backend) and are registered here.
+offline U-Mamba engine; ``serve_cmd``: the Label Studio backend; ``worker_cmd``: the Celery workers and
+the retraining loop) and are registered here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import click
 
 from backend import __version__
-from backend.cli.context import CliContext, NotYetAvailable, fail, pass_ctx, setup_logging
+from backend.cli.context import CliContext, fail, pass_ctx, setup_logging
 from backend.errors import SonosegError
 from backend.settings import Settings
 
@@ -219,54 +220,22 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
     return "\n".join(lines)
 
 
-# -- later issues: present, honest about it --------------------------------------------------------
-def _not_yet(feature: str) -> None:
-    raise NotYetAvailable(f"{feature} is not available yet in this version of sonoseg")
-
-
-@cli.command("worker", context_settings={"ignore_unknown_options": True})
-@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker_cmd(celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker (training, batch prediction, housekeeping queues)."""
-    _not_yet("the Celery worker (retraining loop)")
-
-
-@cli.command("train")
-@click.option("--project", "project_name", required=True)
-@click.option("--from-scratch", is_flag=True)
-def train_cmd(project_name: str, from_scratch: bool) -> None:
-    """Queue a training run for a project (runs on a worker). For offline training: `sonoseg model train`."""
-    _not_yet("queued training runs (the worker loop)")
-
-
-@cli.command("evaluate")
-@click.option("--project", "project_name", required=True)
-@click.option("--version", "version", default=None, help="Model version uid (default: the serving one).")
-def evaluate_cmd(project_name: str, version: str | None) -> None:
-    """Evaluate a model version on the project's held-out split. Offline: `sonoseg model evaluate`."""
-    _not_yet("evaluation of registered model versions on a project's split")
-
-
-@cli.command("predict")
-@click.option("--project", "project_name", required=True)
-def predict_cmd(project_name: str) -> None:
-    """Re-predict a project's unlabelled images with the serving model. Offline: `sonoseg model predict`."""
-    _not_yet("batch re-prediction of a project's images")
-
-
 def _register_subsystems() -> None:
-    """Command groups owned by their subsystems, registered when their modules exist."""
-    import importlib
+    """Command groups owned by their subsystems (imported here, not at the top: they import ours)."""
+    from backend.cli import model_cmd, serve_cmd, worker_cmd
 
-    for module_name, names in (("backend.cli.model_cmd", ("model",)), ("backend.cli.serve_cmd", ("serve", "sync"))):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        for name in names:
-            cli.add_command(getattr(module, name))
+    for command in (
+        model_cmd.model,
+        serve_cmd.serve,
+        serve_cmd.sync,
+        worker_cmd.worker,
+        worker_cmd.beat,
+        worker_cmd.train,
+        worker_cmd.evaluate,
+        worker_cmd.predict,
+        worker_cmd.retrain_policy,
+    ):
+        cli.add_command(command)
 
 
 _register_subsystems()

@@ -72,6 +72,8 @@ class Project(Base):
     # Set when a training trigger arrives while a run is active: one more run is due afterwards.
     retrain_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # False: only `sonoseg train` and START_TRAINING start runs (no count trigger, no nightly run).
+    auto_retrain: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
 
     images: Mapped[list[Image]] = relationship(back_populates="project")
 
@@ -268,6 +270,11 @@ class TrainingRun(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Outbox and debounce: a queued run is handed to the broker once not_before has passed;
+    # dispatched_at says when it last was (a lost message is re-sent). attempts counts claims.
+    not_before: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class WebhookEvent(Base):

@@ -54,6 +54,9 @@ def add_mask_version(
         )
     mask8 = mask.astype(np.uint8)
     blob = store.put_bytes("masks", encode_png(mask8), ".png")
+    # Serialise writers of this image's versions: lock its row (PostgreSQL; SQLite's
+    # BEGIN IMMEDIATE already serialises), so two concurrent saves never take the same number.
+    session.execute(select(Image.id).where(Image.id == image.id).with_for_update())
     version = (session.scalar(select(func.max(MaskVersion.version)).where(MaskVersion.image_id == image.id)) or 0) + 1
     is_label = source in LABEL_SOURCES
     if is_label:

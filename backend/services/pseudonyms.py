@@ -11,24 +11,34 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import tempfile
 from hashlib import sha256
 from pathlib import Path
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
+    """Read the installation's key, creating it on first use.
+
+    Safe when several processes start at once: the key is written completely to a temp file and
+    then hard-linked into place, which fails if another process won; everyone then reads the
+    winner's complete file.
+    """
     path = Path(data_dir) / "pseudonym.key"
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key.hex().encode())
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return key
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-key-")
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secrets.token_bytes(32).hex().encode())
+            os.fsync(fd)
+            os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
 
 
 def pseudonymise(raw: str, key: bytes) -> str:

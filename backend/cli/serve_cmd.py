@@ -1,0 +1,135 @@
+"""``sonoseg serve`` (the Label Studio ML backend) and ``sonoseg sync`` (reconcile with Label Studio).
+
+``serve`` runs werkzeug's threaded server for development (the default, ``--workers 0``) and
+gunicorn for production (``--workers N``). Both refuse to start on a database that is not
+migrated, with the message that says what to run. Request lines are logged without their
+query string, so a webhook ``?token=`` never reaches a log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from backend.cli.context import CliContext, fail, pass_ctx
+from backend.errors import SonosegError
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="Interface to listen on (default SONOSEG_HOST, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default SONOSEG_PORT, 9090).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="gunicorn worker processes; 0 runs the development server (threaded werkzeug).")
+@click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Threads per gunicorn worker (concurrent requests; the model itself runs one batch at a time).")
+@click.option("--timeout", type=click.IntRange(min=10), default=120, show_default=True,
+              help="gunicorn worker timeout in seconds (Label Studio waits 100 s for /predict).")
+@pass_ctx
+def serve(c: CliContext, host: str | None, port: int | None, workers: int, threads: int, timeout: int) -> None:
+    """Serve the Label Studio ML backend (/health /setup /predict /webhook /versions /metrics)."""
+    try:
+        settings = c.settings.replace(**{k: v for k, v in (("host", host), ("port", port)) if v is not None})
+        _ = c.factory  # refuses an un-migrated database, with the command to run
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if workers == 0:
+        _serve_dev(settings)
+    else:
+        _serve_gunicorn(settings, workers, threads, timeout)
+
+
+def _serve_dev(settings: Settings) -> None:
+    from werkzeug.serving import WSGIRequestHandler, run_simple
+
+    from backend.api.app import create_app
+
+    class RedactingHandler(WSGIRequestHandler):
+        """Log the path without its query string (it may hold the webhook token)."""
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            path = self.path.split("?", 1)[0]
+            self.log("info", '"%s %s %s" %s %s', self.command, path, self.request_version, code, size)
+
+    try:
+        app = create_app(settings)
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(f"sonoseg ML backend on http://{settings.host}:{settings.port} (development server; "
+               "use --workers N for production)")
+    run_simple(settings.host, settings.port, app, threaded=True, request_handler=RedactingHandler)
+
+
+def _serve_gunicorn(settings: Settings, workers: int, threads: int, timeout: int) -> None:
+    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+
+    class SonosegGunicorn(BaseApplication):  # type: ignore[misc]
+        """Each worker builds its own app after the fork (no preload): own threads, own connections."""
+
+        def load_config(self) -> None:
+            options: dict[str, Any] = {
+                "bind": f"{settings.host}:{settings.port}",
+                "workers": workers,
+                "threads": threads,
+                "worker_class": "gthread",
+                "timeout": timeout,
+                "graceful_timeout": 30,
+                "preload_app": False,
+                # %(U)s is the path without the query string: a webhook ?token= never reaches the log.
+                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss',
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from backend.api.app import create_app
+
+            return create_app(settings)
+
+    click.echo(f"sonoseg ML backend on http://{settings.host}:{settings.port} (gunicorn, {workers} worker(s))")
+    SonosegGunicorn().run()
+
+
+@click.command("sync")
+@click.option("--project", "ls_project_ids", type=int, multiple=True,
+              help="Label Studio project id (repeatable). Default: every project sonoseg has seen from Label Studio.")
+@pass_ctx
+def sync(c: CliContext, ls_project_ids: tuple[int, ...]) -> None:
+    """Pull annotations from Label Studio and record any that webhooks missed."""
+    from sqlalchemy import select
+
+    from backend.db.models import Project
+    from backend.db.session import unit_of_work
+    from backend.labelstudio.images import TaskImageFetcher
+    from backend.services.sync import LabelStudioMirror
+
+    try:
+        factory = c.factory
+        fetcher = TaskImageFetcher.from_settings(c.settings)
+        mirror = LabelStudioMirror(c.settings, factory, c.store, fetcher)
+        ids = list(ls_project_ids)
+        if not ids:
+            with unit_of_work(factory) as session:
+                ids = [i for i in session.scalars(select(Project.ls_project_id).order_by(Project.id)) if i is not None]
+        if not ids:
+            raise click.ClickException("no Label Studio project known yet: pass --project ID")
+        failed = False
+        for ls_id in ids:
+            report = mirror.reconcile(ls_id)
+            click.echo(
+                f"project {ls_id}: {report.tasks} tasks, {report.annotations} annotations: {report.created} created, "
+                f"{report.updated} updated, {report.unchanged} unchanged, {report.skips} skips, "
+                f"{report.deactivated} deactivated, "
+                f"{report.tasks_gone} tasks gone"
+            )
+            for error in report.errors:
+                failed = True
+                click.echo(f"  error: {error}", err=True)
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if failed:
+        raise click.ClickException("some annotations could not be recorded (see above)")

@@ -1,0 +1,336 @@
+"""A small Label Studio API client: the calls sonoseg makes, with both kinds of API key.
+
+Label Studio 1.23 accepts two kinds of key:
+
+- a legacy token (40 hex characters), sent as ``Authorization: Token <key>``; new organisations
+  have legacy tokens disabled by default;
+- a personal access token (PAT), which is a JWT *refresh* token: it is exchanged at
+  ``POST /api/token/refresh/`` for a short-lived access token sent as ``Bearer``. When Label
+  Studio answers 401 the access token is refreshed and the request retried once.
+
+The key is only ever sent to the Label Studio origin (scheme, host and port of
+``LABEL_STUDIO_URL``): :meth:`LabelStudioClient.request` refuses any other URL, and redirects
+are followed by hand so that a hop to another host (a presigned cloud URL) goes without
+credentials. Neither the key nor an access token is ever logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from backend.errors import InvalidInput, NotReady, PayloadTooLarge, UpstreamError
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = (3.05, 30.0)  # (connect, read) seconds
+MAX_REDIRECTS = 5
+_CHUNK = 256 * 1024
+
+
+class TokenKind(Enum):
+    LEGACY = "legacy"
+    PERSONAL = "personal"
+
+
+def token_kind(api_key: str) -> TokenKind:
+    """A PAT is a JWT (three base64url parts whose header names an ``alg``); anything else is legacy."""
+    parts = api_key.split(".")
+    if len(parts) == 3 and all(parts):
+        try:
+            header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return TokenKind.LEGACY
+        if isinstance(header, dict) and "alg" in header:
+            return TokenKind.PERSONAL
+    return TokenKind.LEGACY
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(f"not an absolute http(s) URL: {redact_url(url)!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise InvalidInput(f"invalid port in URL {redact_url(url)!r}") from exc
+        return cls(parts.scheme, parts.hostname.lower(), port)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string and user info, for logs and error messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    if parts.scheme:
+        return f"{parts.scheme}://{host}{parts.path}"
+    return parts.path
+
+
+class LabelStudioClient:
+    """Talks to one Label Studio server with one API key. Thread-safe (one access token, locked)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        http: requests.Session | None = None,
+    ) -> None:
+        if not base_url:
+            raise NotReady("LABEL_STUDIO_URL is not set: sonoseg cannot reach Label Studio")
+        if not api_key:
+            raise NotReady("LABEL_STUDIO_API_KEY is not set: Label Studio will refuse sonoseg's requests")
+        self.base_url = base_url.rstrip("/")
+        self.origin = Origin.of(self.base_url)
+        key = api_key.strip()
+        for prefix in ("Token ", "Bearer "):  # tolerate a pasted header value
+            if key.startswith(prefix):
+                key = key[len(prefix):].strip()
+        self._key = key
+        self.kind = token_kind(key)
+        self._timeout = timeout
+        self._http = http or requests.Session()
+        self._access: str | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LabelStudioClient:
+        return cls(settings.label_studio_url, settings.label_studio_api_key)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LabelStudioClient({self.base_url!r}, {self.kind.value} token)"
+
+    # -- URLs --------------------------------------------------------------------------------
+    def absolute(self, path_or_url: str) -> str:
+        """``/data/upload/...`` -> ``<LABEL_STUDIO_URL>/data/upload/...``; absolute URLs unchanged."""
+        if urlsplit(path_or_url).scheme:
+            return path_or_url
+        if not path_or_url.startswith("/"):
+            raise InvalidInput(f"expected an absolute path on Label Studio, got {redact_url(path_or_url)!r}")
+        return self.base_url + path_or_url
+
+    def is_label_studio_url(self, url: str) -> bool:
+        try:
+            return Origin.of(self.absolute(url)) == self.origin
+        except InvalidInput:
+            return False
+
+    # -- auth ----------------------------------------------------------------------------------
+    def _auth_header(self) -> str:
+        if self.kind is TokenKind.LEGACY:
+            return f"Token {self._key}"
+        with self._lock:
+            if self._access is None:
+                self._access = self._refresh_access()
+            return f"Bearer {self._access}"
+
+    def _refresh_access(self) -> str:
+        url = self.base_url + "/api/token/refresh/"
+        try:
+            resp = self._http.post(url, json={"refresh": self._key}, timeout=self._timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            raise UpstreamError(f"cannot reach Label Studio at {self.base_url}: {type(exc).__name__}") from exc
+        if resp.status_code in (400, 401, 403):
+            raise UpstreamError(
+                f"Label Studio refused the personal access token ({resp.status_code}): check LABEL_STUDIO_API_KEY "
+                "(it may be revoked or expired; create a new one under Account & Settings)"
+            )
+        access = _json_body(resp, "token refresh").get("access") if resp.ok else None
+        if not isinstance(access, str) or not access:
+            raise UpstreamError(f"Label Studio token refresh failed with status {resp.status_code}")
+        log.info("obtained a Label Studio access token from the personal access token")
+        return access
+
+    def _invalidate(self, header: str) -> None:
+        with self._lock:
+            if self._access is not None and header == f"Bearer {self._access}":
+                self._access = None
+
+    # -- requests ------------------------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """One request to Label Studio with credentials; 401 with a PAT refreshes and retries once.
+
+        Only Label Studio URLs are accepted. Redirects are not followed here (see :meth:`download`).
+        Connection failures become :class:`UpstreamError`; HTTP error statuses are returned.
+        """
+        url = self.absolute(path_or_url)
+        if Origin.of(url) != self.origin:
+            raise InvalidInput(f"refusing to send Label Studio credentials to {redact_url(url)}")
+        header = self._auth_header()
+        resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream)
+        if resp.status_code == 401 and self.kind is TokenKind.PERSONAL:
+            resp.close()
+            log.info("Label Studio answered 401; refreshing the access token and retrying once")
+            self._invalidate(header)
+            header = self._auth_header()
+            resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream)
+        if resp.status_code == 401:
+            resp.close()
+            hint = (
+                "legacy tokens are disabled for new organisations in Label Studio 1.23: use a personal access "
+                "token, or enable legacy tokens in Organization > API Tokens Settings"
+                if self.kind is TokenKind.LEGACY
+                else "the personal access token may be revoked"
+            )
+            raise UpstreamError(f"Label Studio refused the API key (401) for {redact_url(url)}: {hint}")
+        return resp
+
+    def _send(
+        self, method: str, url: str, header: str, *, params: dict[str, Any] | None, json_body: Any, stream: bool
+    ) -> requests.Response:
+        try:
+            return self._http.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                headers={"Authorization": header},
+                timeout=self._timeout,
+                stream=stream,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise UpstreamError(f"cannot reach Label Studio at {redact_url(url)}: {type(exc).__name__}") from exc
+
+    def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        resp = self.request("GET", path, params=params)
+        if not resp.ok:
+            raise UpstreamError(f"Label Studio answered {resp.status_code} for GET {redact_url(self.absolute(path))}")
+        return _json_body(resp, redact_url(self.absolute(path)))
+
+    def download(self, path_or_url: str, *, max_bytes: int, foreign_allowed: bool = True) -> bytes:
+        """Bytes of a Label Studio file URL, following redirects by hand.
+
+        Hops on the Label Studio origin carry credentials; the first hop elsewhere (Label Studio's
+        presign endpoint redirects to a presigned cloud URL) and every hop after it go without
+        them. ``foreign_allowed=False`` refuses such hops. Stops reading past ``max_bytes``.
+        """
+        url = self.absolute(path_or_url)
+        resp = self.request("GET", url, stream=True)
+        for _ in range(MAX_REDIRECTS):
+            if not resp.is_redirect:
+                break
+            location = resp.headers.get("Location", "")
+            resp.close()
+            url = urljoin(url, location)
+            if self.is_label_studio_url(url):
+                resp = self.request("GET", url, stream=True)
+                continue
+            if not foreign_allowed:
+                raise InvalidInput(f"Label Studio redirected to another host ({redact_url(url)}), which is not allowed")
+            resp = fetch_without_credentials(self._http, url, timeout=self._timeout)
+        else:
+            resp.close()
+            raise UpstreamError(f"too many redirects fetching {redact_url(self.absolute(path_or_url))}")
+        return read_limited(resp, max_bytes, redact_url(url))
+
+    # -- API calls -------------------------------------------------------------------------------
+    def get_project(self, project_id: int) -> dict[str, Any]:
+        body = self.get_json(f"/api/projects/{int(project_id)}/")
+        if not isinstance(body, dict):
+            raise UpstreamError(f"Label Studio returned no project object for project {project_id}")
+        return body
+
+    def get_task(self, task_id: int) -> dict[str, Any]:
+        body = self.get_json(f"/api/tasks/{int(task_id)}/")
+        if not isinstance(body, dict):
+            raise UpstreamError(f"Label Studio returned no task object for task {task_id}")
+        return body
+
+    def iter_tasks(self, project_id: int, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every task of a project with its annotations (``fields=all``), page by page."""
+        page, seen = 1, 0
+        while True:
+            resp = self.request(
+                "GET",
+                "/api/tasks/",
+                params={"project": int(project_id), "page": page, "page_size": page_size, "fields": "all"},
+            )
+            if resp.status_code == 404 and page > 1:  # DRF: past the last page
+                return
+            if not resp.ok:
+                raise UpstreamError(f"Label Studio answered {resp.status_code} listing tasks of project {project_id}")
+            body = _json_body(resp, "task list")
+            tasks = body.get("tasks") if isinstance(body, dict) else body
+            if not isinstance(tasks, list):
+                raise UpstreamError("Label Studio's task list has no 'tasks' array")
+            for task in tasks:
+                if isinstance(task, dict):
+                    yield task
+            seen += len(tasks)
+            total = body.get("total") if isinstance(body, dict) else None
+            if not tasks or not isinstance(body, dict) or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
+
+    @staticmethod
+    def presign_path(task_id: int, fileuri: str) -> str:
+        """Label Studio's endpoint that redirects to a presigned URL for a cloud storage URI."""
+        encoded = base64.urlsafe_b64encode(fileuri.encode()).decode()
+        return f"/tasks/{int(task_id)}/presign/?fileuri={encoded}"
+
+
+def fetch_without_credentials(http: requests.Session, url: str, *, timeout: tuple[float, float]) -> requests.Response:
+    """A GET with no Authorization header and no automatic redirects."""
+    try:
+        return http.get(url, timeout=timeout, stream=True, allow_redirects=False)  # our session carries no auth
+    except requests.RequestException as exc:
+        raise UpstreamError(f"cannot fetch {redact_url(url)}: {type(exc).__name__}") from exc
+
+
+def read_limited(resp: requests.Response, max_bytes: int, what: str) -> bytes:
+    """The body of a streamed response, refusing more than ``max_bytes``; raises for HTTP errors."""
+    try:
+        if not resp.ok:
+            raise UpstreamError(f"{what} answered {resp.status_code}")
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise PayloadTooLarge(f"{what} is {declared} bytes, over the {max_bytes}-byte image limit")
+        chunks, total = [], 0
+        try:
+            for chunk in resp.iter_content(_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise PayloadTooLarge(f"{what} is over the {max_bytes}-byte image limit")
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise UpstreamError(f"download of {what} failed: {type(exc).__name__}") from exc
+        return b"".join(chunks)
+    finally:
+        resp.close()
+
+
+def _json_body(resp: requests.Response, what: str) -> Any:
+    try:
+        return resp.json()
+    except ValueError as exc:
+        raise UpstreamError(f"Label Studio sent a non-JSON answer for {what} (status {resp.status_code})") from exc

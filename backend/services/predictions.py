@@ -1,0 +1,292 @@
+"""Pre-annotations for Label Studio tasks, recorded; and how much each was corrected afterwards.
+
+``predict_tasks`` answers one item per task, in order, always: a task whose image cannot be
+fetched or decoded gets an empty result and a logged reason, never a failed batch. Images are
+batched through the model together. Every served prediction is recorded (a Prediction row, and
+its mask as a 'prediction' mask version), so that when the sonographer's corrected annotation
+arrives, :func:`record_correction` can store the Dice between what we served and what they saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.db.models import Image, MaskVersion, Prediction, Project
+from backend.db.session import unit_of_work
+from backend.errors import InvalidInput, SonosegError
+from backend.labelstudio.config import ClassMap, LabelConfig
+from backend.labelstudio.results import mask_to_results
+from backend.model.metrics import image_dice
+from backend.services.masks import add_mask_version, read_mask
+from backend.storage.blobs import BlobStore, staged_writes
+
+if TYPE_CHECKING:
+    from backend.services.sync import LabelStudioMirror, ProjectRef, TaskImage
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+FETCH_THREADS = 4
+CHUNK_TASKS = 16
+
+
+class FrameResult(Protocol):
+    """What the model gives per frame (backend.model.predict.PredictionResult satisfies it)."""
+
+    @property
+    def probabilities(self) -> NDArray[Any]: ...  # float32 (C, H, W)
+
+    @property
+    def mask(self) -> NDArray[Any]: ...  # uint8 (H, W), model class indices
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def uncertainty(self) -> float: ...
+
+
+class ServingModel(Protocol):
+    """The model in service for a project (backend.api.serving.ServedModel satisfies it)."""
+
+    @property
+    def uid(self) -> str: ...
+
+    @property
+    def model_version_id(self) -> int: ...
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...  # foreground names: model mask value i is classes[i - 1]
+
+    def predict(self, images: Sequence[NDArray[Any]]) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One item of the ``/predict`` answer."""
+
+    result: list[dict[str, Any]]
+    score: float
+    model_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"result": self.result, "score": float(self.score), "model_version": self.model_version}
+
+
+@dataclass(frozen=True)
+class _Served:
+    task_id: int | None
+    image_id: int
+    mask: NDArray[Any] | None  # project class indices; None when no model served
+    score: float | None
+    uncertainty: float | None
+
+
+def predict_tasks(
+    mirror: LabelStudioMirror,
+    model: ServingModel | None,
+    project: ProjectRef,
+    tasks: Sequence[Mapping[str, Any]],
+) -> list[TaskPrediction]:
+    """One prediction per task, in order, recorded. ``model`` None: empty "untrained" items.
+
+    Never raises for one task's problem: a task whose image cannot be fetched or decoded is
+    logged and answered with an empty result. Tasks go through in chunks of ``CHUNK_TASKS``
+    (downloaded together, batched through the model, recorded), which bounds memory: each
+    frame's result holds full-size class probabilities.
+    """
+    answers: list[TaskPrediction] = []
+    for start in range(0, len(tasks), CHUNK_TASKS):
+        answers.extend(_predict_chunk(mirror, model, project, tasks[start : start + CHUNK_TASKS]))
+    return answers
+
+
+def _predict_chunk(
+    mirror: LabelStudioMirror, model: ServingModel | None, project: ProjectRef, tasks: Sequence[Mapping[str, Any]]
+) -> list[TaskPrediction]:
+    version = model.uid if model is not None else UNTRAINED
+    images = _task_images(mirror, project.project_id, project.config, tasks)
+    ready = {i: image.pixels for i, image in enumerate(images) if image is not None and image.pixels is not None}
+    frames: dict[int, FrameResult] = {}
+    if model is not None and ready:
+        outputs = model.predict(list(ready.values()))
+        frames = dict(zip(ready, outputs, strict=True))
+    lut = _class_lut(model.classes, project.class_names) if model is not None else None
+    answers: list[TaskPrediction] = []
+    served: list[_Served] = []
+    for i, task in enumerate(tasks):
+        image, frame = images[i], frames.get(i)
+        if image is None:
+            answers.append(TaskPrediction([], 0.0, version))
+            continue
+        if frame is None or lut is None:
+            answers.append(TaskPrediction([], 0.0, version))
+            served.append(_Served(_task_id(task), image.image_id, None, None, None))
+            continue
+        mask = lut[frame.mask]
+        scores = {project.class_names[c - 1]: v for c, v in _region_scores(frame, mask, lut).items()}
+        regions = mask_to_results(mask, project.config, ClassMap(project.class_names), scores)
+        answers.append(TaskPrediction(regions, float(frame.score), version))
+        served.append(_Served(_task_id(task), image.image_id, mask, float(frame.score), float(frame.uncertainty)))
+    _record(mirror, project.project_id, model, served)
+    return answers
+
+
+def _task_id(task: Mapping[str, Any]) -> int | None:
+    value = task.get("id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _task_images(
+    mirror: LabelStudioMirror, project_id: int, config: LabelConfig, tasks: Sequence[Mapping[str, Any]]
+) -> list[TaskImage | None]:
+    """Each task's stored image with pixels, or None (reason logged). Downloads run in parallel."""
+
+    def one(task: Mapping[str, Any]) -> TaskImage | None:
+        task_id = _task_id(task)
+        try:
+            url = mirror.image_url(config, task.get("data"))
+            data = task.get("data")
+            hint = data.get("subject") if isinstance(data, Mapping) and isinstance(data.get("subject"), str) else None
+            return mirror.task_image(project_id, task_id, url, subject_hint=hint, need_pixels=True)
+        except SonosegError as exc:
+            log.warning("task %s: no prediction: %s", task_id, exc.message)
+            return None
+
+    if len(tasks) <= 1:
+        return [one(t) for t in tasks]
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(tasks)), thread_name_prefix="fetch") as pool:
+        return list(pool.map(one, tasks))
+
+
+def _class_lut(model_classes: Sequence[str], project_classes: Sequence[str]) -> NDArray[Any]:
+    """Model mask value -> project class index, by name (0 for a class the project lacks)."""
+    lut = np.zeros(len(model_classes) + 1, dtype=np.uint8)
+    index = {name: i + 1 for i, name in enumerate(project_classes)}
+    for i, name in enumerate(model_classes, start=1):
+        lut[i] = index.get(name, 0)
+    return lut
+
+
+def _region_scores(frame: FrameResult, mask: NDArray[Any], lut: NDArray[Any]) -> dict[int, float]:
+    """Per project class present: mean probability of that class over its predicted pixels."""
+    scores: dict[int, float] = {}
+    probs = frame.probabilities
+    for model_cls in range(1, len(lut)):
+        project_cls = int(lut[model_cls])
+        if project_cls == 0:
+            continue
+        where = mask == project_cls
+        if where.any() and model_cls < probs.shape[0]:
+            scores[project_cls] = float(probs[model_cls][where].mean())
+    return scores
+
+
+def _record(mirror: LabelStudioMirror, project_id: int, model: ServingModel | None, served: list[_Served]) -> None:
+    """Prediction rows and prediction mask versions for what was served.
+
+    One short transaction per task: with SQLite a transaction holds the database's write lock,
+    and webhooks arriving meanwhile must still be recorded within Label Studio's 1 s timeout.
+    """
+    uid = model.uid if model is not None else UNTRAINED
+    for item in served:
+        with staged_writes(mirror.store) as staged, unit_of_work(mirror.factory) as session:
+            project = session.get(Project, project_id)
+            if project is None:
+                return
+            mask_version_id = None
+            if item.mask is not None and model is not None:
+                lock_images(session, [item.image_id])
+                mask_version_id = _prediction_mask(session, staged, project, item, model.model_version_id)
+            session.add(
+                Prediction(
+                    image_id=item.image_id,
+                    model_version_id=model.model_version_id if model is not None else None,
+                    model_version_uid=uid,
+                    ls_task_id=item.task_id,
+                    mask_version_id=mask_version_id,
+                    score=item.score,
+                    uncertainty=item.uncertainty,
+                )
+            )
+    if served:
+        log.info("project %s: %d prediction(s) served by %s", project_id, len(served), uid)
+
+
+def _prediction_mask(session: Session, store: Any, project: Project, item: _Served, model_version_id: int) -> int | None:
+    """The prediction's mask version; the same model on the same image reuses its earlier one."""
+    earlier = session.scalar(
+        select(Prediction.mask_version_id)
+        .where(
+            Prediction.image_id == item.image_id,
+            Prediction.model_version_id == model_version_id,
+            Prediction.mask_version_id.is_not(None),
+        )
+        .order_by(Prediction.id.desc())
+        .limit(1)
+    )
+    if earlier is not None:
+        return int(earlier)
+    image = session.get(Image, item.image_id)
+    if image is None or item.mask is None:
+        return None
+    mv = add_mask_version(session, store, project, image, item.mask, source="prediction")
+    return mv.id
+
+
+def lock_images(session: Session, image_ids: Sequence[int]) -> None:
+    """Row-lock images (in id order, so concurrent writers cannot deadlock) before adding mask versions.
+
+    A mask version's number is the image's highest version plus one: two transactions adding a
+    version to the same image must not interleave (PostgreSQL; SQLite transactions are serial).
+    """
+    if image_ids:
+        session.execute(select(Image.id).where(Image.id.in_(list(image_ids))).order_by(Image.id).with_for_update())
+
+
+def correction_dice(predicted: NDArray[Any], corrected: NDArray[Any], n_classes: int) -> float:
+    """Mean Dice over the foreground classes present in either mask; 1.0 when both are empty."""
+    if predicted.shape != corrected.shape:
+        raise InvalidInput(f"prediction {predicted.shape} and correction {corrected.shape} differ in size")
+    present = [c for c in range(1, n_classes + 1) if (predicted == c).any() or (corrected == c).any()]
+    if not present:
+        return 1.0
+    return float(np.mean([image_dice(predicted, corrected, c) for c in present]))
+
+
+def record_correction(
+    session: Session, store: BlobStore, image: Image, corrected: MaskVersion, corrected_mask: NDArray[Any]
+) -> Prediction | None:
+    """Link the image's latest served prediction to this label and store their Dice.
+
+    A later correction of the same image (an updated annotation) replaces the link, so the
+    Dice always measures the prediction against the label as finally saved.
+    """
+    prediction = session.scalars(
+        select(Prediction)
+        .where(Prediction.image_id == image.id, Prediction.mask_version_id.is_not(None))
+        .order_by(Prediction.id.desc())
+        .limit(1)
+    ).first()
+    if prediction is None or prediction.mask_version_id is None:
+        return None
+    served = session.get(MaskVersion, prediction.mask_version_id)
+    if served is None:
+        return None
+    project = session.get(Project, image.project_id)
+    n_classes = len(project.class_names) if project is not None else int(corrected_mask.max(initial=0))
+    prediction.corrected_mask_version_id = corrected.id
+    prediction.correction_dice = correction_dice(read_mask(store, served), corrected_mask, n_classes)
+    session.flush()
+    log.info("prediction %s corrected by mask version %s: Dice %.3f", prediction.id, corrected.id,
+             prediction.correction_dice)
+    return prediction

@@ -1,0 +1,365 @@
+"""Label Studio webhooks: record each delivery at once, turn it into labels in the background.
+
+Label Studio posts each event once, with a 1 s timeout and no retry. So :func:`record_event`
+only validates the payload's shape and inserts it (one short transaction), and
+:func:`process_pending_events`, run by a background thread in the server and by the Celery
+workers, does the slow part (downloading images, decoding masks). Both are idempotent:
+
+- a repeated delivery has the same canonical-JSON sha256 and is recorded once;
+- an event is claimed and applied in one transaction, so two processors never apply it twice,
+  and applying the same annotation again records no new version.
+
+Deliveries that are lost anyway are recovered by reconciliation (``sonoseg sync``, and before
+each training run: see :meth:`backend.services.sync.LabelStudioMirror.reconcile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from backend.db.base import utcnow
+from backend.db.models import Image, ImageSource, MaskVersion, Project, WebhookEvent
+from backend.db.session import unit_of_work
+from backend.errors import InvalidInput, NotReady, SonosegError
+from backend.services.masks import deactivate_annotation
+from backend.services.retrain import maybe_request_retrain, request_training
+from backend.services.sync import LabelStudioMirror, annotation_id, ls_project_id_of
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
+HANDLED_ACTIONS = ANNOTATION_ACTIONS | {"ANNOTATIONS_DELETED", "TASKS_DELETED", "START_TRAINING"}
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    action: str
+    event_id: int | None  # None for actions sonoseg does not use (not stored)
+    created: bool  # False for a repeated delivery, or an ignored action
+
+    @property
+    def handled(self) -> bool:
+        return self.action in HANDLED_ACTIONS
+
+
+@dataclass
+class ProcessReport:
+    processed: int = 0
+    ignored: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.processed + self.ignored + self.failed
+
+
+def event_key(payload: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces): equal bodies, equal keys."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_event(payload: object) -> tuple[str, int | None]:
+    """Check a webhook body's shape for what sonoseg will read: ``(action, ls_project_id)``.
+
+    Raises :class:`InvalidInput` naming the problem; nothing is stored for such a body.
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidInput("a webhook body must be a JSON object")
+    action = payload.get("action")
+    if not isinstance(action, str) or not action or len(action) > 64:
+        raise InvalidInput("a webhook body needs an 'action' string")
+    if action not in HANDLED_ACTIONS:
+        return action, None
+    project_id = ls_project_id_of(payload.get("project"))
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        _check_annotation(payload.get("annotation"), payload.get("task"))
+    elif action == "ANNOTATIONS_CREATED":
+        annotations = payload.get("annotation")
+        if not isinstance(annotations, list):
+            raise InvalidInput("ANNOTATIONS_CREATED needs an 'annotation' list")
+        tasks = payload.get("task")
+        for ann in annotations:
+            _check_annotation(ann, None)
+        if tasks is not None and not isinstance(tasks, list):
+            raise InvalidInput("ANNOTATIONS_CREATED: 'task' must be a list")
+    elif action in ("ANNOTATIONS_DELETED", "TASKS_DELETED"):
+        key = "annotations" if action == "ANNOTATIONS_DELETED" else "tasks"
+        _ids(payload.get(key), f"{action} needs '{key}': a list of {{\"id\": int}}")
+    return action, project_id
+
+
+def _check_annotation(annotation: object, task: object) -> None:
+    if not isinstance(annotation, Mapping):
+        raise InvalidInput("the webhook has no 'annotation' object")
+    annotation_id(annotation)
+    if not isinstance(annotation.get("result", []), list):
+        raise InvalidInput("annotation 'result' must be a list")
+    if task is not None and not isinstance(task, Mapping):
+        raise InvalidInput("the webhook's 'task' must be an object")
+    task_id = task.get("id") if isinstance(task, Mapping) else annotation.get("task")
+    if not isinstance(task_id, int) or isinstance(task_id, bool):
+        raise InvalidInput("the webhook names no task id for its annotation")
+
+
+def _ids(items: object, message: str) -> list[int]:
+    if not isinstance(items, list):
+        raise InvalidInput(message)
+    ids = []
+    for item in items:
+        value = item.get("id") if isinstance(item, Mapping) else None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidInput(message)
+        ids.append(value)
+    return ids
+
+
+def record_event(session: Session, payload: object) -> RecordedEvent:
+    """Store a delivery as a pending event, once. Unused actions are acknowledged, not stored."""
+    action, ls_project_id = validate_event(payload)
+    if action not in HANDLED_ACTIONS:
+        log.debug("webhook %s ignored", action)
+        return RecordedEvent(action, None, created=False)
+    if not isinstance(payload, Mapping):  # validate_event guarantees it; this narrows the type
+        raise InvalidInput("a webhook body must be a JSON object")
+    try:
+        key = event_key(payload)
+    except ValueError as exc:  # NaN / Infinity
+        raise InvalidInput(f"the webhook body is not plain JSON: {exc}") from exc
+    existing = session.scalars(select(WebhookEvent.id).where(WebhookEvent.event_key == key)).first()
+    if existing is not None:
+        log.info("webhook %s delivered again (event %s); recorded once", action, existing)
+        return RecordedEvent(action, existing, created=False)
+    event = WebhookEvent(event_key=key, action=action, ls_project_id=ls_project_id, payload=dict(payload),
+                         status="pending")
+    try:
+        with session.begin_nested():
+            session.add(event)
+            session.flush()
+    except IntegrityError:  # the same delivery, recorded concurrently by another process
+        existing = session.scalars(select(WebhookEvent.id).where(WebhookEvent.event_key == key)).first()
+        return RecordedEvent(action, existing, created=False)
+    log.info("webhook %s recorded as event %s (project %s)", action, event.id, ls_project_id)
+    return RecordedEvent(action, event.id, created=True)
+
+
+# -- processing -----------------------------------------------------------------------------------
+def process_pending_events(mirror: LabelStudioMirror, *, limit: int = 200) -> ProcessReport:
+    """Apply up to ``limit`` pending events, oldest first. Safe to run in several processes.
+
+    An event that fails is marked ``failed`` with its reason (reconciliation will pick up the
+    label it carried); the others go on.
+    """
+    report = ProcessReport()
+    with unit_of_work(mirror.factory) as session:
+        pending = session.execute(
+            select(WebhookEvent.id, WebhookEvent.action, WebhookEvent.payload)
+            .where(WebhookEvent.status == "pending")
+            .order_by(WebhookEvent.id)
+            .limit(limit)
+        ).all()
+    for event_id, action, payload in pending:
+        try:
+            outcome = _process_one(mirror, event_id, action, dict(payload))
+        except SonosegError as exc:
+            _mark(mirror, event_id, "failed", exc.message)
+            log.warning("webhook event %s failed: %s", event_id, exc.message)
+            report.failed += 1
+            continue
+        except Exception as exc:  # a bug must not stop the other events; keep the trace in the log
+            log.exception("webhook event %s failed unexpectedly", event_id)
+            _mark(mirror, event_id, "failed", f"internal error: {type(exc).__name__}")
+            report.failed += 1
+            continue
+        if outcome == "ignored":
+            report.ignored += 1
+        elif outcome == "processed":
+            report.processed += 1
+    return report
+
+
+def _load_pending(session: Session, event_id: int) -> WebhookEvent | None:
+    """The event if still pending, locked against other processors (PostgreSQL row lock)."""
+    event = session.scalars(select(WebhookEvent).where(WebhookEvent.id == event_id).with_for_update()).one_or_none()
+    return event if event is not None and event.status == "pending" else None
+
+
+def _mark(mirror: LabelStudioMirror, event_id: int, status: str, error: str | None = None) -> None:
+    with unit_of_work(mirror.factory) as session:
+        event = session.get(WebhookEvent, event_id)
+        if event is not None and event.status == "pending":
+            event.status = status
+            event.error = error[:MAX_ERROR_CHARS] if error else None
+            event.processed_at = utcnow()
+
+
+def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload: dict[str, Any]) -> str:
+    """Apply one event; returns 'processed', 'ignored' or 'skipped' (another processor took it).
+
+    Slow preparation (downloads) happens first, outside any transaction; the event is then
+    claimed (still pending, row-locked) and applied in one transaction.
+    """
+    if action in ANNOTATION_ACTIONS:
+        return _apply_annotations(mirror, event_id, payload)
+    if action == "START_TRAINING":
+        return _start_training(mirror, event_id, payload)
+    with unit_of_work(mirror.factory) as session:
+        event = _load_pending(session, event_id)
+        if event is None:
+            return "skipped"
+        project = _known_project(session, payload)
+        if action == "ANNOTATIONS_DELETED":
+            changed = sum(len(deactivate_annotation(session, a)) for a in _ids(payload["annotations"], ""))
+        else:  # TASKS_DELETED
+            task_ids = _ids(payload["tasks"], "")
+            changed = _retire_tasks(session, project, task_ids)
+            if project is not None:
+                mirror.forget_tasks(project.id, task_ids)
+        outcome = "processed" if changed else "ignored"
+        _finish(event, outcome)
+    return outcome
+
+
+def _finish(event: WebhookEvent, outcome: str, error: str | None = None) -> None:
+    event.status = outcome
+    event.error = error
+    event.processed_at = utcnow()
+
+
+def _known_project(session: Session, payload: Mapping[str, Any]) -> Project | None:
+    ls_id = ls_project_id_of(payload.get("project"))
+    return session.scalars(select(Project).where(Project.ls_project_id == ls_id)).one_or_none()
+
+
+def _project_config(payload: Mapping[str, Any]) -> tuple[int, str | None, str | None]:
+    project = payload.get("project")
+    ls_id = ls_project_id_of(project)
+    if isinstance(project, Mapping):
+        config = project.get("label_config")
+        title = project.get("title")
+        return ls_id, config if isinstance(config, str) else None, title if isinstance(title, str) else None
+    return ls_id, None, None
+
+
+def _apply_annotations(mirror: LabelStudioMirror, event_id: int, payload: Mapping[str, Any]) -> str:
+    """ANNOTATION_CREATED / _UPDATED / ANNOTATIONS_CREATED -> mask versions (or deactivations)."""
+    ls_id, config_text, title = _project_config(payload)
+    ref = mirror.project_ref(ls_id, config_text, title)
+    project_id, config = ref.project_id, ref.config
+    raw = payload.get("annotation")
+    annotations = [a for a in (raw if isinstance(raw, list) else [raw]) if isinstance(a, Mapping)]
+    tasks = _tasks_by_id(payload.get("task"))
+    images: dict[int, int] = {}
+    for ann in annotations:
+        if ann.get("was_cancelled"):
+            continue  # a skip: no image needed
+        task_id = _task_of(ann, payload.get("task"))
+        if task_id in images:
+            continue
+        task = tasks.get(task_id)
+        if task is None:  # bulk events may carry no task data: ask Label Studio
+            client = mirror.fetcher.client
+            if client is None:
+                raise NotReady(f"task {task_id} is unknown and Label Studio is not configured to fetch it")
+            task = client.get_task(task_id)
+        data = task.get("data")
+        hint = data.get("subject") if isinstance(data, Mapping) and isinstance(data.get("subject"), str) else None
+        images[task_id] = mirror.task_image(project_id, task_id, mirror.image_url(config, data), subject_hint=hint).image_id
+    outcomes: list[str] = []
+    with unit_of_work(mirror.factory) as session:
+        event = _load_pending(session, event_id)
+        if event is None:
+            return "skipped"
+        project_row = session.get(Project, project_id)
+        if project_row is None:
+            raise NotReady(f"project {project_id} disappeared")
+        for ann in annotations:
+            image_id = images.get(_task_of(ann, payload.get("task")), 0)
+            outcomes.append(mirror.apply_annotation(session, project_row, config, image_id, ann, webhook_event_id=event_id))
+        changed = any(o in ("created", "updated", "deactivated") for o in outcomes)
+        outcome = "processed" if changed else "ignored"
+        if changed:
+            maybe_request_retrain(session, project_row, mirror.settings)  # the 'annotations' trigger
+        _finish(event, outcome)
+    log.info("webhook event %s: %s", event_id, ", ".join(outcomes) or "nothing")
+    return outcome
+
+
+def _tasks_by_id(raw: object) -> dict[int, Mapping[str, Any]]:
+    items = raw if isinstance(raw, list) else [raw]
+    return {t["id"]: t for t in items if isinstance(t, Mapping) and isinstance(t.get("id"), int)}
+
+
+def _task_of(annotation: Mapping[str, Any], task: object) -> int:
+    value = annotation.get("task")
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if (not isinstance(value, int) or isinstance(value, bool)) and isinstance(task, Mapping):
+        value = task.get("id")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput("an annotation without a task id")
+    return value
+
+
+def _retire_tasks(session: Session, project: Project | None, task_ids: list[int]) -> int:
+    """Deleted tasks: their sources go inactive; an image left with no active source loses its labels."""
+    if project is None or not task_ids:
+        return 0
+    sources = list(
+        session.scalars(
+            select(ImageSource).where(ImageSource.project_id == project.id, ImageSource.ls_task_id.in_(task_ids))
+        )
+    )
+    for source in sources:
+        source.active = False
+    session.flush()
+    for image_id in {s.image_id for s in sources}:
+        still_used = session.scalars(
+            select(ImageSource.id).where(ImageSource.image_id == image_id, ImageSource.active)
+        ).first()
+        if still_used is not None:
+            continue
+        annotation_ids = session.scalars(
+            select(MaskVersion.ls_annotation_id)
+            .join(Image, Image.id == MaskVersion.image_id)
+            .where(MaskVersion.image_id == image_id, MaskVersion.active, MaskVersion.ls_annotation_id.is_not(None))
+            .distinct()
+        ).all()
+        for ann_id in annotation_ids:
+            if ann_id is not None:
+                deactivate_annotation(session, ann_id)
+    log.info("project %s: %d task source(s) retired", project.id, len(sources))
+    return len(sources)
+
+
+def _start_training(mirror: LabelStudioMirror, event_id: int, payload: Mapping[str, Any]) -> str:
+    """Reconcile first (when Label Studio is reachable), then queue a run (single-flight).
+
+    The run is only queued here; a worker claims and executes it (backend.services.retrain).
+    """
+    ls_id, config_text, title = _project_config(payload)
+    if mirror.fetcher.client is not None:
+        try:
+            mirror.reconcile(ls_id)
+        except SonosegError as exc:
+            log.warning("START_TRAINING for project %s: reconciliation failed (%s); queueing anyway", ls_id, exc.message)
+    with unit_of_work(mirror.factory) as session:
+        event = _load_pending(session, event_id)
+        if event is None:
+            return "skipped"
+        project, _ = mirror.ensure_project(session, ls_id, config_text, title)
+        run = request_training(session, project, "start_training")
+        _finish(event, "processed")
+        log.info("START_TRAINING for project %s: %s", ls_id,
+                 f"run {run.id} queued" if run is not None else "a run is already active; retrain pending")
+    return "processed"

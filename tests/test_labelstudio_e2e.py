@@ -1,0 +1,222 @@
+"""End to end against a REAL Label Studio (1.23, from .venv-ls), driven through its API as a user would.
+
+Label Studio runs on loopback with ``ML_BLOCK_LOCAL_IP=false`` and ``SSRF_PROTECTION_ENABLED=false``;
+sonoseg runs as a real HTTP server with basic auth, a webhook secret, and a personal access token
+(Label Studio's default key kind) to download task images. The model is the engine's tiny network
+fitted for ~45 s to the uploaded images, so its predictions must overlap their labels.
+
+Skipped, with the reason, when .venv-ls is missing; ``make test`` installs it in CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from sqlalchemy import select
+
+from backend.api.app import AppState, create_app
+from backend.db.models import MaskVersion, Prediction, Project, TrainingRun
+from backend.db.session import unit_of_work
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.services.masks import read_mask
+from backend.settings import Settings
+from tests.labelstudio_server import (
+    LabelStudio,
+    ServedApp,
+    brush_results,
+    dataset_pairs,
+    label_studio_available,
+    png_bytes,
+    register_model,
+    start_label_studio,
+    train_tiny_model,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.timeout(900)]
+
+N_IMAGES = 4
+TRAIN_SECONDS = 45.0
+USER, PASSWORD, SECRET = "label-studio", "basic-pass-2931", "webhook-secret-8812"
+
+
+def _ok(resp: requests.Response, *codes: int) -> Any:
+    assert resp.status_code in (codes or (200,)), f"{resp.request.method} {resp.url}: {resp.status_code} {resp.text[:500]}"
+    return resp.json() if resp.content else None
+
+
+def _tasks(ls: LabelStudio, api: requests.Session, pid: int) -> list[dict[str, Any]]:
+    body = _ok(api.get(f"{ls.url}/api/tasks/", params={"project": pid, "fields": "all", "page_size": 100}))
+    return sorted(body["tasks"], key=lambda t: t["id"])
+
+
+def _predictions(ls: LabelStudio, api: requests.Session, task_id: int) -> list[dict[str, Any]]:
+    body = _ok(api.get(f"{ls.url}/api/predictions/", params={"task": task_id}))
+    return list(body if isinstance(body, list) else body["results"])
+
+
+def _retrieve_predictions(ls: LabelStudio, api: requests.Session, pid: int, task_ids: list[int]) -> None:
+    """The Data Manager's "Retrieve Predictions" action on the selected tasks."""
+    _ok(api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                 json={"selectedItems": {"all": False, "included": task_ids}}))
+
+
+def _decode(region: dict[str, Any]) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    h, w = region["original_height"], region["original_width"]
+    return np.asarray(decode_rle(region["value"]["rle"])).reshape(h, w, 4)[..., 3]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+def _labels(state: AppState, ann_ids: list[int]) -> dict[int, list[MaskVersion]]:
+    with unit_of_work(state.factory) as session:
+        rows = session.scalars(select(MaskVersion).where(MaskVersion.ls_annotation_id.in_(ann_ids))
+                               .order_by(MaskVersion.version)).all()
+    out: dict[int, list[MaskVersion]] = {}
+    for mv in rows:
+        out.setdefault(int(mv.ls_annotation_id or 0), []).append(mv)
+    return out
+
+
+@pytest.fixture
+def label_studio(tmp_path: Path) -> Any:
+    reason = label_studio_available()
+    if reason is not None:
+        pytest.skip(reason)
+    with start_label_studio(tmp_path, wait=False) as ls:
+        yield ls
+
+
+def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp_path: Path) -> None:
+    ls = label_studio
+    pairs = dataset_pairs(N_IMAGES)
+    model_path = tmp_path / "trained.safetensors"
+    train_tiny_model([(img, mask) for _, img, mask in pairs], model_path, seconds=TRAIN_SECONDS)  # LS starts meanwhile
+    ls.wait_ready()
+    api = ls.api()
+    pat = _ok(api.post(f"{ls.url}/api/token/"), 201)["token"]  # what a user creates under Account & Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "sonoseg", database_url=sqlite_url, label_studio_url=ls.url, label_studio_api_key=pat,
+        basic_auth_user=USER, basic_auth_password=PASSWORD, webhook_secret=SECRET, model_poll_seconds=0.2,
+        device="cpu",
+    )
+    app = create_app(settings)
+    state: AppState = app.extensions["sonoseg"]
+    backend = ServedApp(app)
+    try:
+        # -- a project with the default label config, and real ultrasound images ------------------------
+        pid = _ok(api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg e2e", "label_config": DEFAULT_LABEL_CONFIG}),
+                  201)["id"]
+        files = [(f"file{i}", (name, png_bytes(img), "image/png")) for i, (name, img, _) in enumerate(pairs)]
+        _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
+        tasks = _tasks(ls, api, pid)
+        assert len(tasks) == N_IMAGES
+        truth = {}
+        for task in tasks:
+            (_name, img, mask), = [p for p in pairs if task["data"]["image"].endswith(p[0])]
+            truth[task["id"]] = (img, mask)
+
+        # -- connect the backend (basic auth) and give the auto-created webhook the secret -------------------
+        ml = _ok(api.post(f"{ls.url}/api/ml/", json={
+            "project": pid, "url": backend.url, "title": "sonoseg", "auth_method": "BASIC_AUTH",
+            "basic_auth_user": USER, "basic_auth_pass": PASSWORD}), 201)
+        assert ml["state"] == "CO", ml
+        hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
+        (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
+        _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+
+        # -- before any model: Label Studio stores an empty "untrained" prediction -----------------------------
+        first = tasks[0]["id"]
+        _retrieve_predictions(ls, api, pid, [first])
+        (untrained,) = _predictions(ls, api, first)
+        assert (untrained["model_version"], untrained["result"]) == ("untrained", [])
+
+        # -- a trained model starts serving: /setup reports it, Label Studio asks again ----------------------
+        with unit_of_work(state.factory) as session:
+            project_id = session.scalars(select(Project.id).where(Project.ls_project_id == pid)).one()
+        register_model(state.factory, state.store, project_id, model_path, "e2e-v1")
+        wait_for(lambda: state.holder.uid(project_id) == "e2e-v1", 60, "the serving model to load")
+        _retrieve_predictions(ls, api, pid, [t["id"] for t in tasks])
+        overlaps = []
+        for task in tasks:
+            img, mask = truth[task["id"]]
+            served = [p for p in _predictions(ls, api, task["id"]) if p["model_version"] == "e2e-v1"]
+            assert len(served) == 1, served
+            regions = served[0]["result"]
+            assert regions, f"task {task['id']}: the trained model predicted nothing"
+            predicted = np.zeros(mask.shape, np.uint8)
+            for region in regions:
+                assert (region["from_name"], region["to_name"], region["type"]) == ("tag", "image", "brushlabels")
+                alpha = _decode(region)
+                assert alpha.shape == img.shape  # the image's natural size
+                assert set(np.unique(alpha).tolist()) <= {0, 255}  # visible: 0/255, not 0/1
+                predicted[alpha == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
+            overlaps.append(_dice(predicted > 0, mask > 0))
+        assert min(overlaps) > 0.1 and float(np.mean(overlaps)) > 0.3, overlaps
+
+        # -- sonographers save corrected annotations: they arrive as mask versions ---------------------------
+        ann_ids = []
+        for task in tasks[:3]:
+            _, mask = truth[task["id"]]
+            ann = _ok(api.post(f"{ls.url}/api/tasks/{task['id']}/annotations/",
+                               json={"result": brush_results(mask), "was_cancelled": False, "lead_time": 3.2}), 201)
+            ann_ids.append(ann["id"])
+        def all_arrived() -> dict[int, list[MaskVersion]] | None:
+            got = _labels(state, ann_ids)
+            return got if len(got) == 3 else None
+
+        labels = wait_for(all_arrived, 60, "annotations to arrive as mask versions")
+        for ann_id, task in zip(ann_ids, tasks[:3], strict=True):
+            (mv,) = labels[ann_id]
+            assert mv.is_current and mv.active and mv.source == "annotation"
+            np.testing.assert_array_equal(read_mask(state.store, mv), truth[task["id"]][1])
+        with unit_of_work(state.factory) as session:
+            dices = session.scalars(select(Prediction.correction_dice).where(Prediction.model_version_uid == "e2e-v1",
+                                                                             Prediction.ls_task_id.in_([t["id"] for t in tasks[:3]]))).all()
+        assert len(dices) == 3 and all(d is not None and 0.0 <= d <= 1.0 for d in dices)
+
+        # -- one is updated (a new version), one is deleted (inactive) ---------------------------------------
+        corrected = truth[tasks[0]["id"]][1].copy()
+        corrected[:64, :64] = 2
+        _ok(api.patch(f"{ls.url}/api/annotations/{ann_ids[0]}/", json={"result": brush_results(corrected)}))
+        def two_versions() -> list[MaskVersion] | None:
+            versions = _labels(state, [ann_ids[0]]).get(ann_ids[0], [])
+            return versions if len(versions) == 2 else None
+
+        v1, v2 = wait_for(two_versions, 60, "the updated annotation's new version")
+        assert (v1.is_current, v2.is_current, v2.version > v1.version) == (False, True, True)
+        np.testing.assert_array_equal(read_mask(state.store, v2), corrected)
+        _ok(api.delete(f"{ls.url}/api/annotations/{ann_ids[1]}/"), 204)
+        wait_for(lambda: not any(mv.active for mv in _labels(state, [ann_ids[1]])[ann_ids[1]]), 60,
+                 "the deleted annotation to become inactive")
+
+        # -- a webhook that never arrives is recovered by reconciliation before training ---------------------
+        _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"is_active": False}))
+        missed = _ok(api.post(f"{ls.url}/api/tasks/{tasks[3]['id']}/annotations/",
+                              json={"result": brush_results(truth[tasks[3]["id"]][1]), "was_cancelled": False}), 201)
+        assert _labels(state, [missed["id"]]) == {}
+
+        # -- Start Training: Label Studio posts START_TRAINING; sonoseg reconciles and queues a run ---------
+        _ok(api.post(f"{ls.url}/api/ml/{ml['id']}/train"))
+
+        def queued() -> list[TrainingRun]:
+            with unit_of_work(state.factory) as session:
+                return list(session.scalars(select(TrainingRun).where(TrainingRun.project_id == project_id)))
+
+        (run,) = wait_for(queued, 90, "a queued training run")
+        assert (run.status, run.trigger) == ("queued", "start_training")
+        (recovered,) = _labels(state, [missed["id"]])[missed["id"]]
+        np.testing.assert_array_equal(read_mask(state.store, recovered), truth[tasks[3]["id"]][1])
+    finally:
+        backend.close()
+        state.close()

@@ -1,0 +1,112 @@
+"""Housekeeping tasks (beat-driven, light, idempotent): the outbox dispatcher, the stale-run
+reaper, the webhook drain with a retrain-policy sweep, and the nightly retrain.
+
+The database is the truth and these tasks only move it forward; running any of them twice, or
+in two workers at once, changes nothing more than running it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from sqlalchemy import select
+
+from backend.db.base import utcnow
+from backend.db.models import Project, TrainingRun
+from backend.db.session import unit_of_work
+from backend.services import retrain, runs
+from workers.celery_app import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN, runtime_of
+from workers.tasks.training import send_run
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=TASK_DISPATCH, bind=True, acks_late=True, ignore_result=True)
+def dispatch_due_runs(self: Task) -> list[int]:
+    """Apply the retrain policy to idle projects, then send every queued run whose debounce has
+    passed and that was not sent recently.
+
+    A message lost between commit and send, or with a broker that dies with an unacknowledged
+    message (the embedded SQLite transport), is re-sent after ``train_stale_after_seconds``.
+    """
+    rt = runtime_of(self.app)
+    sweep_retrain_policy(rt)
+    with unit_of_work(rt.factory) as session:
+        due = retrain.runs_to_dispatch(session, now=utcnow(),
+                                       redispatch_after_seconds=rt.settings.train_stale_after_seconds)
+    for run_id in due:
+        send_run(self.app, run_id)
+        log.info("run %s dispatched to the train queue", run_id)
+    return due
+
+
+@shared_task(name=TASK_REAP, bind=True, acks_late=True, ignore_result=True)
+def reap_stale_runs(self: Task) -> list[dict[str, Any]]:
+    """Re-queue or fail runs whose worker stopped heartbeating; re-queued ones go out at once."""
+    rt = runtime_of(self.app)
+    settings = rt.settings
+    with unit_of_work(rt.factory) as session:
+        reaped = retrain.reap_stale_runs(session, now=utcnow(), stale_after_seconds=settings.train_stale_after_seconds,
+                                         max_attempts=settings.train_max_attempts)
+        running = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status == "running")))
+    for path in retrain.sweep_run_dirs(settings, running):
+        log.info("removed scratch files of a run that is not running: %s", path)
+    for item in reaped:
+        if item.requeued:
+            send_run(self.app, item.run_id)
+    return [{"run_id": r.run_id, "requeued": r.requeued, "message": r.message} for r in reaped]
+
+
+def sweep_retrain_policy(rt: Any) -> list[int]:
+    """Queue an 'annotations' run for every automatic project past its threshold and idle.
+
+    The server calls :func:`backend.services.retrain.maybe_request_retrain` right after it
+    records labels; this sweep (every dispatcher tick: three indexed counts per project) also
+    covers labels that arrived another way (imports, reconciliation, an event drained here)
+    and never extends a waiting run's debounce.
+    """
+    queued: list[int] = []
+    with unit_of_work(rt.factory) as session:
+        for project in session.scalars(select(Project).where(Project.auto_retrain).order_by(Project.id)):
+            if runs.active_run(session, project) is not None:
+                continue
+            run = retrain.maybe_request_retrain(session, project, rt.settings)
+            if run is not None:
+                queued.append(run.id)
+    return queued
+
+
+@shared_task(name=TASK_DRAIN_WEBHOOKS, bind=True, acks_late=True, ignore_result=True)
+def drain_webhook_events(self: Task) -> dict[str, int]:
+    """Apply webhook events the server recorded but has not processed yet, then sweep the policy."""
+    from backend.labelstudio.images import TaskImageFetcher
+    from backend.services.sync import LabelStudioMirror
+    from backend.services.webhooks import process_pending_events
+
+    rt = runtime_of(self.app)
+    mirror = LabelStudioMirror(rt.settings, rt.factory, rt.store, TaskImageFetcher.from_settings(rt.settings))
+    report = process_pending_events(mirror)
+    queued = sweep_retrain_policy(rt)
+    if report.total or queued:
+        log.info("webhook drain: %d processed, %d ignored, %d failed; %d run(s) queued", report.processed,
+                 report.ignored, report.failed, len(queued))
+    return {"processed": report.processed, "ignored": report.ignored, "failed": report.failed,
+            "runs_queued": len(queued)}
+
+
+@shared_task(name=TASK_SCHEDULED_RETRAIN, bind=True, acks_late=True, ignore_result=True)
+def scheduled_retrain(self: Task) -> list[int]:
+    """The nightly run for every automatic project whose labels changed; sent at once."""
+    rt = runtime_of(self.app)
+    queued: list[int] = []
+    with unit_of_work(rt.factory) as session:
+        for project in session.scalars(select(Project).order_by(Project.id)):
+            run = retrain.request_scheduled(session, project, rt.settings)
+            if run is not None:
+                queued.append(run.id)
+    for run_id in queued:
+        send_run(self.app, run_id)
+    log.info("scheduled retrain: %d project(s) queued", len(queued))
+    return queued
