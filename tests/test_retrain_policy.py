@@ -11,7 +11,7 @@ from sqlalchemy import select
 from backend.db.base import utcnow
 from backend.db.models import Image, ModelVersion, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
-from backend.services import retrain
+from backend.services import retrain, run_queue, run_training
 from backend.services.images import add_image
 from backend.services.masks import add_mask_version, deactivate_annotation
 from backend.settings import Settings
@@ -51,7 +51,7 @@ def _images(factory: SessionFactory, pid: int, split: str) -> list[int]:
 def _register_version(factory: SessionFactory, pid: int, status: str = "serving") -> int:
     """A model version whose snapshot is the current training labels (as a run would record)."""
     with unit_of_work(factory) as s:
-        plan_masks = retrain.labelled_images(s, pid, "train")
+        plan_masks = run_training.labelled_images(s, pid, "train")
         from backend.db.models import MaskVersion
 
         masks = list(s.scalars(select(MaskVersion).where(MaskVersion.id.in_([m.mask_version_id for m in plan_masks]))))
@@ -164,7 +164,7 @@ def test_running_run_is_left_alone_and_auto_off_never_triggers(
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        assert retrain.claim_run(s, run_id, worker="w", task_id="t", now=utcnow() + 3600 * S) is not None
+        assert run_queue.claim_run(s, run_id, worker="w", task_id="t", now=utcnow() + 3600 * S) is not None
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
         assert retrain.maybe_request_retrain(s, p, settings) is None
@@ -190,12 +190,12 @@ def test_second_trigger_while_active_marks_pending_and_finish_starts_one_more(
         assert retrain.request_training(s, p, "manual", from_scratch=True) is None
         assert p.retrain_pending
     with unit_of_work(factory) as s:
-        claimed = retrain.claim_run(s, first_id, worker="w", task_id="t")
+        claimed = run_queue.claim_run(s, first_id, worker="w", task_id="t")
         assert claimed is not None
     with unit_of_work(factory) as s:
-        run = retrain.owned_run(s, claimed)
+        run = run_queue.owned_run(s, claimed)
         assert run is not None
-        follow_up = retrain.finish_run(s, run, "failed", error="boom", settings=settings)
+        follow_up = run_queue.finish_run(s, run, "failed", error="boom", settings=settings)
         assert follow_up is not None and follow_up.trigger == "manual" and follow_up.status == "queued"
         assert follow_up.progress["follow_up_of"] == first_id
         assert not s.get_one(Project, pid).retrain_pending
@@ -228,12 +228,12 @@ def test_claim_is_a_compare_and_set(factory: SessionFactory, store: LocalBlobSto
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        assert retrain.claim_run(s, run_id, worker="w1", task_id="a", now=t0) is None  # not due yet
+        assert run_queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0) is None  # not due yet
     with unit_of_work(factory) as s:
-        claimed = retrain.claim_run(s, run_id, worker="w1", task_id="a", now=t0 + 31 * S)
+        claimed = run_queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0 + 31 * S)
     with unit_of_work(factory) as s:
-        assert retrain.claim_run(s, run_id, worker="w2", task_id="b", now=t0 + 32 * S) is None  # duplicate message
-        assert retrain.claim_run(s, 999_999, worker="w2", task_id="c") is None
+        assert run_queue.claim_run(s, run_id, worker="w2", task_id="b", now=t0 + 32 * S) is None  # duplicate message
+        assert run_queue.claim_run(s, 999_999, worker="w2", task_id="c") is None
     assert claimed is not None and claimed.attempt == 1 and claimed.project_id == pid
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
@@ -249,14 +249,14 @@ def test_outbox_sends_due_runs_and_resends_lost_messages(factory: SessionFactory
         assert due is not None and later is not None
         due_id, later_id = due.id, later.id
     with unit_of_work(factory) as s:
-        assert retrain.runs_to_dispatch(s, now=t0, redispatch_after_seconds=300) == [due_id]
-        retrain.mark_dispatched(s, due_id, now=t0)
+        assert run_queue.runs_to_dispatch(s, now=t0, redispatch_after_seconds=300) == [due_id]
+        run_queue.mark_dispatched(s, due_id, now=t0)
     with unit_of_work(factory) as s:
-        assert retrain.runs_to_dispatch(s, now=t0 + 10 * S, redispatch_after_seconds=300) == []
-        assert retrain.runs_to_dispatch(s, now=t0 + 301 * S, redispatch_after_seconds=300) == [due_id, later_id]
-        assert retrain.claim_run(s, due_id, worker="w", task_id=None, now=t0 + 302 * S) is not None
+        assert run_queue.runs_to_dispatch(s, now=t0 + 10 * S, redispatch_after_seconds=300) == []
+        assert run_queue.runs_to_dispatch(s, now=t0 + 301 * S, redispatch_after_seconds=300) == [due_id, later_id]
+        assert run_queue.claim_run(s, due_id, worker="w", task_id=None, now=t0 + 302 * S) is not None
     with unit_of_work(factory) as s:
-        assert retrain.runs_to_dispatch(s, now=t0 + 400 * S, redispatch_after_seconds=300) == [later_id]
+        assert run_queue.runs_to_dispatch(s, now=t0 + 400 * S, redispatch_after_seconds=300) == [later_id]
 
 
 def test_reaper_requeues_then_fails_runs_whose_worker_died(factory: SessionFactory, store: LocalBlobStore) -> None:
@@ -267,21 +267,21 @@ def test_reaper_requeues_then_fails_runs_whose_worker_died(factory: SessionFacto
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        first = retrain.claim_run(s, run_id, worker="dead-1", task_id="a", now=t0)
+        first = run_queue.claim_run(s, run_id, worker="dead-1", task_id="a", now=t0)
     with unit_of_work(factory) as s:
-        assert retrain.reap_stale_runs(s, now=t0 + 100 * S, stale_after_seconds=120, max_attempts=2) == []
-        reaped = retrain.reap_stale_runs(s, now=t0 + 121 * S, stale_after_seconds=120, max_attempts=2)
+        assert run_queue.reap_stale_runs(s, now=t0 + 100 * S, stale_after_seconds=120, max_attempts=2) == []
+        reaped = run_queue.reap_stale_runs(s, now=t0 + 121 * S, stale_after_seconds=120, max_attempts=2)
     assert [(r.run_id, r.requeued) for r in reaped] == [(run_id, True)]
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
         assert row.status == "queued" and row.dispatched_at is None and "lost its worker dead-1" in (row.error or "")
     assert first is not None
     with unit_of_work(factory) as s:
-        assert retrain.owned_run(s, first) is None  # the old attempt can no longer register anything
-        second = retrain.claim_run(s, run_id, worker="dead-2", task_id="b", now=t0 + 122 * S)
+        assert run_queue.owned_run(s, first) is None  # the old attempt can no longer register anything
+        second = run_queue.claim_run(s, run_id, worker="dead-2", task_id="b", now=t0 + 122 * S)
         assert second is not None and second.attempt == 2
     with unit_of_work(factory) as s:
-        reaped = retrain.reap_stale_runs(s, now=t0 + 400 * S, stale_after_seconds=120, max_attempts=2)
+        reaped = run_queue.reap_stale_runs(s, now=t0 + 400 * S, stale_after_seconds=120, max_attempts=2)
     assert [(r.run_id, r.requeued) for r in reaped] == [(run_id, False)]
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
@@ -296,13 +296,13 @@ def test_heartbeat_notices_a_lost_claim(factory: SessionFactory, store: LocalBlo
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        claimed = retrain.claim_run(s, run_id, worker="w", task_id=None)
+        claimed = run_queue.claim_run(s, run_id, worker="w", task_id=None)
     assert claimed is not None
-    heartbeat = retrain.Heartbeat(factory, claimed, interval_seconds=60)
+    heartbeat = run_queue.Heartbeat(factory, claimed, interval_seconds=60)
     heartbeat.report(phase="training", epoch=3)
     assert heartbeat.beat() and not heartbeat.lost()
     with factory() as s:
         assert s.get_one(TrainingRun, run_id).progress["epoch"] == 3
     with unit_of_work(factory) as s:
-        retrain.reap_stale_runs(s, now=utcnow() + 3600 * S, stale_after_seconds=1, max_attempts=5)
+        run_queue.reap_stale_runs(s, now=utcnow() + 3600 * S, stale_after_seconds=1, max_attempts=5)
     assert not heartbeat.beat() and heartbeat.lost()

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from backend.db.models import Image, ModelVersion, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
-from backend.services import retrain
+from backend.services import retrain, run_execution, run_queue, run_training
 from backend.services.images import add_image
 from backend.services.masks import add_mask_version
 from backend.services.status import collect_status
@@ -65,15 +65,17 @@ def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int = 5, n
         return p.id
 
 
-def _run(factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, **kw: Any) -> retrain.RunOutcome:
+def _run(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, **kw: Any
+) -> run_execution.RunOutcome:
     with unit_of_work(factory) as s:
         run = retrain.request_training(s, s.get_one(Project, pid), "manual")
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        claimed = retrain.claim_run(s, run_id, worker="test", task_id=None)
+        claimed = run_queue.claim_run(s, run_id, worker="test", task_id=None)
     assert claimed is not None
-    return retrain.execute_run(factory, store, settings, claimed, **kw)
+    return run_execution.execute_run(factory, store, settings, claimed, **kw)
 
 
 def _checkpoint_files(store: LocalBlobStore) -> set[str]:
@@ -104,7 +106,7 @@ def test_a_run_registers_an_immutable_version_with_its_snapshot_and_serves_it(
         assert (run.status, run.device, run.model_version_id, run.error) == ("succeeded", "cpu", version.id, None)
         assert run.progress["phase"] == "succeeded" and run.progress["epoch"] >= 1
     assert _checkpoint_files(store) == {version.checkpoint_key}
-    assert not list(retrain.run_dirs_root(run_settings).iterdir())
+    assert not list(run_execution.run_dirs_root(run_settings).iterdir())
 
 
 def test_a_worse_candidate_is_not_promoted_and_rollback_restores_the_previous_version(
@@ -144,7 +146,7 @@ def test_a_failure_after_the_checkpoint_was_stored_leaves_no_orphan(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("evaluation exploded")
 
-    monkeypatch.setattr(retrain, "evaluate_checkpoint", broken)
+    monkeypatch.setattr(run_execution, "evaluate_checkpoint", broken)
     outcome = _run(factory, store, run_settings, pid)
     assert outcome.status == "failed" and outcome.error == "RuntimeError: evaluation exploded"
     with factory() as s:
@@ -227,19 +229,19 @@ def test_other_runtime_errors_are_not_retried(
 def test_images_are_read_from_the_snapshot(factory: SessionFactory, store: LocalBlobStore) -> None:
     pid = _project(factory, store, n_train=2, n_val=1)
     with factory() as s:
-        items = retrain.labelled_images(s, pid, "train")
+        items = run_training.labelled_images(s, pid, "train")
         image_ids = set(s.scalars(select(Image.id).where(Image.split == "train")))
-    pairs = retrain.load_pairs(store, items)
+    pairs = run_training.load_pairs(store, items)
     assert {i.image_id for i in items} == image_ids
     assert all(img.shape == (128, 128) and img.dtype == np.uint8 and mask.max() <= 2 for img, mask in pairs)
 
 
 def test_sweep_removes_scratch_dirs_of_dead_runs(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    root = retrain.run_dirs_root(settings)
+    root = run_execution.run_dirs_root(settings)
     for name in ("run-1-aaaa", "run-2-bbbb", "unrelated"):
         (root / name).mkdir(parents=True)
-    removed = retrain.sweep_run_dirs(settings, running_run_ids={2})
+    removed = run_execution.sweep_run_dirs(settings, running_run_ids={2})
     assert [p.name for p in removed] == ["run-1-aaaa"]
     assert sorted(p.name for p in root.iterdir()) == ["run-2-bbbb", "unrelated"]
 

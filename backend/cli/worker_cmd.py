@@ -131,7 +131,8 @@ def train(c: CliContext, project_name: str, from_scratch: bool, inline: bool) ->
 
 def _train_inline(c: CliContext, run_id: int) -> None:
     from backend.db.session import unit_of_work
-    from backend.services.retrain import claim_run, execute_run
+    from backend.services.run_execution import execute_run
+    from backend.services.run_queue import claim_run
 
     with unit_of_work(c.factory) as session:
         claimed = claim_run(session, run_id, worker=f"cli {socket.gethostname()} pid {os.getpid()}", task_id=None)
@@ -162,7 +163,11 @@ def evaluate(c: CliContext, project_name: str, version: str | None, split: str, 
     from backend.db.session import unit_of_work
     from backend.model.checkpoint import load_checkpoint
     from backend.services.projects import get_project
-    from backend.services.retrain import evaluate_checkpoint, labelled_images, load_pairs
+    from backend.services.run_training import (
+        evaluate_checkpoint,
+        labelled_images,
+        load_pairs,
+    )
     from backend.services.versions import get_version, serving_version
 
     try:

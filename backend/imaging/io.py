@@ -28,35 +28,41 @@ Rules the rest of sonoseg relies on:
 * **Safety.** Size limits are checked on the file and then on the header (before any pixel is
   decoded); truncation is detected per format (PNG IEND, JPEG EOI, BMP/NIfTI/MetaImage sizes,
   DICOM element walk) because several SimpleITK readers silently return partial pixels;
-  MetaImage may only point at a data file next to its header. Every failure is
+  MetaImage may only point at a data file next to its header. The checks before decoding live
+  in :mod:`backend.imaging.containers`. Every failure is
   :class:`~backend.errors.InvalidImage` naming the file and the reason. No temp file survives.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
-from backend.errors import InvalidImage, InvalidInput, NotFound
+from backend.errors import InvalidImage, InvalidInput
 from backend.imaging import dicom
+from backend.imaging.containers import (
+    PNG_PALETTE,
+    PNG_SIGNATURE,
+    MiB,
+    Source,
+    bytes_source,
+    local_source,
+    png_palette,
+)
 
 logger = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 DEFAULT_MAX_SIDE = 8192
 DEFAULT_MAX_BYTES = 256 * MiB
 DEFAULT_MAX_DECODED_BYTES = 1024 * MiB  # pixels in memory after decoding, before conversion
@@ -64,11 +70,6 @@ DEFAULT_MAX_DECODED_BYTES = 1024 * MiB  # pixels in memory after decoding, befor
 _IMAGE_IO: Mapping[str, str] = MappingProxyType({
     "png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "bmp": "BMPImageIO",
     "dicom": "GDCMImageIO", "nifti": "NiftiImageIO", "metaimage": "MetaImageIO",
-})
-_EXTENSIONS: Mapping[str, str] = MappingProxyType({
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp",
-    ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti", ".mha": "metaimage",
-    ".mhd": "metaimage",
 })
 _COMPONENT_BYTES: Mapping[int, int] = MappingProxyType({
     pid: size
@@ -82,14 +83,6 @@ _COMPONENT_BYTES: Mapping[int, int] = MappingProxyType({
     }.items()
     for pid in pids
 })
-_METAIO_TYPE_BYTES: Mapping[str, int] = MappingProxyType({
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-})
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_PNG_PALETTE, _PNG_GREY_ALPHA = 3, 4
-_HEAD_BYTES = 64 * 1024
 _LUMA_BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -119,18 +112,6 @@ class LoadedImage:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """A file that passed the container checks and is ready for SimpleITK."""
-
-    path: Path
-    name: str
-    fmt: str
-    png_colour_type: int | None = None
-    jpeg_orientation: int = 1
-    dicom_scan: dicom.DicomScan | None = None
-
-
-@dataclass(frozen=True)
 class _Decoded:
     pixels: NDArray[Any]  # (frames, H, W) or (frames, H, W, C), as SimpleITK decoded them
     image: sitk.Image
@@ -151,7 +132,7 @@ def xy_to_rowcol(values_xy: Sequence[float]) -> tuple[float, float]:
 def read_image(path: Path | str, *, max_side: int = DEFAULT_MAX_SIDE, max_bytes: int = DEFAULT_MAX_BYTES,
                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> list[LoadedImage]:
     """Read every frame of an image file as grey uint8 (see the module docstring for the rules)."""
-    with _local_source(Path(path), max_bytes) as source:
+    with local_source(Path(path), max_bytes) as source:
         return _load_frames(source, max_side, max_decoded_bytes)
 
 
@@ -159,7 +140,7 @@ def read_image_bytes(data: bytes, filename_hint: str, *, max_side: int = DEFAULT
                      max_bytes: int = DEFAULT_MAX_BYTES,
                      max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> list[LoadedImage]:
     """Like :func:`read_image` for downloaded bytes; ``filename_hint`` only names them in errors."""
-    with _bytes_source(data, filename_hint, max_bytes) as source:
+    with bytes_source(data, filename_hint, max_bytes) as source:
         return _load_frames(source, max_side, max_decoded_bytes)
 
 
@@ -171,7 +152,7 @@ def read_mask(path: Path | str, *, frame_index: int | None = None, max_side: int
     Palette PNGs give their palette indices; a 0/255 binary mask gives 0/1. Lossy JPEG and DICOM
     are refused. A multi-slice segmentation needs ``frame_index``.
     """
-    with _local_source(Path(path), max_bytes) as source:
+    with local_source(Path(path), max_bytes) as source:
         if source.fmt in {"jpeg", "dicom"}:
             raise InvalidImage(f"{source.name}: a {source.fmt.upper()} file cannot hold a label map; "
                                "use PNG, TIFF, BMP, NIfTI or MetaImage")
@@ -203,280 +184,32 @@ def encode_png(array: NDArray[np.uint8]) -> bytes:
     raw = np.zeros((height, rows.shape[1] + 1), dtype=np.uint8)  # column 0: filter type 0
     raw[:, 1:] = rows
     ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_types[channels], 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
             + _png_chunk(b"IEND", b""))
 
 
 def decode_png_bytes(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_bytes: int = DEFAULT_MAX_BYTES,
                      max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> NDArray[Any]:
     """Decode PNG bytes as stored: (H, W) grey, (H, W, C) colour, palette PNGs as indices."""
-    with _bytes_source(data, "PNG data", max_bytes) as source:
+    with bytes_source(data, "PNG data", max_bytes) as source:
         if source.fmt != "png":
             raise InvalidImage(f"{source.name}: expected PNG, got {source.fmt}")
         pixels = _decode(source, max_side, max_decoded_bytes).pixels
-        if source.png_colour_type == _PNG_PALETTE:
-            pixels = _palette_indices(pixels, _png_palette(source), source.name)
+        if source.png_colour_type == PNG_PALETTE:
+            pixels = _palette_indices(pixels, png_palette(source), source.name)
     return np.ascontiguousarray(pixels[0])
 
-
-# -- sources: limits, sniffing, container checks ---------------------------------------------
-
-def _extension(name: str) -> str:
-    lower = name.lower()
-    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
-
-
-def _sniff(head: bytes) -> tuple[str | None, bool]:
-    """(format, gzip) from the first bytes; the name is never consulted."""
-    if head.startswith(_PNG_SIGNATURE):
-        return "png", False
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg", False
-    if head[:4] in {b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"}:
-        return "tiff", False
-    if head.startswith(b"BM") and len(head) >= 26:
-        return "bmp", False
-    if head[128:132] == b"DICM":
-        return "dicom", False
-    if head.startswith(b"\x1f\x8b"):
-        try:
-            inner = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(head, 1024)
-        except zlib.error:
-            return None, True
-        return ("nifti" if _is_nifti(inner) else None), True
-    if _is_nifti(head):
-        return "nifti", False
-    if re.match(rb"\s*[A-Za-z]+\s*=", head) and b"ElementDataFile" in head:  # MetaIO "Key = Value" text
-        return "metaimage", False
-    return None, False
-
-
-def _is_nifti(head: bytes) -> bool:
-    return (len(head) >= 348 and head[344:348] == b"n+1\x00") or head[4:8] == b"n+2\x00"
-
-
-def _check_limits(name: str, size: int, max_bytes: int) -> None:
-    if size == 0:
-        raise InvalidImage(f"{name}: the file is empty")
-    if size > max_bytes:
-        raise InvalidImage(f"{name}: {size} bytes is over the {max_bytes}-byte limit")
-
-
-@contextmanager
-def _local_source(path: Path, max_bytes: int) -> Iterator[_Source]:
-    """A file on disk, checked; NIfTI under a wrong name goes through a renamed temp copy."""
-    if not path.is_file():
-        raise NotFound(f"{path.name}: no such file")
-    name, size = path.name, path.stat().st_size
-    _check_limits(name, size, max_bytes)
-    with path.open("rb") as f:
-        head = f.read(_HEAD_BYTES)
-    fmt, gz = _sniff(head)
-    ext = _extension(name)
-    if ext not in _EXTENSIONS and fmt != "dicom":
-        raise InvalidImage(f"{name}: unsupported extension {ext or '(none)'!r}; expected one of "
-                           f"{', '.join(sorted(_EXTENSIONS))}")
-    if fmt == "nifti" and ext != (".nii.gz" if gz else ".nii"):  # the NIfTI reader trusts names
-        logger.info("%s: NIfTI content under a %r name; reading a renamed copy", name, ext)
-        with _temporary_file(path.read_bytes(), ".nii.gz" if gz else ".nii") as tmp:
-            yield _inspect(tmp, name, fmt, head, max_bytes, allow_detached=False)
-        return
-    yield _inspect(path, name, fmt, head, max_bytes, allow_detached=True)
-
-
-@contextmanager
-def _bytes_source(data: bytes, hint: str, max_bytes: int) -> Iterator[_Source]:
-    """Downloaded bytes, written to a temp file whose suffix comes from the content, not the hint."""
-    name = hint[-200:] or "download"
-    _check_limits(name, len(data), max_bytes)
-    fmt, gz = _sniff(data[:_HEAD_BYTES])
-    suffix = ".nii.gz" if fmt == "nifti" and gz else {"metaimage": ".mha", None: ".bin"}.get(fmt, f".{fmt}")
-    with _temporary_file(data, suffix) as tmp:
-        yield _inspect(tmp, name, fmt, data[:_HEAD_BYTES], max_bytes, allow_detached=False)
-
-
-@contextmanager
-def _temporary_file(data: bytes, suffix: str) -> Iterator[Path]:
-    handle = tempfile.NamedTemporaryFile(prefix="sonoseg-", suffix=suffix, delete=False)
-    try:
-        with handle:
-            handle.write(data)
-        yield Path(handle.name)
-    finally:
-        os.unlink(handle.name)
-
-
-def _inspect(path: Path, name: str, fmt: str | None, head: bytes, max_bytes: int, *, allow_detached: bool) -> _Source:
-    """Format-specific checks that need no pixel decoding."""
-    if fmt is None:
-        raise InvalidImage(f"{name}: not an image (its content matches none of PNG, JPEG, TIFF, BMP, "
-                           "DICOM, NIfTI, MetaImage)")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if fmt == "png":
-            return _Source(path, name, fmt, png_colour_type=_check_png(f, size, head, name))
-        if fmt == "jpeg":
-            return _Source(path, name, fmt, jpeg_orientation=_check_jpeg(f.read(), name))
-        if fmt == "bmp":
-            _check_bmp(head, size, name)
-        elif fmt == "dicom":
-            try:
-                return _Source(path, name, fmt, dicom_scan=dicom.scan_dicom(f, size))
-            except dicom.DicomStructureError as exc:
-                raise InvalidImage(f"{name}: invalid DICOM: {exc.reason}") from exc
-        elif fmt == "nifti":
-            _check_nifti(f, size, name)
-        elif fmt == "metaimage":
-            _check_metaimage(head, path, size, name, max_bytes, allow_detached)
-    return _Source(path, name, fmt)
-
-
-def _check_png(f: BinaryIO, size: int, head: bytes, name: str) -> int:
-    if head[12:16] != b"IHDR" or len(head) < 33:
-        raise InvalidImage(f"{name}: PNG without an IHDR header")
-    f.seek(max(0, size - _HEAD_BYTES))
-    if _PNG_IEND not in f.read():
-        raise InvalidImage(f"{name}: the PNG is truncated (no IEND chunk at the end)")
-    colour_type = head[25]
-    if colour_type == _PNG_GREY_ALPHA:
-        raise InvalidImage(f"{name}: grey+alpha PNGs are not supported; re-export as grey or RGBA")
-    return colour_type
-
-
-def _check_jpeg(data: bytes, name: str) -> int:
-    """Reject a JPEG cut short (libjpeg pads it with grey) and return its EXIF orientation."""
-    # Entropy-coded data never contains FFD9/FFDA, so the last scan must be followed by an EOI.
-    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise InvalidImage(f"{name}: the JPEG is truncated (no end-of-image marker after the last scan)")
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker in (0xDA, 0xD9):
-            break
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
-            return _exif_orientation(data[pos + 10:pos + 2 + length])
-        pos += 2 + length
-    return 1
-
-
-def _exif_orientation(tiff: bytes) -> int:
-    """Tag 0x0112 of EXIF IFD0 (1-8), or 1 when absent or malformed."""
-    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return 1
-    (ifd,) = struct.unpack(order + "I", tiff[4:8])
-    count = struct.unpack(order + "H", tiff[ifd:ifd + 2])[0] if ifd + 2 <= len(tiff) else 0
-    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
-        if tag == 0x0112 and kind == 3:  # SHORT
-            (value,) = struct.unpack(order + "H", tiff[entry + 8:entry + 10])
-            return value if 1 <= value <= 8 else 1
-    return 1
-
-
-def _check_bmp(head: bytes, size: int, name: str) -> None:
-    """Uncompressed BMPs must hold every row (ITK's reader fills missing rows with zeros)."""
-    if len(head) < 34:
-        raise InvalidImage(f"{name}: the BMP is truncated (incomplete header)")
-    offset, info_size, width, height, _, bits, compression = struct.unpack("<IIiiHHI", head[10:34])
-    if info_size >= 40 and compression in (0, 3, 6):  # BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS
-        needed = offset + ((width * bits + 31) // 32) * 4 * abs(height)
-        if size < needed:
-            raise InvalidImage(f"{name}: the BMP is truncated ({size} of {needed} bytes)")
-
-
-def _check_nifti(f: BinaryIO, size: int, name: str) -> None:
-    """The voxel block must be complete (ITK's NIfTI reader returns partial data silently)."""
-    gz = f.read(2) == b"\x1f\x8b"
-    f.seek(0)
-    try:
-        header = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(f.read(4096), 540) if gz else f.read(540)
-        if header[4:8] == b"n+2\x00":
-            e = "<" if struct.unpack("<i", header[:4])[0] == 540 else ">"
-            bitpix, = struct.unpack(e + "h", header[14:16])
-            dims, vox_offset = struct.unpack(e + "8q", header[16:80]), struct.unpack(e + "q", header[168:176])[0]
-        else:
-            e = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            bitpix, = struct.unpack(e + "h", header[72:74])
-            dims, vox_offset = struct.unpack(e + "8h", header[40:56]), int(struct.unpack(e + "f", header[108:112])[0])
-    except (struct.error, zlib.error) as exc:
-        raise InvalidImage(f"{name}: the NIfTI header is truncated or corrupt") from exc
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:dims[0] + 1]):
-        raise InvalidImage(f"{name}: malformed NIfTI header")
-    needed = vox_offset + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
-    available = size
-    if gz:
-        f.seek(size - 4)
-        gzip_isize = struct.unpack("<I", f.read(4))[0]  # length mod 2**32 of the last member
-        f.seek(0)
-        available = needed if gzip_isize == needed % 2**32 else _gunzipped_length(f, needed, name)
-    if available < needed:
-        raise InvalidImage(f"{name}: the NIfTI file is truncated ({available} of {needed} bytes)")
-
-
-def _gunzipped_length(f: BinaryIO, stop_at: int, name: str) -> int:
-    """Decompressed length of a (multi-member) gzip stream, counting no further than ``stop_at``."""
-    total, inflater, pending = 0, zlib.decompressobj(zlib.MAX_WBITS | 16), b""
-    try:
-        while total < stop_at:
-            if not pending and not (pending := f.read(MiB)):
-                break
-            if inflater.eof:
-                if not pending.strip(b"\x00"):  # zero padding after the last member
-                    pending = b""
-                    continue
-                inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-            total += len(inflater.decompress(pending, 16 * MiB))
-            pending = inflater.unconsumed_tail or (inflater.unused_data if inflater.eof else b"")
-    except zlib.error as exc:
-        raise InvalidImage(f"{name}: corrupt gzip data ({exc})") from exc
-    return total
-
-
-def _check_metaimage(head: bytes, path: Path, size: int, name: str, max_bytes: int, allow_detached: bool) -> None:
-    """Keep ``ElementDataFile`` next to its header, within limits and complete."""
-    fields: dict[str, str] = {}
-    header_end = 0
-    for line in head.split(b"\n"):
-        header_end += len(line) + 1
-        key, _, value = line.decode("latin-1").partition("=")
-        fields[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            break
-    data_file = fields.get("ElementDataFile", "")
-    if data_file == "LOCAL":
-        data_path, available = None, size - header_end
-    elif not allow_detached:
-        raise InvalidImage(f"{name}: MetaImage data in a separate file ({data_file!r}); send a single .mha")
-    elif not data_file or data_file != Path(data_file).name or data_file in {".", "..", "LIST"} or " " in data_file:
-        raise InvalidImage(f"{name}: ElementDataFile {data_file!r} must name one file beside the header")
-    else:
-        data_path = path.parent / data_file
-        if not data_path.is_file():
-            raise InvalidImage(f"{name}: its data file {data_file!r} does not exist")
-        available = data_path.stat().st_size
-        _check_limits(name, size + available, max_bytes)
-    try:
-        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=np.int64))
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        needed = (int(fields["CompressedDataSize"]) if fields.get("CompressedData", "False").lower() == "true"
-                  else voxels * channels * _METAIO_TYPE_BYTES[fields["ElementType"]])
-    except (KeyError, ValueError):
-        return  # unusual header: SimpleITK judges it
-    if "HeaderSize" not in fields and available < needed:
-        raise InvalidImage(f"{name}: the MetaImage data is truncated ({available} of {needed} bytes)")
 
 
 # -- decoding and conversion -----------------------------------------------------------------
 
-def _itk_reason(exc: RuntimeError, source: _Source) -> str:
+def _itk_reason(exc: RuntimeError, source: Source) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     reason = re.sub(r"^.*?ERROR: \w+\(0x[0-9a-fA-F]+\):\s*", "", lines[-1] if lines else "unknown error")
     return reason.replace(str(source.path), source.name)
 
 
-def _decode(source: _Source, max_side: int, max_decoded_bytes: int) -> _Decoded:
+def _decode(source: Source, max_side: int, max_decoded_bytes: int) -> _Decoded:
     """Check the header's size against the limits, then decode; frames first: (F, H, W[, C])."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(source.path))
@@ -508,7 +241,7 @@ def _decode(source: _Source, max_side: int, max_decoded_bytes: int) -> _Decoded:
     return _Decoded(pixels, image, tags)
 
 
-def _load_frames(source: _Source, max_side: int, max_decoded_bytes: int) -> list[LoadedImage]:
+def _load_frames(source: Source, max_side: int, max_decoded_bytes: int) -> list[LoadedImage]:
     decoded = _decode(source, max_side, max_decoded_bytes)
     pixels, image, tags = decoded.pixels, decoded.image, decoded.tags
     if source.fmt == "jpeg" and pixels.ndim == 4 and pixels.shape[3] == 4:
@@ -530,7 +263,7 @@ def _load_frames(source: _Source, max_side: int, max_decoded_bytes: int) -> list
     return result
 
 
-def _geometry(source: _Source, image: sitk.Image, tags: Mapping[str, str],
+def _geometry(source: Source, image: sitk.Image, tags: Mapping[str, str],
               regions: tuple[dicom.UltrasoundRegion, ...], k: int) -> Geometry:
     if source.fmt == "dicom":
         return Geometry(spacing=dicom.dicom_spacing(tags, xy_to_rowcol(image.GetSpacing()), regions))
@@ -585,10 +318,10 @@ _ORIENT: Mapping[int, Callable[[NDArray[Any]], NDArray[Any]]] = MappingProxyType
 
 # -- label maps --------------------------------------------------------------------------------
 
-def _class_indices(source: _Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
+def _class_indices(source: Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
     """(F, H, W[, C]) decoded label pixels -> uint8 class indices (F, H, W), never rescaled."""
-    if source.png_colour_type == _PNG_PALETTE:
-        return _palette_indices(pixels, _png_palette(source), source.name)
+    if source.png_colour_type == PNG_PALETTE:
+        return _palette_indices(pixels, png_palette(source), source.name)
     if pixels.ndim == 4:
         channels = pixels[..., : min(3, pixels.shape[3])]
         if not all(np.array_equal(channels[..., 0], channels[..., c]) for c in range(channels.shape[3])):
@@ -603,18 +336,6 @@ def _class_indices(source: _Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
     return pixels.astype(np.uint8)
 
 
-def _png_palette(source: _Source) -> NDArray[np.uint8]:
-    """The PLTE chunk as (N, 3) uint8 (it must come before the first IDAT)."""
-    with source.path.open("rb") as f:
-        f.seek(len(_PNG_SIGNATURE))
-        while len(head := f.read(8)) == 8:
-            length, kind = struct.unpack(">I4s", head)
-            if kind == b"PLTE" and length % 3 == 0:
-                return np.frombuffer(f.read(length), dtype=np.uint8).reshape(-1, 3)
-            if kind in {b"IDAT", b"IEND"}:
-                break
-            f.seek(length + 4, os.SEEK_CUR)
-    raise InvalidImage(f"{source.name}: palette PNG without a valid PLTE chunk")
 
 
 def _palette_indices(rgb: NDArray[Any], palette: NDArray[np.uint8], name: str) -> NDArray[np.uint8]:

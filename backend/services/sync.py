@@ -1,6 +1,7 @@
-"""Mirror Label Studio into the database: projects, task images, annotations; and reconcile.
+"""Mirror Label Studio into the database: projects, task images, annotations.
 
-Webhook processing, ``/predict`` and ``sonoseg sync`` all go through :class:`LabelStudioMirror`,
+Webhook processing, ``/predict`` and reconciliation (:mod:`backend.services.reconciliation`,
+behind :meth:`LabelStudioMirror.reconcile`) all go through :class:`LabelStudioMirror`,
 so an annotation recorded from a webhook and the same annotation pulled by reconciliation
 produce the same rows, and applying either twice changes nothing.
 
@@ -16,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
-from backend.errors import InvalidInput, NotReady, SonosegError
+from backend.errors import InvalidInput, NotReady
 from backend.labelstudio.config import ClassMap, LabelConfig, parse_label_config
 from backend.labelstudio.images import TaskImageFetcher
 from backend.labelstudio.results import results_to_mask
@@ -36,6 +37,7 @@ from backend.services.masks import add_mask_version, deactivate_annotation
 from backend.services.predictions import lock_images, record_correction
 from backend.services.projects import get_or_create_project
 from backend.services.pseudonyms import load_or_create_key, pseudonymise
+from backend.services.reconciliation import SyncReport, reconcile_project
 from backend.settings import Settings
 from backend.storage.blobs import BlobStore, staged_writes
 
@@ -63,21 +65,6 @@ class ProjectRef:
     class_names: tuple[str, ...]
     config_digest: str
 
-
-@dataclass
-class SyncReport:
-    """What one reconciliation changed (counts) and what it could not do (reasons)."""
-
-    ls_project_id: int
-    tasks: int = 0
-    annotations: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    skips: int = 0  # skipped tasks (was_cancelled): not labels
-    deactivated: int = 0
-    tasks_gone: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def ls_project_id_of(value: object) -> int:
@@ -321,103 +308,9 @@ class LabelStudioMirror:
 
     # -- reconciliation ------------------------------------------------------------------------
     def reconcile(self, ls_project_id: int) -> SyncReport:
-        """Pull every task and annotation of a project from Label Studio and record what we missed.
-
-        Missing or changed annotations become mask versions; annotations gone from Label Studio
-        (or turned into skips) are deactivated; tasks gone are marked inactive. Each annotation
-        is its own short transaction, so a bad one is reported and the rest still sync.
-        """
-        client = self.fetcher.client
-        if client is None:
-            raise NotReady("reconciliation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        info = client.get_project(ls_project_id)
-        report = SyncReport(ls_project_id)
-        with unit_of_work(self.factory) as session:
-            project, config = self.ensure_project(
-                session, ls_project_id, str(info.get("label_config") or ""), str(info.get("title") or "") or None
-            )
-            project_id = project.id
-        seen_annotations: set[int] = set()
-        seen_tasks: set[int] = set()
-        for task in client.iter_tasks(ls_project_id):
-            task_id = task.get("id")
-            if not isinstance(task_id, int):
-                continue
-            report.tasks += 1
-            seen_tasks.add(task_id)
-            annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
-            for ann in annotations:
-                if isinstance(ann.get("id"), int) and not ann.get("was_cancelled"):
-                    seen_annotations.add(ann["id"])
-            if not annotations:
-                continue
-            try:
-                image = self.task_image(project_id, task_id, self.image_url(config, task.get("data")),
-                                        subject_hint=_subject_hint(task.get("data")))
-            except SonosegError as exc:  # a missing or unreadable image: report it, sync the rest
-                report.errors.append(f"task {task_id}: {exc.message}")
-                continue
-            for ann in annotations:
-                report.annotations += 1
-                try:
-                    with unit_of_work(self.factory) as session:
-                        project_row = session.get(Project, project_id)
-                        if project_row is None:
-                            raise NotReady(f"project {project_id} disappeared during sync")
-                        outcome = self.apply_annotation(session, project_row, config, image.image_id, ann)
-                except SonosegError as exc:
-                    report.errors.append(f"task {task_id} annotation {ann.get('id')}: {exc.message}")
-                    continue
-                if outcome == "created":
-                    report.created += 1
-                elif outcome == "updated":
-                    report.updated += 1
-                elif outcome == "deactivated":
-                    report.deactivated += 1
-                elif outcome == "ignored":
-                    report.skips += 1
-                else:
-                    report.unchanged += 1
-        report.deactivated += self._deactivate_missing(project_id, seen_annotations)
-        report.tasks_gone = self._retire_missing_tasks(project_id, seen_tasks)
-        log.info(
-            "sync of Label Studio project %s: %d tasks, %d annotations, %d created, %d updated, %d deactivated, "
-            "%d tasks gone, %d errors",
-            ls_project_id, report.tasks, report.annotations, report.created, report.updated, report.deactivated,
-            report.tasks_gone, len(report.errors),
-        )
-        return report
-
-    def _deactivate_missing(self, project_id: int, seen: set[int]) -> int:
-        with unit_of_work(self.factory) as session:
-            held = session.scalars(
-                select(MaskVersion.ls_annotation_id)
-                .join(Image, Image.id == MaskVersion.image_id)
-                .where(
-                    Image.project_id == project_id,
-                    MaskVersion.active,
-                    MaskVersion.source == "annotation",
-                    MaskVersion.ls_annotation_id.is_not(None),
-                )
-                .distinct()
-            ).all()
-            gone = [a for a in held if a is not None and a not in seen]
-            for ann_id in gone:
-                deactivate_annotation(session, ann_id)
-        return len(gone)
-
-    def _retire_missing_tasks(self, project_id: int, seen: set[int]) -> int:
-        with unit_of_work(self.factory) as session:
-            sources = session.scalars(
-                select(ImageSource).where(
-                    ImageSource.project_id == project_id, ImageSource.ls_task_id.is_not(None), ImageSource.active
-                )
-            ).all()
-            gone = [s for s in sources if s.ls_task_id not in seen]
-            for source in gone:
-                source.active = False
-        self.forget_tasks(project_id, [s.ls_task_id for s in gone if s.ls_task_id is not None])
-        return len(gone)
+        """Pull every task and annotation of a project from Label Studio and record what we missed
+        (see :func:`backend.services.reconciliation.reconcile_project`)."""
+        return reconcile_project(self, ls_project_id)
 
 
 T = TypeVar("T")
@@ -445,13 +338,6 @@ def annotation_id(annotation: Mapping[str, Any]) -> int:
         raise InvalidInput("an annotation without an integer 'id'")
     return ann_id
 
-
-def _subject_hint(data: object) -> str | None:
-    if isinstance(data, Mapping):
-        value = data.get("subject")
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            return str(value)
-    return None
 
 
 def _mask_sha(mask: NDArray[Any]) -> str:

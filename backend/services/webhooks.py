@@ -10,7 +10,7 @@ workers, does the slow part (downloading images, decoding masks). Both are idemp
   and applying the same annotation again records no new version.
 
 Deliveries that are lost anyway are recovered by reconciliation (``sonoseg sync``, and before
-each training run: see :meth:`backend.services.sync.LabelStudioMirror.reconcile`).
+each training run: see :mod:`backend.services.reconciliation`).
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ def _retire_tasks(session: Session, project: Project | None, task_ids: list[int]
 def _start_training(mirror: LabelStudioMirror, event_id: int, payload: Mapping[str, Any]) -> str:
     """Reconcile first (when Label Studio is reachable), then queue a run (single-flight).
 
-    The run is only queued here; a worker claims and executes it (backend.services.retrain).
+    The run is only queued here; a worker claims it (:mod:`backend.services.run_queue`) and executes it
+    (:mod:`backend.services.run_execution`).
     """
     ls_id, config_text, title = _project_config(payload)
     if mirror.fetcher.client is not None:

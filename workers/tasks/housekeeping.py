@@ -16,7 +16,7 @@ from sqlalchemy import select
 from backend.db.base import utcnow
 from backend.db.models import Project, TrainingRun
 from backend.db.session import unit_of_work
-from backend.services import retrain, runs
+from backend.services import retrain, run_execution, run_queue, runs
 from workers.celery_app import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN, runtime_of
 from workers.tasks.training import send_run
 
@@ -34,8 +34,8 @@ def dispatch_due_runs(self: Task) -> list[int]:
     rt = runtime_of(self.app)
     sweep_retrain_policy(rt)
     with unit_of_work(rt.factory) as session:
-        due = retrain.runs_to_dispatch(session, now=utcnow(),
-                                       redispatch_after_seconds=rt.settings.train_stale_after_seconds)
+        due = run_queue.runs_to_dispatch(session, now=utcnow(),
+                                         redispatch_after_seconds=rt.settings.train_stale_after_seconds)
     for run_id in due:
         send_run(self.app, run_id)
         log.info("run %s dispatched to the train queue", run_id)
@@ -48,10 +48,11 @@ def reap_stale_runs(self: Task) -> list[dict[str, Any]]:
     rt = runtime_of(self.app)
     settings = rt.settings
     with unit_of_work(rt.factory) as session:
-        reaped = retrain.reap_stale_runs(session, now=utcnow(), stale_after_seconds=settings.train_stale_after_seconds,
-                                         max_attempts=settings.train_max_attempts)
+        reaped = run_queue.reap_stale_runs(session, now=utcnow(),
+                                           stale_after_seconds=settings.train_stale_after_seconds,
+                                           max_attempts=settings.train_max_attempts)
         running = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status == "running")))
-    for path in retrain.sweep_run_dirs(settings, running):
+    for path in run_execution.sweep_run_dirs(settings, running):
         log.info("removed scratch files of a run that is not running: %s", path)
     for item in reaped:
         if item.requeued:

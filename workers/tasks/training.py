@@ -2,7 +2,7 @@
 whatever is due next (a follow-up run, batch re-prediction after a promotion).
 
 A message carries only a run id. Redelivered or duplicated messages are no-ops because the
-claim is a compare-and-set on the run's status; see :mod:`backend.services.retrain`.
+claim is a compare-and-set on the run's status; see :mod:`backend.services.run_queue`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from celery import Task, shared_task
 
 from backend.db.base import utcnow
 from backend.db.session import unit_of_work
-from backend.services import retrain
+from backend.services import run_execution, run_queue
 from workers.celery_app import TASK_PREDICT_PROJECT, TASK_TRAIN, WorkerRuntime, runtime_of
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def send_run(task_app: Any, run_id: int) -> None:
     rt = runtime_of(task_app)
     task_app.send_task(TASK_TRAIN, args=[run_id])
     with unit_of_work(rt.factory) as session:
-        retrain.mark_dispatched(session, run_id, now=utcnow())
+        run_queue.mark_dispatched(session, run_id, now=utcnow())
 
 
 @shared_task(name=TASK_TRAIN, bind=True, acks_late=True, ignore_result=False)
@@ -63,7 +63,7 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
     """Execute training run ``run_id`` if it is still queued and due; otherwise do nothing."""
     rt = runtime_of(self.app)
     with unit_of_work(rt.factory) as session:
-        claimed = retrain.claim_run(session, run_id, worker=worker_name(self), task_id=self.request.id)
+        claimed = run_queue.claim_run(session, run_id, worker=worker_name(self), task_id=self.request.id)
     if claimed is None:
         log.info("run %s: not claimable (already taken, finished or not due yet); nothing to do", run_id)
         return {"run_id": run_id, "status": "skipped"}
@@ -72,8 +72,8 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
         if self.request.id:
             self.update_state(state="PROGRESS", meta={"run_id": run_id, **state})
 
-    outcome = retrain.execute_run(rt.factory, rt.store, rt.settings, claimed, on_progress=progress,
-                                  reconcile=reconciler(rt))
+    outcome = run_execution.execute_run(rt.factory, rt.store, rt.settings, claimed, on_progress=progress,
+                                        reconcile=reconciler(rt))
     if outcome.follow_up_run_id is not None:
         run_due_now(self.app, outcome.follow_up_run_id)
     if outcome.promoted and rt.settings.repredict_after_promotion and outcome.model_version_uid:

@@ -1,0 +1,152 @@
+"""Reconciliation: walk a Label Studio project and record what webhooks missed.
+
+Label Studio posts each webhook once, with no retry, so deliveries get lost. ``sonoseg sync``,
+``START_TRAINING`` and every training run pull the project's tasks and annotations through the
+same :class:`~backend.services.sync.LabelStudioMirror` that webhooks use, so a reconciled
+annotation produces exactly the rows its webhook would have, and reconciling twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from backend.db.models import Image, ImageSource, MaskVersion, Project
+from backend.db.session import SessionFactory, unit_of_work
+from backend.errors import NotReady, SonosegError
+from backend.services.masks import deactivate_annotation
+
+if TYPE_CHECKING:
+    from backend.services.sync import LabelStudioMirror
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncReport:
+    """What one reconciliation changed (counts) and what it could not do (reasons)."""
+
+    ls_project_id: int
+    tasks: int = 0
+    annotations: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skips: int = 0  # skipped tasks (was_cancelled): not labels
+    deactivated: int = 0
+    tasks_gone: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncReport:
+    """Pull every task and annotation of a project from Label Studio and record what we missed.
+
+    Missing or changed annotations become mask versions; annotations gone from Label Studio
+    (or turned into skips) are deactivated; tasks gone are marked inactive. Each annotation
+    is its own short transaction, so a bad one is reported and the rest still sync.
+    """
+    client = mirror.fetcher.client
+    if client is None:
+        raise NotReady("reconciliation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    info = client.get_project(ls_project_id)
+    report = SyncReport(ls_project_id)
+    with unit_of_work(mirror.factory) as session:
+        project, config = mirror.ensure_project(
+            session, ls_project_id, str(info.get("label_config") or ""), str(info.get("title") or "") or None
+        )
+        project_id = project.id
+    seen_annotations: set[int] = set()
+    seen_tasks: set[int] = set()
+    for task in client.iter_tasks(ls_project_id):
+        task_id = task.get("id")
+        if not isinstance(task_id, int):
+            continue
+        report.tasks += 1
+        seen_tasks.add(task_id)
+        annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
+        for ann in annotations:
+            if isinstance(ann.get("id"), int) and not ann.get("was_cancelled"):
+                seen_annotations.add(ann["id"])
+        if not annotations:
+            continue
+        try:
+            image = mirror.task_image(project_id, task_id, mirror.image_url(config, task.get("data")),
+                                      subject_hint=_subject_hint(task.get("data")))
+        except SonosegError as exc:  # a missing or unreadable image: report it, sync the rest
+            report.errors.append(f"task {task_id}: {exc.message}")
+            continue
+        for ann in annotations:
+            report.annotations += 1
+            try:
+                with unit_of_work(mirror.factory) as session:
+                    project_row = session.get(Project, project_id)
+                    if project_row is None:
+                        raise NotReady(f"project {project_id} disappeared during sync")
+                    outcome = mirror.apply_annotation(session, project_row, config, image.image_id, ann)
+            except SonosegError as exc:
+                report.errors.append(f"task {task_id} annotation {ann.get('id')}: {exc.message}")
+                continue
+            if outcome == "created":
+                report.created += 1
+            elif outcome == "updated":
+                report.updated += 1
+            elif outcome == "deactivated":
+                report.deactivated += 1
+            elif outcome == "ignored":
+                report.skips += 1
+            else:
+                report.unchanged += 1
+    report.deactivated += _deactivate_missing(mirror.factory, project_id, seen_annotations)
+    report.tasks_gone = _retire_missing_tasks(mirror, project_id, seen_tasks)
+    log.info(
+        "sync of Label Studio project %s: %d tasks, %d annotations, %d created, %d updated, %d deactivated, "
+        "%d tasks gone, %d errors",
+        ls_project_id, report.tasks, report.annotations, report.created, report.updated, report.deactivated,
+        report.tasks_gone, len(report.errors),
+    )
+    return report
+
+
+def _deactivate_missing(factory: SessionFactory, project_id: int, seen: set[int]) -> int:
+    with unit_of_work(factory) as session:
+        held = session.scalars(
+            select(MaskVersion.ls_annotation_id)
+            .join(Image, Image.id == MaskVersion.image_id)
+            .where(
+                Image.project_id == project_id,
+                MaskVersion.active,
+                MaskVersion.source == "annotation",
+                MaskVersion.ls_annotation_id.is_not(None),
+            )
+            .distinct()
+        ).all()
+        gone = [a for a in held if a is not None and a not in seen]
+        for ann_id in gone:
+            deactivate_annotation(session, ann_id)
+    return len(gone)
+
+
+def _retire_missing_tasks(mirror: LabelStudioMirror, project_id: int, seen: set[int]) -> int:
+    with unit_of_work(mirror.factory) as session:
+        sources = session.scalars(
+            select(ImageSource).where(
+                ImageSource.project_id == project_id, ImageSource.ls_task_id.is_not(None), ImageSource.active
+            )
+        ).all()
+        gone = [s for s in sources if s.ls_task_id not in seen]
+        for source in gone:
+            source.active = False
+    mirror.forget_tasks(project_id, [s.ls_task_id for s in gone if s.ls_task_id is not None])
+    return len(gone)
+
+
+def _subject_hint(data: object) -> str | None:
+    if isinstance(data, Mapping):
+        value = data.get("subject")
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return None
