@@ -8,6 +8,8 @@
   presigned URL points to.
 - :func:`start_label_studio`: a REAL Label Studio from ``.venv-ls`` on loopback, for the
   end-to-end test.
+- :func:`start_worker`: a real ``sonoseg worker --pool solo --beat`` process, configured from the
+  same :class:`~backend.settings.Settings` as the server under test, training a tiny preset.
 - :func:`register_model`: a checkpoint of a tiny network put in the store and made to serve.
 - :func:`annotation_event` and friends: webhook bodies with brush results encoded by Label
   Studio's own SDK, as the editor saves them.
@@ -24,6 +26,8 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,10 +40,12 @@ import numpy as np
 import requests
 from flask import Flask, Response, abort, jsonify, redirect, request
 from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wrappers import Response as BaseResponse
 
 from backend.api.serving import ServedModel, ServingRow
 from backend.errors import CheckpointError
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 LS_VENV = REPO / ".venv-ls"
@@ -154,7 +160,7 @@ class FakeLabelStudio:
             return Response(data, mimetype="image/png")
 
         @app.get("/tasks/<int:task_id>/presign/")
-        def presign(task_id: int) -> Response:
+        def presign(task_id: int) -> BaseResponse:
             fileuri = base64.urlsafe_b64decode(request.args["fileuri"]).decode()
             name = fileuri.rsplit("/", 1)[-1]
             return redirect(f"{self.cloud_url}/bucket/{name}?X-Amz-Signature=abc", 303)
@@ -196,7 +202,7 @@ class FakeCloud:
         app = Flask("fake-cloud")
 
         @app.get("/<path:rest>")
-        def serve(rest: str) -> Response:
+        def serve(rest: str) -> BaseResponse:
             path = "/" + rest
             self.seen.append(Seen("GET", path, request.headers.get("Authorization")))
             if path in self.redirects:
@@ -419,8 +425,23 @@ class LabelStudio:
         s.headers["Authorization"] = f"Token {self.legacy_token}"
         return s
 
+    _pat: str | None = field(default=None, init=False, repr=False)
+
     def wait_ready(self, timeout: float = 300.0) -> None:
         _wait_ready(self, timeout)
+
+    def personal_access_token(self) -> str:
+        """The admin's personal access token (Account & Settings -> Create), made on first use.
+
+        Label Studio allows one live token per user (a second ``POST /api/token/`` is refused),
+        so tests sharing one server share it.
+        """
+        if self._pat is None:
+            resp = self.api().post(f"{self.url}/api/token/", timeout=30)
+            if resp.status_code != 201:
+                raise RuntimeError(f"POST /api/token/: {resp.status_code} {resp.text[:300]}")
+            self._pat = str(resp.json()["token"])
+        return self._pat
 
 
 def label_studio_available() -> str | None:
@@ -494,12 +515,12 @@ def _wait_ready(ls: LabelStudio, timeout: float) -> None:
     raise RuntimeError(f"Label Studio did not answer within {timeout:.0f} s:\n{_tail(ls.log_path)}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
     if process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)  # our own session: the server and its children only
     try:
-        process.wait(20)
+        process.wait(grace)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
@@ -510,6 +531,99 @@ def _tail(path: Path, n: int = 4000) -> str:
         return path.read_bytes()[-n:].decode(errors="replace")
     except OSError:
         return ""
+
+
+# -- a real worker process ----------------------------------------------------------------------------
+WORKER_PRESET = "test_tiny"
+WORKER_SPEC = {"arch": "resunet_2d", "features": (4, 8, 16), "encoder_blocks": (1, 1, 1), "decoder_blocks": (1, 1),
+               "patch_size": (32, 32), "input_scale": 0.25, "full_resolution_skip": True}
+# `sonoseg` with one more network preset, so a worker trains in seconds on a CPU (as tests/test_workers_e2e.py).
+WORKER_BOOT = textwrap.dedent(f"""
+    from backend.model.spec import PRESETS, ModelSpec
+    PRESETS[{WORKER_PRESET!r}] = lambda classes: ModelSpec(classes=tuple(classes), **{WORKER_SPEC!r})
+    from backend.cli.main import main
+    main()
+""")
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``Settings.from_env()`` in a worker equal ``settings`` (the parts a
+    worker reads), so the server under test and its worker cannot disagree."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SONOSEG_", "LABEL_STUDIO_"))}
+    env.update({
+        "SONOSEG_DATA_DIR": str(settings.data_dir),
+        "SONOSEG_DATABASE_URL": settings.database_url,
+        "SONOSEG_BROKER_URL": settings.broker_url,
+        "SONOSEG_RESULT_BACKEND": settings.result_backend,
+        "LABEL_STUDIO_URL": settings.label_studio_url,
+        "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
+        "SONOSEG_MODEL_PRESET": settings.model_preset,
+        "SONOSEG_DEVICE": settings.device,
+        "SONOSEG_TRAIN_MAX_MINUTES": repr(settings.train_max_minutes),
+        "SONOSEG_RETRAIN_AFTER": str(settings.retrain_after),
+        "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": repr(settings.retrain_debounce_seconds),
+        "SONOSEG_DISPATCH_INTERVAL_SECONDS": repr(settings.dispatch_interval_seconds),
+        "SONOSEG_TRAIN_HEARTBEAT_SECONDS": repr(settings.train_heartbeat_seconds),
+        "SONOSEG_TRAIN_STALE_AFTER_SECONDS": repr(settings.train_stale_after_seconds),
+        "SONOSEG_TRAIN_MAX_ATTEMPTS": str(settings.train_max_attempts),
+        "SONOSEG_GATE_METRIC": settings.gate_metric,
+        "SONOSEG_GATE_MARGIN": repr(settings.gate_margin),
+        "SONOSEG_REPREDICT_AFTER_PROMOTION": "true" if settings.repredict_after_promotion else "false",
+        "SONOSEG_RETRAIN_CRON": settings.retrain_cron or "off",
+        "SONOSEG_MODEL_POLL_SECONDS": repr(settings.model_poll_seconds),
+        "SONOSEG_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",  # leave the other core to the server, Label Studio and the test
+    })
+    if settings.local_files_root is not None:
+        env["SONOSEG_LOCAL_FILES_ROOT"] = str(settings.local_files_root)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """``sonoseg worker --pool solo --beat`` in its own process group (beat runs as a child)."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def check_alive(self, what: str) -> None:
+        """Fail at once, with the worker's log, if it exited while the test waits for ``what``."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the worker exited ({self.process.returncode}) while waiting for {what}:\n"
+                                 f"{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return _tail(self.log_path, n)
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+        """:func:`wait_for`, failing early if the worker dies, with its log when it times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            self.check_alive(what)
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; the worker's log ends:\n{self.tail()}")
+
+
+@contextmanager
+def start_worker(settings: Settings, log_path: Path) -> Iterator[WorkerProcess]:
+    """A real worker with beat on ``settings`` (all queues), killed with its whole process group on exit."""
+    log = open(log_path, "ab")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER_BOOT, "worker", "--pool", "solo", "--beat"],
+        cwd=REPO, env=worker_environment(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        yield WorkerProcess(process, log_path)
+    finally:
+        _stop(process, grace=10.0)
+        try:  # beat's process, or anything else the worker left behind in its group
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
@@ -529,12 +643,14 @@ def copy_png(src: np.ndarray) -> io.BytesIO:
 
 __all__ = [
     "LABELS",
+    "WORKER_PRESET",
     "FakeCloud",
     "FakeLabelStudio",
     "Frame",
     "LabelStudio",
     "ServedApp",
     "ThresholdModel",
+    "WorkerProcess",
     "annotation",
     "annotation_event",
     "brush_results",
@@ -551,7 +667,9 @@ __all__ = [
     "register_model",
     "save_tiny_checkpoint",
     "start_label_studio",
+    "start_worker",
     "tiny_spec",
     "train_tiny_model",
     "wait_for",
+    "worker_environment",
 ]

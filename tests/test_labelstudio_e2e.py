@@ -5,11 +5,20 @@ sonoseg runs as a real HTTP server with basic auth, a webhook secret, and a pers
 (Label Studio's default key kind) to download task images. The model is the engine's tiny network
 fitted for ~45 s to the uploaded images, so its predictions must overlap their labels.
 
+The second test closes the loop with no further action: a real ``sonoseg worker --pool solo --beat``
+(tiny preset, seconds of training) shares the server's SQLite database and the embedded broker;
+annotations saved in Label Studio reach sonoseg through the webhook Label Studio created, trigger
+exactly one training run, the new version serves (``/setup``), and the worker writes its
+predictions for the unlabelled tasks back into Label Studio.
+
+Both tests share one Label Studio (its first start migrates a database: the slow part).
 Skipped, with the reason, when .venv-ls is missing; ``make test`` installs it in CI.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +28,20 @@ import requests
 from sqlalchemy import select
 
 from backend.api.app import AppState, create_app
-from backend.db.models import MaskVersion, Prediction, Project, TrainingRun
+from backend.db.models import (
+    Image,
+    MaskVersion,
+    ModelVersion,
+    Prediction,
+    Project,
+    TrainingRun,
+)
 from backend.db.session import unit_of_work
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.services.masks import read_mask
 from backend.settings import Settings
 from tests.labelstudio_server import (
+    WORKER_PRESET,
     LabelStudio,
     ServedApp,
     brush_results,
@@ -33,6 +50,7 @@ from tests.labelstudio_server import (
     png_bytes,
     register_model,
     start_label_studio,
+    start_worker,
     train_tiny_model,
     wait_for,
 )
@@ -50,7 +68,8 @@ def _ok(resp: requests.Response, *codes: int) -> Any:
 
 
 def _tasks(ls: LabelStudio, api: requests.Session, pid: int) -> list[dict[str, Any]]:
-    body = _ok(api.get(f"{ls.url}/api/tasks/", params={"project": pid, "fields": "all", "page_size": 100}))
+    params: dict[str, str | int] = {"project": pid, "fields": "all", "page_size": 100}
+    body = _ok(api.get(f"{ls.url}/api/tasks/", params=params))
     return sorted(body["tasks"], key=lambda t: t["id"])
 
 
@@ -61,8 +80,8 @@ def _predictions(ls: LabelStudio, api: requests.Session, task_id: int) -> list[d
 
 def _retrieve_predictions(ls: LabelStudio, api: requests.Session, pid: int, task_ids: list[int]) -> None:
     """The Data Manager's "Retrieve Predictions" action on the selected tasks."""
-    _ok(api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
-                 json={"selectedItems": {"all": False, "included": task_ids}}))
+    params: dict[str, str | int] = {"id": "retrieve_tasks_predictions", "project": pid}
+    _ok(api.post(f"{ls.url}/api/dm/actions", params=params, json={"selectedItems": {"all": False, "included": task_ids}}))
 
 
 def _decode(region: dict[str, Any]) -> np.ndarray:
@@ -87,12 +106,13 @@ def _labels(state: AppState, ann_ids: list[int]) -> dict[int, list[MaskVersion]]
     return out
 
 
-@pytest.fixture
-def label_studio(tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
+    """One Label Studio for the module, returned while it still starts (tests call ``wait_ready``)."""
     reason = label_studio_available()
     if reason is not None:
         pytest.skip(reason)
-    with start_label_studio(tmp_path, wait=False) as ls:
+    with start_label_studio(tmp_path_factory.mktemp("label-studio"), wait=False) as ls:
         yield ls
 
 
@@ -103,7 +123,7 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
     train_tiny_model([(img, mask) for _, img, mask in pairs], model_path, seconds=TRAIN_SECONDS)  # LS starts meanwhile
     ls.wait_ready()
     api = ls.api()
-    pat = _ok(api.post(f"{ls.url}/api/token/"), 201)["token"]  # what a user creates under Account & Settings
+    pat = ls.personal_access_token()  # what a user creates under Account & Settings
 
     settings = Settings(
         data_dir=tmp_path / "sonoseg", database_url=sqlite_url, label_studio_url=ls.url, label_studio_api_key=pat,
@@ -217,6 +237,159 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
         assert (run.status, run.trigger) == ("queued", "start_training")
         (recovered,) = _labels(state, [missed["id"]])[missed["id"]]
         np.testing.assert_array_equal(read_mask(state.store, recovered), truth[tasks[3]["id"]][1])
+    finally:
+        backend.close()
+        state.close()
+
+
+# -- the closed loop: saves in Label Studio -> one run on a real worker -> new version -> new predictions --
+RETRAIN_AFTER = 3
+LOOP_LABELS = {"val": 1, "train": RETRAIN_AFTER}  # a validation label for the gate; saved before the training ones
+LOOP_UNLABELLED = 2
+LOOP_WAIT_SECONDS = 120.0
+
+
+def _loop_frames(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Small generated frames (128 px) a tiny network learns to find within seconds."""
+    from backend.model.synthetic import make_blob_pairs
+
+    return [(image, mask.astype(np.uint8)) for image, mask in make_blob_pairs(n, size=(128, 128), seed=23)]
+
+
+def _subjects_for_splits(settings: Settings, project_id: int, wanted: dict[str, int]) -> list[tuple[str, str]]:
+    """(subject, split) pairs, in the order of ``wanted``, that sonoseg will put in those splits.
+
+    Splits are assigned per subject (a keyed pseudonym of the task's ``subject`` field, salted
+    with the project): the same functions, key and salt the server uses.
+    """
+    from backend.services.pseudonyms import load_or_create_key, pseudonymise
+    from backend.services.splits import assign_split
+
+    key = load_or_create_key(settings.data_dir)
+    found: dict[str, list[str]] = {split: [] for split in wanted}
+    i = 0
+    while any(len(found[split]) < n for split, n in wanted.items()):
+        hint = f"patient-{i}"
+        split = assign_split(pseudonymise(f"subject:{hint}", key), salt=str(project_id))
+        if split in found and len(found[split]) < wanted[split]:
+            found[split].append(hint)
+        i += 1
+    return [(hint, split) for split in wanted for hint in found[split]]
+
+
+def _served_predict_requests(state: AppState) -> float:
+    """How many ``/predict`` requests this server answered (its Prometheus counter)."""
+    total = 0.0
+    for metric in state.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "sonoseg_http_requests_total" and sample.labels.get("endpoint") == "/predict":
+                total += sample.value
+    return total
+
+
+def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_action(
+    label_studio: LabelStudio, sqlite_url: str, tmp_path: Path
+) -> None:
+    ls = label_studio
+    ls.wait_ready()
+    api = ls.api()
+    settings = Settings(
+        data_dir=tmp_path / "sonoseg", database_url=sqlite_url, label_studio_url=ls.url,
+        label_studio_api_key=ls.personal_access_token(), basic_auth_user=USER, basic_auth_password=PASSWORD,
+        webhook_secret=SECRET, model_poll_seconds=0.2, device="cpu", model_preset=WORKER_PRESET,
+        train_max_minutes=0.05, retrain_after=RETRAIN_AFTER, retrain_debounce_seconds=1.0,
+        dispatch_interval_seconds=1.0, train_heartbeat_seconds=1.0, repredict_after_promotion=True,
+        retrain_cron="off",
+    )
+    app = create_app(settings)
+    state: AppState = app.extensions["sonoseg"]
+    backend = ServedApp(app)
+    n_labelled = sum(LOOP_LABELS.values())
+    frames = _loop_frames(n_labelled + LOOP_UNLABELLED)
+    try:
+        with start_worker(settings, tmp_path / "worker.log") as worker:  # it boots while Label Studio is set up
+            # -- a project with images; the model connected; the webhook given the secret ----------------
+            pid = _ok(api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg loop e2e",
+                                                               "label_config": DEFAULT_LABEL_CONFIG}), 201)["id"]
+            files = [(f"file{i}", (f"loop{i}.png", png_bytes(img), "image/png")) for i, (img, _) in enumerate(frames)]
+            _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
+            tasks = _tasks(ls, api, pid)
+            assert len(tasks) == len(frames)
+            truth = {t["id"]: frames[int(t["data"]["image"].rsplit("loop", 1)[1].split(".")[0])][1] for t in tasks}
+            ml = _ok(api.post(f"{ls.url}/api/ml/", json={
+                "project": pid, "url": backend.url, "title": "sonoseg", "auth_method": "BASIC_AUTH",
+                "basic_auth_user": USER, "basic_auth_pass": PASSWORD}), 201)
+            assert ml["state"] == "CO", ml
+            (hook,) = [h for h in _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
+                       if h["url"] == f"{backend.url}/webhook"]
+            _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+            with unit_of_work(state.factory) as session:
+                project_id = session.scalars(select(Project.id).where(Project.ls_project_id == pid)).one()
+
+            # -- each labelled task names its subject, so its split is known: 1 validation, N training ----
+            plan = _subjects_for_splits(settings, project_id, LOOP_LABELS)
+            labelled, unlabelled = tasks[:n_labelled], tasks[n_labelled:]
+            for task, (subject, _split) in zip(labelled, plan, strict=True):
+                _ok(api.patch(f"{ls.url}/api/tasks/{task['id']}/", json={"data": {**task["data"], "subject": subject}}))
+
+            # -- sonographers save their annotations; nothing else is done by anyone ---------------------
+            ann_ids = []
+            for task in labelled:
+                ann = _ok(api.post(f"{ls.url}/api/tasks/{task['id']}/annotations/",
+                                   json={"result": brush_results(truth[task["id"]]), "was_cancelled": False,
+                                         "lead_time": 4.0}), 201)
+                ann_ids.append(ann["id"])
+
+            def serving() -> ModelVersion | None:
+                with unit_of_work(state.factory) as session:
+                    return session.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id,
+                                                                      ModelVersion.status == "serving")).one_or_none()
+
+            version = worker.wait_for(serving, LOOP_WAIT_SECONDS, "a new serving model version")
+            uid = version.uid
+
+            def setup_reports_it() -> bool:
+                resp = requests.post(f"{backend.url}/setup", json={"project": pid, "schema": DEFAULT_LABEL_CONFIG},
+                                     auth=(USER, PASSWORD), timeout=10)
+                return resp.status_code == 200 and resp.json()["model_version"] == uid
+
+            worker.wait_for(setup_reports_it, 30, f"/setup to report {uid}")
+
+            # -- the worker re-predicted the unlabelled tasks and wrote them into Label Studio ----------
+            def refreshed() -> dict[int, dict[str, Any]] | None:
+                found = {}
+                for task in unlabelled:
+                    mine = [p for p in _predictions(ls, api, task["id"]) if p["model_version"] == uid]
+                    if len(mine) != 1:
+                        return None
+                    found[task["id"]] = mine[0]
+                return found
+
+            predictions = worker.wait_for(refreshed, LOOP_WAIT_SECONDS, f"predictions of {uid} in Label Studio",
+                                          interval=1.0)
+            for task_id, prediction in predictions.items():
+                assert prediction["result"], f"task {task_id}: an empty prediction was written"
+                for region in prediction["result"]:
+                    assert (region["from_name"], region["to_name"], region["type"]) == ("tag", "image", "brushlabels")
+                    assert _decode(region).shape == truth[task_id].shape
+            for task in labelled:  # annotated tasks need no suggestion
+                assert not [p for p in _predictions(ls, api, task["id"]) if p["model_version"] == uid]
+            assert _served_predict_requests(state) == 0  # written by the worker, not asked for by Label Studio
+
+            # -- exactly one run for those saves, trained on exactly the N training labels --------------
+            time.sleep(3 * settings.dispatch_interval_seconds)  # room for a (wrong) second run to appear
+            with unit_of_work(state.factory) as session:
+                all_runs = list(session.scalars(select(TrainingRun).where(TrainingRun.project_id == project_id)))
+                versions = list(session.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id)))
+                trained_on = session.get_one(ModelVersion, version.id).training_masks
+                snapshot = sorted((mv.ls_annotation_id, session.get_one(Image, mv.image_id).split) for mv in trained_on)
+            assert [(r.trigger, r.status, r.attempts) for r in all_runs] == [("annotations", "succeeded", 1)], (
+                [r.error for r in all_runs], worker.tail())
+            assert all_runs[0].model_version_id == version.id
+            assert [(v.uid, v.status) for v in versions] == [(uid, "serving")]
+            train_anns = [a for a, (_subject, split) in zip(ann_ids, plan, strict=True) if split == "train"]
+            assert snapshot == sorted((a, "train") for a in train_anns)
+            assert version.metrics["n_train"] == RETRAIN_AFTER and version.metrics["n_val"] == LOOP_LABELS["val"]
     finally:
         backend.close()
         state.close()
