@@ -43,8 +43,10 @@ run: install
 	$(VENV)/bin/sonoseg worker --beat & w=$$!; trap "kill $$w 2>/dev/null; wait $$w" EXIT INT TERM; \
 	  $(VENV)/bin/sonoseg serve
 
+# PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when pytest workers,
+# Label Studio and a Celery worker share 2 cores (the scan tests run 6x slower without it).
 test: install install-ls
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(PY) bench/bench_rle.py

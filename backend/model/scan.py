@@ -6,7 +6,7 @@ backend per call:
 
 ``cuda``   mamba-ssm's fused kernel: CUDA tensors and the optional ``mamba-ssm`` extra installed.
 ``numba``  a fused, forward-only CPU kernel (:mod:`backend.model.scan_numba`): CPU tensors when
-           no gradient is needed (serving, validation). 2-4.5x faster than ``torch`` forward.
+           no gradient is needed (serving, validation). 2-4x faster than ``torch`` forward.
 ``torch``  pure PyTorch with a hand-written linear-cost backward (:mod:`backend.model.scan_torch`):
            training anywhere else, and the fallback on every device.
 

@@ -9,15 +9,21 @@ cannot vectorise without Intel SVML. That ``exp`` is within a few float32 ulp of
 [-87.3, 88.3]; below it returns ~1e-38 instead of a denormal or 0, above it returns ~2.4e38
 instead of inf (only reachable without softplus and with a negative delta).
 
-Measured on 2 cores (AMD EPYC, AVX-512; forward only, batch 2 except where noted) against the
-chunked pure-torch scan (``scan_torch``), best of 3:
-    L=256   d_inner=1024   torch 25.5 ms   numba  6.8 ms
-    L=1024  d_inner=512    torch 47.2 ms   numba 21.1 ms
-    L=4096  d_inner=256    torch 98.4 ms   numba 47.3 ms
-    L=16384 d_inner=128 b1 torch 158 ms    numba 46.1 ms
-    L=65536 d_inner=64  b1 torch 452 ms    numba 99.4 ms
-The same loop with scalar ``math.exp`` (one row per thread, N innermost) was no faster than
-torch; blocks of 8 channels were ~1.5x slower than 16, and 32 no better than 16.
+Candidates measured on this 2-core machine (AMD EPYC with AVX-512, forward only, float32):
+- this kernel vs the chunked torch scan (``bench/bench_scan.py``, OMP_WAIT_POLICY=PASSIVE, load
+  average ~3 from other users; best of up to 5):
+      L=256   d_inner=1024 b=2   torch  25.2 ms   numba   6.7 ms   (3.7x)
+      L=1024  d_inner=1024 b=2   torch 120.2 ms   numba  57.1 ms   (2.1x)
+      L=4096  d_inner=512  b=1   torch 115.3 ms   numba  43.4 ms   (2.7x)
+      L=16384 d_inner=256  b=1   torch 259.3 ms   numba  99.7 ms   (2.6x)
+      L=65536 d_inner=128  b=1   torch 747.9 ms   numba 283.0 ms   (2.6x)
+  and 12-20x faster than the naive reference's forward from L=256 up;
+- the same loop with scalar ``math.exp``, one (batch, channel) row per thread, N innermost: no
+  faster than torch (L=256: 33 ms vs 32 ms); blocks of 8 channels: ~1.5x slower than 16; 32: same;
+- ``torch.compile`` (inductor) of a 16-step chunk, fused exp/recurrence/reduction: 23 s to compile
+  the first shape and ~3 s per new one (every L and batch recompiles), and still 4.4-5.5x slower than
+  this kernel (L=256 and L=16384, same load); it also needs a C++ compiler at run time;
+- numba's OpenMP and workqueue threading layers: no difference we could separate from the noise.
 
 This module imports numba at import time: :mod:`backend.model.scan` imports it lazily and
 guarded. ``cache=True`` stores the machine code in ``__pycache__`` (or numba's user cache dir
@@ -39,18 +45,19 @@ import threading
 import time
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from llvmlite import ir  # type: ignore[import-untyped]
-import numba
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
 logger = logging.getLogger(__name__)
 
-if numba.config.THREADING_LAYER == "default":  # not chosen by the operator: see the docstring
-    numba.config.THREADING_LAYER = "forksafe"
+_numba_config: Any = numba.config  # attributes are created at run time: untyped for mypy
+if _numba_config.THREADING_LAYER == "default":  # not chosen by the operator: see the docstring
+    _numba_config.THREADING_LAYER = "forksafe"
 
 _BLOCK = 16  # channels per inner vector loop: one AVX-512 float32 register, two AVX2 ones
 _kernel_lock = threading.Lock()
@@ -165,10 +172,11 @@ def selective_scan_numba(
 
 def describe() -> str:
     """Numba version, thread count and threading layer (the layer is known once a kernel ran)."""
+    numba_module: Any = numba
     try:
-        layer = numba.threading_layer()
-    except ValueError:
-        layer = f"{numba.config.THREADING_LAYER}, not started"
+        layer = str(numba_module.threading_layer())
+    except ValueError:  # no parallel kernel has run yet
+        layer = f"{_numba_config.THREADING_LAYER}, not started"
     return f"{numba.__version__} ({numba.get_num_threads()} threads, {layer} layer)"
 
 

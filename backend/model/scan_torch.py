@@ -14,7 +14,14 @@ chunk's states from its checkpoint, then runs the adjoint recurrence
 ``dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1}`` backwards through it.
 
 Only the core ``y_t = C_t . h_t`` is a custom ``autograd.Function``; the bias, softplus, D skip and
-z gate are ordinary tensor ops around it, so autograd derives their gradients.
+z gate are ordinary tensor ops around it, so autograd derives their gradients. No double backward.
+
+Measured alternative: a log-depth (Hillis-Steele) scan inside each chunk, which trades per-step
+Python calls for log2(T) times the arithmetic, was 3-4x slower on CPU at L=256 (d_inner 1024) and
+2x slower at L=16384 (d_inner 128), and only on par at L=65536. It might pay on a GPU without
+mamba-ssm, where each per-step call is a kernel launch; that case is not tuned here. On a CPU
+shared with other busy processes, torch's OpenMP threads spin at each parallel region and this
+path slows down several-fold unless OMP_WAIT_POLICY=PASSIVE (see ``bench/bench_scan.py``).
 """
 
 from __future__ import annotations
