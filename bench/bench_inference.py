@@ -34,7 +34,7 @@ from backend.model.device import autocast, mixed_precision_dtype
 from backend.model.losses import DeepSupervisionLoss, DiceCELoss
 from backend.model.predict import PredictOptions, Predictor
 from backend.model.resample import scaled_size
-from backend.model.spec import build_model, preset_spec
+from backend.model.spec import accepts_any_size, build_model, preset_spec
 
 CLASSES = ("Nerve", "Vessel")
 
@@ -61,7 +61,10 @@ def bench_inference(preset: str, repeats: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     for side in (256, 512):
         h, w = scaled_size((side, side), spec.input_scale)
-        x = torch.randn(1, 1, -(-h // spec.divisor) * spec.divisor, -(-w // spec.divisor) * spec.divisor)
+        if accepts_any_size(spec):
+            x = torch.randn(1, 1, -(-h // spec.divisor) * spec.divisor, -(-w // spec.divisor) * spec.divisor)
+        else:  # channel-token Enc: the Predictor tiles (and pads) frames into training patches
+            x = torch.randn(1, 1, max(h, spec.patch_size[0]), max(w, spec.patch_size[1]))
         with torch.inference_mode(), autocast(torch.device("cpu"), True):
             out[f"net {side}"] = timed(lambda x=x: model(x), repeats)[0]  # type: ignore[misc]
         frame = rng.integers(0, 256, size=(side, side), dtype=np.uint8)

@@ -91,9 +91,9 @@ def save_curves(out: Path, results: dict[str, TrainResult]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, res in results.items():
         t = [p.elapsed_s / 60 for p in res.history]
-        axes[0].plot(t, [p.loss for p in res.history], label=name)
-        axes[1].plot(t, [p.val_dice or 0 for p in res.history], label=f"{name} val")
-        axes[1].plot(t, [p.train_dice for p in res.history], "--", label=f"{name} train")
+        axes[0].plot(t, [p.loss for p in res.history], "o-", label=name)
+        axes[1].plot(t, [p.val_dice or 0 for p in res.history], "o-", label=f"{name} val")
+        axes[1].plot(t, [p.train_dice for p in res.history], "x--", label=f"{name} train")
     axes[0].set(xlabel="minutes", ylabel="loss (Dice+CE, deep supervision)", title="training loss")
     axes[1].set(xlabel="minutes", ylabel="foreground Dice", title="Dice (val: network grid)", ylim=(0, 1))
     for ax in axes:
@@ -185,6 +185,11 @@ def main() -> None:
             indent=1,
         )
     )
+    if source.startswith("usgra-seg"):
+        (args.out / "ATTRIBUTION.txt").write_text(
+            'The overlay images are derived from the usgra-seg dataset: "usgra-seg dataset, T. M. K., CC-BY 4.0" '
+            f"(licence: {args.data / 'LICENSE'}).\n"
+        )
     print(f"overlays (truth | {a} | {b}) and report.json in {args.out}")
 
 

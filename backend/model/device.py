@@ -28,7 +28,8 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN runs bfloat16 convolutions natively (AVX512-BF16 or AMX)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
