@@ -44,7 +44,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("backend.storage.blobs.os.replace", broken_replace)
+    monkeypatch.setattr("backend.storage.atomic.os.replace", broken_replace)
     with pytest.raises(OSError):
         store.put_bytes("images", b"payload", ".png")
     assert store.leftover_temp_files() == []

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from backend.errors import CheckpointError
-from backend.model.checkpoint import write_atomic
+from backend.storage.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from backend.errors import InvalidInput, NotFound
+from backend.storage.atomic import TEMP_PREFIX, write_atomic
 
 NAMESPACES = ("images", "masks", "checkpoints", "exports")
 _KEY_RE = re.compile(r"^(?P<ns>[a-z]+)/(?P<shard>[0-9a-f]{2})/(?P<sha>[0-9a-f]{64})(?P<suffix>(\.[a-z0-9]+)*)$")
@@ -62,14 +61,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalBlobStore:
     """Content-addressed files under ``root`` on the local filesystem."""
 
@@ -94,19 +85,7 @@ class LocalBlobStore:
         dest = self.root / key
         if dest.exists():
             return StoredBlob(key, sha, len(data), created=False)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(dest.parent)
+        write_atomic(dest, data)
         return StoredBlob(key, sha, len(data), created=True)
 
     def put_file(self, namespace: str, path: Path, suffix: str = "") -> StoredBlob:
@@ -143,7 +122,7 @@ class LocalBlobStore:
 
     def leftover_temp_files(self) -> list[Path]:
         """Temp files left by a crashed writer (tests and `sonoseg status` report them)."""
-        return sorted(self.root.rglob(".tmp-*")) if self.root.exists() else []
+        return sorted(self.root.rglob(f"{TEMP_PREFIX}*")) if self.root.exists() else []
 
 
 class StagedWrites:
