@@ -59,15 +59,18 @@ def test_palette_masks_read_as_class_indices(tmp_path: Path) -> None:
     path = tmp_path / "m.png"
     write_palette_png(path, indices, [(0, 0, 0), (128, 0, 0), (0, 128, 0)])
     np.testing.assert_array_equal(read_mask(path), indices)
-    # A palette index whose colour repeats maps to the first index with that colour.
+    # A used colour that several palette indices share is ambiguous: refused, never guessed.
     write_palette_png(path, np.array([[0, 2]]), [(0, 0, 0), (9, 9, 9), (9, 9, 9)])
-    np.testing.assert_array_equal(read_mask(path), [[0, 1]])
+    with pytest.raises(InvalidImage, match="ambiguous"):
+        read_mask(path)
 
 
 def test_binary_255_masks_mean_class_one_and_colour_masks_are_refused(tmp_path: Path) -> None:
     write_png(tmp_path / "b.png", np.array([[0, 255], [255, 0]], np.uint8))
     np.testing.assert_array_equal(read_mask(tmp_path / "b.png"), [[0, 1], [1, 0]])
-    write_png(tmp_path / "c.png", np.zeros((2, 2, 3), np.uint8))
+    colour = np.zeros((2, 2, 3), np.uint8)
+    colour[0, 0] = (200, 10, 10)
+    write_png(tmp_path / "c.png", colour)
     with pytest.raises(InvalidImage, match="palette"):
         read_mask(tmp_path / "c.png")
 
