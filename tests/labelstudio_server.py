@@ -46,6 +46,7 @@ from backend.api.serving import ServedModel, ServingRow
 from backend.errors import CheckpointError
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.settings import Settings
+from tests.synthetic_data import synthetic_frame
 
 REPO = Path(__file__).resolve().parents[1]
 LS_VENV = REPO / ".venv-ls"
@@ -333,20 +334,7 @@ def register_model(factory: Any, store: Any, project_id: int, checkpoint: Path, 
 # -- data ------------------------------------------------------------------------------------------
 def generated_pair(seed: int, size: tuple[int, int] = (512, 512)) -> tuple[np.ndarray, np.ndarray]:
     """A speckled frame with a bright 'nerve' ellipse (1) and a dark round 'vessel' (2)."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = rng.gamma(2.0, 25.0, size=(h, w))
-    mask = np.zeros((h, w), np.uint8)
-    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.45) * w
-    nerve = ((yy - cy) / (0.12 * h)) ** 2 + ((xx - cx) / (0.10 * w)) ** 2 < 1
-    vy, vx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.6, 0.8) * w
-    vessel = ((yy - vy) ** 2 + (xx - vx) ** 2) < (0.08 * min(h, w)) ** 2
-    img[nerve] += 90
-    img[vessel] *= 0.15
-    mask[nerve] = 1
-    mask[vessel] = 2
-    return np.clip(img, 0, 255).astype(np.uint8), mask
+    return synthetic_frame(seed, size)
 
 
 def dataset_pairs(n: int, *, offset: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -21,12 +21,17 @@ from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import InvalidInput, UnknownLabel
 from backend.imaging.io import encode_png
-from backend.services.dataset import export_dataset, import_files
+from backend.services.dataset import import_files
 from backend.services.images import load_pixels
-from backend.services.masks import add_mask_version, current_mask_version, deactivate_annotation, read_mask
+from backend.services.masks import (
+    add_mask_version,
+    current_mask_version,
+    deactivate_annotation,
+    read_mask,
+)
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.conftest import synthetic_frame
+from tests.synthetic_data import synthetic_frame
 
 CLASSES = ("Nerve", "Vessel")
 
@@ -49,7 +54,7 @@ def _files_in(store: LocalBlobStore) -> list[Path]:
 
 def test_same_image_twice_is_one_row(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore,
                                      settings: Settings) -> None:
-    img, mask = synthetic_frame(1)
+    img, _ = synthetic_frame(1)
     a = _write(tmp_path / "in" / "a.png", img)
     b = _write(tmp_path / "in" / "copy-of-a.png", img)
     r1 = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[a])
@@ -174,7 +179,8 @@ def test_cli_import_export_round_trip(tmp_path: Path, db_url: str) -> None:
     assert "6 new image(s)" in out.output and "6 mask(s)" in out.output
     out = runner.invoke(cli, ["export", "--project", "demo", "--out", str(tmp_path / "export")], env=env)
     assert out.exit_code == 0, out.output
-    rows = list(csv.DictReader(open(tmp_path / "export" / "manifest.csv")))
+    with open(tmp_path / "export" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["split"] for r in rows} <= {"train", "val", "test"}
     from backend.imaging.io import read_image, read_mask
 
