@@ -15,21 +15,15 @@ from safetensors.torch import save_file
 from backend.errors import CheckpointError
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from backend.model.spec import ModelSpec, Normalization, build_model
+from tests.model_samples import tiny_spec as shared_tiny_spec
 
 torch.set_num_threads(1)
 
 
 def tiny_spec(**kw: object) -> ModelSpec:
-    base = ModelSpec(
-        arch="umamba_bot_2d",
-        classes=("Nerve", "Vessel"),
-        features=(4, 8, 16),
-        encoder_blocks=(1, 1, 1),
-        decoder_blocks=(1, 1),
-        patch_size=(16, 16),
-        normalization=Normalization("zscore_dataset", mean=50.0, std=10.0),
-    )
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+    """The shared tiny spec with dataset statistics, so normalisation round-trips are visible."""
+    kw.setdefault("normalization", Normalization("zscore_dataset", mean=50.0, std=10.0))
+    return shared_tiny_spec(**kw)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import zlib
 from pathlib import Path
@@ -22,23 +21,19 @@ from backend.model.data import (
     split_validation,
 )
 from backend.model.image_files import read_mask, write_png
-from backend.model.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
-from backend.model.spec import ModelSpec, Normalization
+from backend.model.losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    deep_supervision_weights,
+)
+from backend.model.spec import Normalization
 from backend.model.synthetic import make_blob_pairs
+from tests.model_samples import tiny_spec
 
 torch.set_num_threads(1)
 
 
-def spec(**kw: object) -> ModelSpec:
-    base = ModelSpec(
-        arch="umamba_bot_2d",
-        classes=("Nerve", "Vessel"),
-        features=(4, 8, 16),
-        encoder_blocks=(1, 1, 1),
-        decoder_blocks=(1, 1),
-        patch_size=(16, 16),
-    )
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+spec = tiny_spec
 
 
 def write_palette_png(path: Path, indices: np.ndarray, palette: list[tuple[int, int, int]]) -> None:

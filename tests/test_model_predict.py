@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -18,21 +16,14 @@ from backend.model.predict import (
     keep_largest_component,
     normalized_entropy,
 )
-from backend.model.spec import ModelSpec, build_model
+from backend.model.spec import build_model
+from tests.model_samples import tiny_spec
 
 torch.set_num_threads(1)
 
 
 def make_predictor(options: PredictOptions | None = None, **spec_changes: object) -> Predictor:
-    spec = ModelSpec(
-        arch="umamba_bot_2d",
-        classes=("Nerve", "Vessel"),
-        features=(4, 8, 16),
-        encoder_blocks=(1, 1, 1),
-        decoder_blocks=(1, 1),
-        patch_size=(16, 16),
-    )
-    spec = dataclasses.replace(spec, **spec_changes)  # type: ignore[arg-type]
+    spec = tiny_spec(**spec_changes)
     torch.manual_seed(0)
     return Predictor(Checkpoint(spec, build_model(spec).state_dict()), device="cpu", options=options)
 
