@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from backend.errors import InvalidInput
 from backend.model.spec import (
     PRESETS,
+    MambaOptions,
     ModelSpec,
     Normalization,
     accepts_any_size,
@@ -104,6 +106,29 @@ def test_mamba_layer_stays_float32_under_autocast() -> None:
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         y = layer(x.bfloat16())
     assert y.dtype == torch.float32 and y.shape == x.shape
+
+
+def test_residual_mamba_layer_adds_its_input_and_keeps_the_mamba_ssm_parameters() -> None:
+    torch.manual_seed(0)
+    bare = MambaLayer(8, d_state=4, d_conv=4, expand=2)
+    res = MambaLayer(8, d_state=4, d_conv=4, expand=2, residual=True)
+    assert res.state_dict().keys() == bare.state_dict().keys()
+    res.load_state_dict(bare.state_dict())
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(res(x), x + bare(x))
+        assert not torch.allclose(bare(x), x + bare(x))
+
+
+def test_spec_without_the_residual_key_loads_as_the_published_bare_layer() -> None:
+    """Checkpoints written before ``MambaOptions.residual`` existed must rebuild what they trained."""
+    spec = tiny("umamba_bot_2d", mamba=MambaOptions(residual=True))
+    raw = json.loads(spec.to_json())
+    assert raw["mamba"].pop("residual") is True
+    old = ModelSpec.from_json(json.dumps(raw))
+    assert old.mamba.residual is False and ModelSpec.from_json(spec.to_json()) == spec
+    assert build_model(old).mamba_layer.residual is False
+    assert build_model(spec).mamba_layer.residual is True
 
 
 def test_unknown_arch_and_preset_fail_loudly() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.errors import CheckpointError
+from backend.errors import CheckpointError, InvalidInput
 from backend.model import spec as spec_module
 from backend.model.checkpoint import load_checkpoint
 from backend.model.data import TrainData
@@ -127,3 +128,19 @@ def test_fine_tuning_starts_from_the_checkpoint_and_needs_the_same_classes(data:
 def _stop_after_steps(n: int):  # type: ignore[no-untyped-def]
     calls = iter(range(10**6))
     return lambda: next(calls) >= n
+
+
+def test_an_explicit_spec_replaces_the_preset_and_must_match_the_classes(data: TrainData) -> None:
+    custom = ModelSpec(
+        arch="resunet_2d",
+        classes=CLASSES,
+        features=(4, 8),
+        encoder_blocks=(1, 1),
+        decoder_blocks=(1,),
+        patch_size=(32, 32),
+    )
+    result = train(config(epochs=1, iterations_per_epoch=2), data, spec=custom)
+    assert result.spec == custom
+    assert "mamba_layer.mamba.A_log" not in result.state_dict
+    with pytest.raises(InvalidInput, match="spec's classes"):
+        train(config(epochs=1), data, spec=dataclasses.replace(custom, classes=("Nerve",)))

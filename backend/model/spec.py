@@ -20,7 +20,8 @@ Presets (:data:`PRESETS`; ``nnunet_unet`` and ``cpu_small_unet`` are the same ne
     Sized for 2 CPU threads: frames are resampled by ``input_scale`` 0.5 (512 -> 256; a nerve
     still covers ~2,000 px there on average) before the network and the probabilities are
     resampled back, so a 512x512 frame costs a 256x256 forward. 6 stages with features 16, 32, 64, 128, 256, 256
-    (bottleneck 8x8: a 64-token Mamba sequence), one block in the full-resolution encoder stage
+    (bottleneck 8x8: a 64-token Mamba sequence, with a residual around the Mamba layer: see
+    :class:`MambaOptions`), one block in the full-resolution encoder stage
     instead of two (full-resolution convs dominate CPU time) and the full-resolution skip connection
     restored (see ``full_resolution_skip``). Training patches are 256x256 on the resampled grid
     (whole 512x512 frames, crops of larger ones). Measured on the 2-core dev machine
@@ -66,11 +67,17 @@ class Normalization:
 
 @dataclass(frozen=True)
 class MambaOptions:
-    """Mamba block hyper-parameters (U-Mamba uses mamba_ssm defaults: 16, 4, 2)."""
+    """Mamba block hyper-parameters (U-Mamba uses mamba_ssm defaults: 16, 4, 2).
+
+    ``residual``: the layer returns ``x + Mamba(LayerNorm(x))`` (the pre-norm residual form of every
+    Mamba language-model block) instead of U-Mamba's bare ``Mamba(LayerNorm(x))``. It adds no
+    parameter, so checkpoints stay interchangeable with ``mamba_ssm.Mamba``; see ``cpu_small``.
+    """
 
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,7 @@ def _cpu_small(arch: str, classes: tuple[str, ...]) -> ModelSpec:
         patch_size=(256, 256),
         input_scale=0.5,
         full_resolution_skip=True,
+        mamba=MambaOptions(residual=True),
     )
 
 

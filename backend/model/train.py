@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from backend.errors import CheckpointError
+from backend.errors import CheckpointError, InvalidInput
 from backend.model.augment import Augmenter
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from backend.model.data import PatchSampler, TrainData, dataset_normalization, prepare_case, split_validation
@@ -119,20 +119,22 @@ def train(
     resume_from: Path | None = None,
     state_path: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    spec: ModelSpec | None = None,
 ) -> TrainResult:
     """Train a segmentation network on ``data``.
 
     ``init_checkpoint`` fine-tunes from existing weights (its spec, class map included, must fit
     ``data``); ``resume_from`` continues an interrupted run from its resume-state file;
     ``state_path`` is where this run writes that file after every epoch; ``should_stop`` is polled
-    every step (a cancellation hook for workers).
+    every step (a cancellation hook for workers); ``spec`` trains that network instead of
+    ``config.preset``'s (ablations; its classes must be ``data``'s).
     """
     started = time.monotonic()
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     resume = load_resume_state(resume_from) if resume_from is not None else None
-    setup = _setup(config, data, resume, init_checkpoint)
+    setup = _setup(config, data, resume, init_checkpoint, spec)
     spec = setup.spec
 
     torch.manual_seed(config.seed)
@@ -268,8 +270,11 @@ class _Setup:
     init_sha: str | None = None
 
 
-def _setup(config: TrainConfig, data: TrainData, resume: ResumeState | None, init: Path | None) -> _Setup:
-    """The spec and data split: from the resume state, else the init checkpoint, else the preset."""
+def _setup(
+    config: TrainConfig, data: TrainData, resume: ResumeState | None, init: Path | None, custom: ModelSpec | None
+) -> _Setup:
+    """The spec and data split: from the resume state, else the init checkpoint, else ``custom``,
+    else the preset."""
     if resume is not None:
         spec = ModelSpec.from_json(resume.spec_json)
         _check_classes(spec, data)
@@ -281,7 +286,9 @@ def _setup(config: TrainConfig, data: TrainData, resume: ResumeState | None, ini
         ckpt = load_checkpoint(init)
         _check_classes(ckpt.spec, data)
         return _Setup(ckpt.spec, train_idx, val_idx, ckpt.state_dict, ckpt.sha256)
-    spec = preset_spec(config.preset, data.classes)
+    if custom is not None and tuple(custom.classes) != tuple(data.classes):
+        raise InvalidInput(f"the spec's classes {list(custom.classes)} differ from the data's {list(data.classes)}")
+    spec = custom if custom is not None else preset_spec(config.preset, data.classes)
     if config.normalization == "zscore_dataset":
         spec = spec.with_normalization(dataset_normalization([_pair(data, i)[0] for i in train_idx]))
     elif config.normalization != "zscore_image":

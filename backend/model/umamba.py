@@ -6,7 +6,8 @@ starts with a block whose skip path is a 1x1 conv, strided from stage 1 on), a s
 resolution, decoder stages that upsample by nearest-neighbour + 1x1 conv, concatenate the skip and
 run residual blocks, one 1x1 segmentation head per decoder stage (deep supervision), He init
 (a=0.01) on the 2D convs. The Mamba layer flattens (B, C, H, W) row-major into (B, H*W, C), applies
-LayerNorm(C) and Mamba, reshapes back, with no residual around it, in float32 even under autocast.
+LayerNorm(C) and Mamba, reshapes back, with no residual around it (ours adds one in ``cpu_small``, see
+below), in float32 even under autocast.
 Bot puts one after the bottleneck stage; Enc after alternate encoder stages (the deepest included),
 switching to channel tokens where a stage has no more pixels than channels. The plain baseline
 (``resunet_2d``, see :mod:`backend.model.unet`) is this same class with no Mamba layer.
@@ -27,6 +28,13 @@ Deviations from the published code, and why:
   the padded inputs the Predictor sends; merely robust otherwise).
 - ``forward`` returns only the full-resolution logits; training asks for all heads with
   :meth:`UMamba.forward_deep_supervision` instead of toggling a ``deep_supervision`` attribute.
+- ``MambaOptions.residual`` (on in ``cpu_small``, off in the nnU-Net presets): the layer returns
+  ``x + Mamba(LayerNorm(x))``, the pre-norm residual form every Mamba language-model block uses,
+  instead of U-Mamba's bare ``Mamba(LayerNorm(x))``. The bare form routes the whole bottleneck
+  through a randomly initialised Mamba, so at initialisation the network is worse than the same
+  U-Net without it; with the residual it starts as that U-Net and Mamba adds sequence context on
+  top. No parameter is added, so checkpoints stay interchangeable with ``mamba_ssm.Mamba``; specs
+  written before the option existed load as bare. Measured in ``docs/decisions.md``.
 - The Mamba layer disables autocast on the input's device type (``torch.autocast``) rather than
   the deprecated ``torch.cuda.amp.autocast`` decorator, so it also stays fp32 under CPU autocast.
 """
@@ -84,10 +92,13 @@ class MambaLayer(nn.Module):
     (U-Mamba_Enc's choice for small maps); ``dim`` is then H*W.
     """
 
-    def __init__(self, dim: int, *, d_state: int, d_conv: int, expand: int, channel_token: bool = False) -> None:
+    def __init__(
+        self, dim: int, *, d_state: int, d_conv: int, expand: int, channel_token: bool = False, residual: bool = False
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.channel_token = channel_token
+        self.residual = residual
         self.norm = nn.LayerNorm(dim)
         self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand)
 
@@ -99,10 +110,11 @@ class MambaLayer(nn.Module):
                 if h * w != self.dim:
                     raise ValueError(f"channel-token Mamba layer built for {self.dim} pixels, got {h}x{w}")
                 tokens: torch.Tensor = self.mamba(self.norm(x.reshape(b, c, h * w)))
-                return tokens.reshape(b, c, h, w)
-            seq = x.reshape(b, c, h * w).transpose(1, 2)
-            out: torch.Tensor = self.mamba(self.norm(seq))
-            return out.transpose(1, 2).reshape(b, c, h, w)
+                out = tokens.reshape(b, c, h, w)
+            else:
+                seq = x.reshape(b, c, h * w).transpose(1, 2)
+                out = self.mamba(self.norm(seq)).transpose(1, 2).reshape(b, c, h, w)
+            return x + out if self.residual else out
 
 
 class Encoder(nn.Module):
@@ -227,7 +239,9 @@ class UMamba(nn.Module):
 
 def _mamba_layer(spec: ModelSpec, dim: int, *, channel_token: bool) -> MambaLayer:
     m = spec.mamba
-    return MambaLayer(dim, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, channel_token=channel_token)
+    return MambaLayer(
+        dim, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, channel_token=channel_token, residual=m.residual
+    )
 
 
 def _init_he(module: nn.Module) -> None:
