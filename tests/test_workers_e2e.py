@@ -33,6 +33,7 @@ from backend.db.session import SessionFactory, make_engine, make_session_factory
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.labelstudio_server import worker_environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sonoseg-workers")]
 
@@ -95,31 +96,6 @@ def make_settings(backend: Backend, tmp_path: Path, **changes: Any) -> Settings:
     return base.replace(**changes)
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SONOSEG_", "LABEL_STUDIO_"))}
-    env.update({
-        "SONOSEG_DATA_DIR": str(settings.data_dir),
-        "SONOSEG_DATABASE_URL": settings.database_url,
-        "SONOSEG_BROKER_URL": settings.broker_url,
-        "SONOSEG_RESULT_BACKEND": settings.result_backend,
-        "SONOSEG_LOCAL_FILES_ROOT": str(settings.local_files_root),
-        "SONOSEG_MODEL_PRESET": settings.model_preset,
-        "SONOSEG_DEVICE": settings.device,
-        "SONOSEG_TRAIN_MAX_MINUTES": str(settings.train_max_minutes),
-        "SONOSEG_RETRAIN_AFTER": str(settings.retrain_after),
-        "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": str(settings.retrain_debounce_seconds),
-        "SONOSEG_DISPATCH_INTERVAL_SECONDS": str(settings.dispatch_interval_seconds),
-        "SONOSEG_TRAIN_HEARTBEAT_SECONDS": str(settings.train_heartbeat_seconds),
-        "SONOSEG_TRAIN_STALE_AFTER_SECONDS": str(settings.train_stale_after_seconds),
-        "SONOSEG_TRAIN_MAX_ATTEMPTS": str(settings.train_max_attempts),
-        "SONOSEG_REPREDICT_AFTER_PROMOTION": "false",
-        "SONOSEG_RETRAIN_CRON": "off",
-        "SONOSEG_LOG_LEVEL": "INFO",
-        "OMP_NUM_THREADS": "1",  # share the 2 CI cores politely with the test process
-    })
-    return env
-
-
 class Worker:
     """`sonoseg worker --pool solo --beat` in its own process group (beat runs as a child)."""
 
@@ -128,7 +104,7 @@ class Worker:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill9()
         self.process = subprocess.Popen(
             [sys.executable, "-c", BOOT, "worker", "--pool", "solo", "--beat"],
-            cwd=REPO, env=worker_env(settings), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO, env=worker_environment(settings), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def kill9(self) -> None:
