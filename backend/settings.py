@@ -56,6 +56,8 @@ class Settings:
     # Images: reject anything with a side longer than this (decompression bombs).
     max_image_side: int = 8192
     max_image_bytes: int = 256 * 1024 * 1024
+    # Memory that concurrent image decodes may hold together (backend/imaging/budget.py).
+    decode_memory_bytes: int = 1024 * 1024 * 1024
 
     device: str = "auto"  # auto | cpu | cuda
     model_preset: str = "cpu_small"
@@ -63,6 +65,9 @@ class Settings:
     retrain_after: int = 20
     retrain_debounce_seconds: float = 60.0
     gate_margin: float = 0.0
+    # The first promotion's floor: a first model serves only after at least one full epoch and a
+    # validation gate-metric score at least this high (an empty pre-annotation beats a random one).
+    gate_min_dice: float = 0.05
     repredict_after_promotion: bool = True
     model_poll_seconds: float = 2.0
     # Retraining loop (workers/): gate metric, nightly schedule, liveness of running runs.
@@ -85,6 +90,16 @@ class Settings:
             raise InvalidInput(f"SONOSEG_DEVICE must be auto, cpu or cuda, not {self.device!r}")
         if not 0 < self.port < 65536:
             raise InvalidInput(f"SONOSEG_PORT must be 1-65535, not {self.port}")
+        # A half-configured secret fails closed: starting with auth silently off would expose
+        # /predict, /webhook and /metrics to anyone who can reach the port.
+        if self.basic_auth_user and not self.basic_auth_password:
+            raise InvalidInput("SONOSEG_BASIC_AUTH_USER is set but SONOSEG_BASIC_AUTH_PASSWORD is not: set both "
+                               "(basic auth on) or neither (off); sonoseg does not start half-configured")
+        if self.basic_auth_password and not self.basic_auth_user:
+            raise InvalidInput("SONOSEG_BASIC_AUTH_PASSWORD is set but SONOSEG_BASIC_AUTH_USER is not: set both "
+                               "(basic auth on) or neither (off); sonoseg does not start half-configured")
+        if not 0.0 <= self.gate_min_dice <= 1.0:
+            raise InvalidInput(f"SONOSEG_GATE_MIN_DICE must be between 0 and 1, not {self.gate_min_dice}")
 
     # -- derived paths -------------------------------------------------------------------------
     @property
@@ -148,10 +163,12 @@ class Settings:
             "SONOSEG_MAX_REQUEST_BYTES": ("max_request_bytes", int),
             "SONOSEG_MAX_IMAGE_SIDE": ("max_image_side", int),
             "SONOSEG_MAX_IMAGE_BYTES": ("max_image_bytes", int),
+            "SONOSEG_DECODE_MEMORY_BYTES": ("decode_memory_bytes", int),
             "SONOSEG_TRAIN_MAX_MINUTES": ("train_max_minutes", float),
             "SONOSEG_RETRAIN_AFTER": ("retrain_after", int),
             "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": ("retrain_debounce_seconds", float),
             "SONOSEG_GATE_MARGIN": ("gate_margin", float),
+            "SONOSEG_GATE_MIN_DICE": ("gate_min_dice", float),
             "SONOSEG_MODEL_POLL_SECONDS": ("model_poll_seconds", float),
             "SONOSEG_DISPATCH_INTERVAL_SECONDS": ("dispatch_interval_seconds", float),
             "SONOSEG_TRAIN_HEARTBEAT_SECONDS": ("train_heartbeat_seconds", float),

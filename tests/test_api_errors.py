@@ -49,14 +49,14 @@ def client(settings: Settings) -> Iterator[tuple[FlaskClient, AppState]]:
         ("/predict", b"[1, 2]", 400, "expected a JSON object"),
         ("/predict", b'{"project": "3.1"}', 400, "'tasks' must be a list"),
         ("/predict", b'{"tasks": {"id": 1}, "project": "3.1"}', 400, "'tasks' must be a list"),
-        ("/predict", b'{"tasks": [1], "project": "3.1"}', 400, "task 0 is not a JSON object"),
+        ("/predict", b'{"tasks": [1], "project": "3.1"}', 400, "task #0: a task must be a JSON object"),
         ("/predict", b'{"tasks": []}', 400, "'project' is missing"),
         ("/predict", b'{"tasks": [], "project": "abc"}', 400, "project id"),
         ("/predict", b'{"tasks": [{"id": 1, "data": {}}], "project": "3.1", "label_config": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
          400, "no <BrushLabels>"),
         ("/predict", b'{"tasks": [], "project": "3.1", "label_config": "<View><oops"}', 400, "not valid XML"),
         ("/predict", b'{"tasks": [], "project": "3.1", "label_config": 5}', 400, "label config XML"),
-        ("/predict", b'{"tasks": [], "project": "99.1"}', 503, "has not been set up"),
+        ("/predict", b'{"tasks": [], "project": "99.1"}', 404, "has not been set up"),
         ("/setup", b'{"project": "3.1", "schema": "<View><Brush name=\\"b\\" toName=\\"i\\"/><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
          400, "<Brush>"),
         ("/setup", b'{"schema": "x"}', 400, "project id"),
@@ -75,7 +75,7 @@ def client(settings: Settings) -> Iterator[tuple[FlaskClient, AppState]]:
         ("/webhook", b'{"action": "TASKS_DELETED", "project": {"id": 3}, "tasks": 5}', 400, "'tasks'"),
         ("/webhook", b'{"action": "START_TRAINING"}', 400, "project id"),
         ("/webhook", (b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1, "result": [], '
-                      b'"task": 2, "x": NaN}}'), 400, "plain JSON"),
+                      b'"task": 2, "x": NaN}}'), 400, "not valid JSON"),
     ],
 )
 def test_bad_input_is_a_4xx_with_a_message_and_changes_nothing(

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from backend.errors import InvalidInput
-from backend.services.gate import Evaluation, decide, gate_metrics
+from backend.services.gate import Evaluation, TrainingEvidence, decide, gate_metrics
 
 VAL = (11, 12, 13)
 
@@ -52,9 +52,26 @@ def test_different_validation_labels_are_refused_not_compared() -> None:
 
 
 def test_first_model_is_promoted_without_comparison() -> None:
-    d = decide(ev("new", 0.3), None)
+    d = decide(ev("new", 0.3), None, evidence=TrainingEvidence(frames_seen=40, n_train=20), min_first_score=0.05)
     assert d.promote and "no serving model" in d.reason and d.candidate_score == 0.3
-    assert decide(None, None).promote  # no validation labels yet: anything beats empty pre-annotations
+
+
+def test_first_model_needs_a_full_epoch() -> None:
+    """A run whose budget went on loading data (0 epochs) once went to serving."""
+    d = decide(ev("new", 0.9), None, evidence=TrainingEvidence(frames_seen=19, n_train=20))
+    assert not d.promote and "less than one full epoch" in d.reason and "kept as a candidate" in d.reason
+    assert not decide(ev("new", 0.9), None, evidence=TrainingEvidence(frames_seen=0, n_train=0)).promote
+    assert decide(ev("new", 0.9), None, evidence=TrainingEvidence(frames_seen=20, n_train=20)).promote
+
+
+def test_first_model_needs_validation_evidence_above_the_floor() -> None:
+    enough = TrainingEvidence(frames_seen=100, n_train=10)
+    assert not decide(None, None, evidence=enough).promote
+    assert "no labelled validation image" in decide(None, None, evidence=enough).reason
+    low = decide(ev("new", 0.04), None, evidence=enough, min_first_score=0.05)
+    assert not low.promote and "below the floor 0.05" in low.reason and low.candidate_score == 0.04
+    assert not decide(ev("new", float("nan")), None, evidence=enough).promote
+    assert decide(ev("new", 0.05), None, evidence=enough, min_first_score=0.05).promote
 
 
 def test_no_validation_labels_with_a_serving_model_promotes_nothing() -> None:

@@ -63,9 +63,10 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
         image = mirror.task_image(project_id, task_id, ls.tasks[task_id]["data"]["image"])
         with unit_of_work(mirror.factory) as session:
             from backend.db.models import Project
+            from backend.labelstudio.payloads import LsAnnotation
 
             mirror.apply_annotation(session, session.get(Project, project_id), config, image.image_id,
-                                    annotation(ann_id, task_id, mask))
+                                    LsAnnotation.parse(annotation(ann_id, task_id, mask)))
     downloads = sum(1 for s in ls.seen if s.path.startswith("/data/upload/"))
     # Label Studio now: 11 was corrected, 12 is new (missed webhook), 14 is a skip, 13 is gone.
     ls.tasks[1]["annotations"] = [annotation(11, 1, masks[0])]

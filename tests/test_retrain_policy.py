@@ -12,7 +12,7 @@ from backend.db.base import utcnow
 from backend.db.models import Image, ModelVersion, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
 from backend.services import retrain, run_queue, run_training
-from backend.services.images import add_image
+from backend.services.images import SourceInfo, add_image
 from backend.services.masks import add_mask_version, deactivate_annotation
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
@@ -23,7 +23,7 @@ S = dt.timedelta(seconds=1)
 def _label(session, store, project: Project, image: Image, value: int, ann: int | None = None) -> int:  # type: ignore[no-untyped-def]
     mask = np.zeros((image.height, image.width), np.uint8)
     mask[2 : 2 + value, 2:6] = 1
-    return add_mask_version(session, store, project, image, mask, source="annotation", ls_annotation_id=ann).id
+    return add_mask_version(session, store, project, image, mask, source="annotation", ls_annotation_id=ann).mask_version.id
 
 
 def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int, n_val: int = 0, *, labelled: bool = True,
@@ -35,7 +35,7 @@ def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int, n_val
         s.flush()
         for i in range(n_train + n_val):
             pixels = np.full((16, 16), i + 1, np.uint8)
-            image = add_image(s, store, p, pixels, subject=f"s{i}", source_kind="import").image
+            image = add_image(s, store, p, pixels, subject=f"s{i}", source=SourceInfo("import")).image
             image.split = "train" if i < n_train else "val"
             s.flush()
             if labelled:
@@ -136,7 +136,7 @@ def test_threshold_queues_one_debounced_run_and_bursts_extend_it(
         assert retrain.maybe_request_retrain(s, s.get_one(Project, pid), settings, now=t0) is None  # 3 < 4
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
-        image = add_image(s, store, p, np.full((16, 16), 99, np.uint8), subject="x", source_kind="import").image
+        image = add_image(s, store, p, np.full((16, 16), 99, np.uint8), subject="x", source=SourceInfo("import")).image
         image.split = "train"
         _label(s, store, p, image, 1)
         run = retrain.maybe_request_retrain(s, p, settings, now=t0)

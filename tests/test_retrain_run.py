@@ -16,7 +16,7 @@ from sqlalchemy import select
 from backend.db.models import Image, ModelVersion, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
 from backend.services import retrain, run_execution, run_queue, run_training
-from backend.services.images import add_image
+from backend.services.images import SourceInfo, add_image
 from backend.services.masks import add_mask_version
 from backend.services.status import collect_status
 from backend.services.versions import serving_version
@@ -58,7 +58,7 @@ def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int = 5, n
         s.add(p)
         s.flush()
         for i, (pixels, mask) in enumerate(pairs):
-            image = add_image(s, store, p, pixels, subject=f"s{i}", source_kind="import").image
+            image = add_image(s, store, p, pixels, subject=f"s{i}", source=SourceInfo("import")).image
             image.split = "train" if i < n_train else "val"
             s.flush()
             add_mask_version(s, store, p, image, mask.astype(np.uint8), source="import")

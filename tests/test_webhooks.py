@@ -97,7 +97,10 @@ def test_created_annotation_becomes_the_current_label(hooks: Hooks) -> None:
     assert [e.status for e in hooks.events()] == ["processed"]
     with unit_of_work(hooks.state.factory) as session:
         source = session.scalars(select(ImageSource)).one()
-        assert (source.ls_task_id, source.uri, source.kind) == (10, hooks.urls[0], "labelstudio")
+        # The URL is stored only as a keyed pseudonym (upload URLs carry the original file name).
+        assert (source.ls_task_id, source.source_ref, source.kind) == (
+            10, hooks.state.mirror.source_ref(hooks.urls[0]), "labelstudio")
+        assert source.source_ref.startswith("src-") and hooks.urls[0] not in source.source_ref
     assert hooks.process().total == 0  # nothing left
 
 

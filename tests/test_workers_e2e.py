@@ -287,7 +287,7 @@ def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serv
     backend: Backend, tmp_path: Path, workers: Callable[[Settings], Worker]
 ) -> None:
     from backend.cli.main import cli
-    from backend.services.images import add_image
+    from backend.services.images import SourceInfo, add_image
     from backend.services.masks import add_mask_version
 
     settings = make_settings(backend, tmp_path, train_max_minutes=2.0)
@@ -298,7 +298,7 @@ def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serv
         s.add(project)
         s.flush()
         for i, (pixels, mask) in enumerate(frames(6)):
-            image = add_image(s, store, project, pixels, subject=f"s{i}", source_kind="import").image
+            image = add_image(s, store, project, pixels, subject=f"s{i}", source=SourceInfo("import")).image
             image.split = "train" if i < 4 else "val"
             s.flush()
             add_mask_version(s, store, project, image, mask, source="import")

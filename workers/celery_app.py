@@ -34,6 +34,7 @@ from backend.db.session import SessionFactory, dispose_after_fork, make_engine, 
 from backend.errors import NotReady
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from backend.storage.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class WorkerRuntime:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.settings.data_dir)
             self._engine = make_engine(self.settings.database_url)
         return self._engine
 

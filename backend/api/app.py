@@ -32,6 +32,7 @@ from backend.services.sync import LabelStudioMirror
 from backend.services.webhooks import process_pending_events
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from backend.storage.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def create_app(
     ``loader`` replaces how a serving model version becomes a predictor (tests).
     """
     settings = settings or Settings.from_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     # A long-lived server keeps its SQLite connections: with NullPool every unit of work closes
     # the last connection, and SQLite checkpoints the WAL (an fsync, ~10 ms) on that close.
     engine = make_engine(settings.database_url, poolclass=QueuePool if settings.is_sqlite else None)

@@ -25,7 +25,8 @@ from backend.db.models import ModelVersion, Project
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput
 from backend.services.predictions import UNTRAINED, predict_tasks
-from backend.services.sync import ls_project_id_of
+from backend.api.json_body import request_body, request_json_object
+from backend.labelstudio.payloads import HANDLED_ACTIONS, LsTask, ls_project_id_of
 from backend.services.webhooks import record_event
 
 if TYPE_CHECKING:
@@ -44,15 +45,8 @@ def _state() -> AppState:
 
 
 def _json_object() -> Mapping[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    if not request.data:
-        raise InvalidInput("the request body is empty; expected a JSON object")
-    body = request.get_json(force=True, silent=True)
-    if body is None:
-        raise InvalidInput("the request body is not valid JSON")
-    if not isinstance(body, Mapping):
-        raise InvalidInput(f"expected a JSON object, got a JSON {type(body).__name__}")
-    return body
+    """The request body as a JSON object, or a 4xx that says what is wrong with it."""
+    return request_json_object(request)
 
 
 @bp.before_request
@@ -84,12 +78,15 @@ def setup() -> Response:
 @bp.post("/predict")
 def predict() -> Response:
     body = _json_object()
-    tasks = body.get("tasks")
-    if not isinstance(tasks, list):
+    raw_tasks = body.get("tasks")
+    if not isinstance(raw_tasks, list):
         raise InvalidInput("'tasks' must be a list of Label Studio tasks")
-    for i, task in enumerate(tasks):
-        if not isinstance(task, Mapping):
-            raise InvalidInput(f"task {i} is not a JSON object")
+    tasks = []
+    for i, task in enumerate(raw_tasks):
+        try:
+            tasks.append(LsTask.parse(task))
+        except InvalidInput as exc:
+            raise InvalidInput(f"task #{i}: {exc.message}") from exc
     label_config = body.get("label_config")
     if label_config is not None and not isinstance(label_config, str):
         raise InvalidInput("'label_config' must be the label config XML as a string")
@@ -114,7 +111,10 @@ def webhook() -> Response:
         with unit_of_work(state.factory) as session:
             recorded = record_event(session, body)
     except InvalidInput:
-        state.metrics.webhooks.labels(action=str(body.get("action"))[:64], outcome="rejected").inc()
+        action = body.get("action")
+        # A label value per client-chosen string would grow the series without bound.
+        label = action if isinstance(action, str) and action in HANDLED_ACTIONS else "other"
+        state.metrics.webhooks.labels(action=label, outcome="rejected").inc()
         raise
     if not recorded.handled:
         outcome = "ignored"
@@ -129,8 +129,8 @@ def webhook() -> Response:
 @bp.get("/versions")
 def versions() -> Response:
     """Model versions of the project Label Studio asks about (all projects when it does not say)."""
-    body = request.get_json(force=True, silent=True) if request.data else None
-    raw_project = body.get("project") if isinstance(body, Mapping) else request.args.get("project")
+    body = _json_object() if request_body(request).strip() else None
+    raw_project = body.get("project") if body is not None else request.args.get("project")
     state = _state()
     with unit_of_work(state.factory) as session:
         stmt = select(ModelVersion.uid).where(ModelVersion.checkpoint_key.is_not(None)).order_by(ModelVersion.id)

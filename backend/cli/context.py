@@ -17,6 +17,7 @@ from backend.db.session import SessionFactory, make_engine, make_session_factory
 from backend.errors import SonosegError
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from backend.storage.private import private_dir
 
 
 @dataclass
@@ -25,7 +26,7 @@ class CliContext:
 
     @cached_property
     def engine(self) -> Engine:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         return make_engine(self.settings.database_url)
 
     @cached_property

@@ -48,9 +48,10 @@ def db() -> None:
 def db_upgrade(c: CliContext, revision: str) -> None:
     """Create or migrate the database to the latest schema (safe to run repeatedly)."""
     from backend.db.migrate import current_revision, upgrade
+    from backend.services.pseudonyms import load_or_create_key
 
     before = current_revision(c.engine)
-    upgrade(c.engine, revision)
+    upgrade(c.engine, revision, pseudonym_key=load_or_create_key(c.settings.data_dir))
     after = current_revision(c.engine)
     url = c.engine.url.render_as_string(hide_password=True)
     click.echo(f"database {url}: {before or 'empty'} -> {after}")
@@ -88,7 +89,10 @@ def import_cmd(c: CliContext, paths: tuple[Path, ...], project_name: str, labels
     except SonosegError as exc:
         raise fail(exc) from exc
     click.echo(f"{report.files} file(s): {report.images_added} new image(s), {report.images_existing} already "
-               f"present, {report.masks_added} mask(s), {len(report.errors)} rejected")
+               f"present, {report.masks_added} mask(s), {report.masks_unchanged} mask(s) unchanged, "
+               f"{len(report.conflicts)} conflicting duplicate(s), {len(report.errors)} rejected")
+    for path, message in report.conflicts:
+        click.echo(f"  conflict {path}: {message}", err=True)
     for path, message in report.errors:
         click.echo(f"  rejected {path}: {message}", err=True)
     if report.errors:
@@ -114,6 +118,83 @@ def export_cmd(c: CliContext, project_name: str, out_dir: Path, splits: tuple[st
     except SonosegError as exc:
         raise fail(exc) from exc
     click.echo(f"exported {n} image/mask pair(s) to {out_dir}")
+
+
+# -- masks and sources --------------------------------------------------------------------------
+@cli.group()
+def masks() -> None:
+    """Labels held back for a person to decide: list them, choose a version."""
+
+
+@masks.command("issues")
+@click.option("--project", "project_name", default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_ctx
+def masks_issues(c: CliContext, project_name: str | None, as_json: bool) -> None:
+    """Open label issues: refused annotations (unknown labels) and conflicting duplicates."""
+    import dataclasses
+
+    from backend.db.session import unit_of_work
+    from backend.services.label_issues import open_issues
+    from backend.services.projects import get_project
+
+    try:
+        with unit_of_work(c.factory) as session:
+            pid = get_project(session, project_name).id if project_name else None
+            issues = open_issues(session, pid, limit=10_000)
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if not issues and not as_json:
+        click.echo("no open label issues")
+    for issue in issues:
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(issue)))
+        else:
+            click.echo(f"issue {issue.id} project={issue.project_id} {issue.kind} image={issue.image_id} "
+                       f"versions={list(issue.mask_version_ids)}: {issue.detail}")
+
+
+@masks.command("choose")
+@click.option("--image", "image_id", required=True, type=int, help="Image id (from `sonoseg masks issues`).")
+@click.option("--version", "version", required=True, type=int, help="The mask version to use as its label.")
+@pass_ctx
+def masks_choose(c: CliContext, image_id: int, version: int) -> None:
+    """Make VERSION the image's label (resolves its conflicting-duplicate issue)."""
+    from backend.db.session import unit_of_work
+    from backend.services.label_issues import choose_version
+
+    try:
+        with unit_of_work(c.factory) as session:
+            chosen = choose_version(session, image_id, version)
+            summary = f"image {image_id}: version {chosen.version} ({chosen.source}) is its label"
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    click.echo(summary)
+
+
+@cli.group()
+def sources() -> None:
+    """Where images came from (stored as keyed pseudonyms, never as paths)."""
+
+
+@sources.command("find")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def sources_find(c: CliContext, paths: tuple[Path, ...]) -> None:
+    """The images imported from these files (found by the files' pseudonym or content hash)."""
+    from backend.db.session import unit_of_work
+    from backend.services.images import find_sources
+
+    try:
+        with unit_of_work(c.factory) as session:
+            found = find_sources(session, c.settings.data_dir, list(paths))
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    for path, rows in found:
+        if not rows:
+            click.echo(f"{path}: not imported")
+        for row in rows:
+            click.echo(f"{path}: image {row.image_id} (project {row.project_id}), matched by {row.matched_by}")
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -215,6 +296,14 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
             lines.append(f"  run {r['id']} {r['trigger']} {r['status']} on {r['device'] or '-'} {r['created_at']}{err}")
     if not report["projects"]:
         lines.append("no projects yet: `sonoseg import --project NAME FILES...` or connect Label Studio")
+    if report.get("label_issues_open"):
+        lines.append(f"label issues: {report['label_issues_open']} open (`sonoseg masks issues` lists them all)")
+        for issue in report["label_issues"]:
+            lines.append(f"  issue {issue['id']} {issue['kind']} image {issue['image']}: {issue['detail']}")
+    if report.get("webhook_events_failed"):
+        lines.append(f"webhook events failed: {report['webhook_events_failed']}")
+        for event in report["webhook_failures"]:
+            lines.append(f"  event {event['id']} {event['action']} {event['received_at']}: {event['error']}")
     if report["store_temp_files"]:
         lines.append(f"warning: {report['store_temp_files']} leftover temp file(s) in the store")
     return "\n".join(lines)

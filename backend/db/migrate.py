@@ -31,10 +31,14 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, pseudonym_key: bytes | None = None) -> None:
+    """Migrate to ``revision``. ``pseudonym_key``: the installation's key, which lets a data
+    migration pseudonymise values that earlier versions stored in clear (else they are dropped)."""
     with engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
+        if pseudonym_key is not None:
+            cfg.attributes["pseudonym_key"] = pseudonym_key
         command.upgrade(cfg, revision)
 
 

@@ -42,6 +42,8 @@ RUN_STATUS_VALUES = ("queued", "running", "succeeded", "failed", "cancelled")
 EVENT_STATUS_VALUES = ("pending", "processed", "ignored", "failed")
 SERVING_CHANGE_VALUES = ("promote", "rollback")
 IMAGE_SOURCE_VALUES = ("labelstudio", "import")
+LABEL_ISSUE_KIND_VALUES = ("unknown_labels", "conflicting_duplicate")
+LABEL_ISSUE_STATUS_VALUES = ("open", "resolved")
 
 ACTIVE_RUN_STATUSES = ("queued", "running")
 
@@ -126,7 +128,14 @@ class ImageSource(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     ls_task_id: Mapped[int | None] = mapped_column(Integer)
-    uri: Mapped[str | None] = mapped_column(Text)  # LS task URL or the imported file's path
+    # A keyed pseudonym (``src-<32 hex>``, see services.pseudonyms.source_ref) of the Label Studio
+    # image URL or the imported file's resolved path: never the path itself, because hospital file
+    # and folder names carry patient names and record numbers. The same path or URL always gives
+    # the same reference, so a curator holding the file finds its row (`sonoseg sources find`).
+    source_ref: Mapped[str | None] = mapped_column(String(64))
+    # Non-identifying facts about an imported file, to find it again: its bytes' sha256 and size.
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
+    file_bytes: Mapped[int | None] = mapped_column(Integer)
     # False once Label Studio reports the task deleted; history is kept.
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -162,6 +171,12 @@ class MaskVersion(Base):
     is_current: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     webhook_event_id: Mapped[int | None] = mapped_column(ForeignKey("webhook_event.id", ondelete="SET NULL"))
+    # Label Studio's own ``updated_at`` of the annotation version: labels are ordered by it (not
+    # by arrival), so an older delivery arriving last is kept as history but never becomes current.
+    ls_updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The imported file this label came from (imports only): tells a re-import of the same file
+    # (a new version of its mask) from a second file with identical pixels (a possible conflict).
+    image_source_id: Mapped[int | None] = mapped_column(ForeignKey("image_source.id", ondelete="SET NULL"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="masks")
@@ -293,3 +308,50 @@ class WebhookEvent(Base):
     error: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class LabelIssue(Base):
+    """A label sonoseg refused to use as training data until a person looks at it.
+
+    - ``unknown_labels``: an annotation whose regions all carry labels the class map does not
+      know; taking it would teach "no nerve here", so it never becomes a label;
+    - ``conflicting_duplicate``: two source files with identical pixels and different masks;
+      both versions are kept, neither is current, until a curator chooses
+      (``sonoseg masks choose``).
+
+    ``dedupe_key`` makes recording the same issue again (a replayed webhook, a re-import) a no-op.
+    """
+
+    __tablename__ = "label_issue"
+    __table_args__ = (
+        CheckConstraint(_in("kind", LABEL_ISSUE_KIND_VALUES), name="kind"),
+        CheckConstraint(_in("status", LABEL_ISSUE_STATUS_VALUES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)
+    ls_annotation_id: Mapped[int | None] = mapped_column(Integer)
+    mask_version_ids: Mapped[list[int]] = mapped_column(JSONType, default=list)
+    detail: Mapped[str] = mapped_column(Text)
+    resolution: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SchedulerHeartbeat(Base):
+    """When a scheduler (Celery beat) was last seen working: written by each dispatch tick.
+
+    Without a scheduler, queued training runs are never handed to a worker; ``sonoseg status``,
+    ``/health`` and the worker's start-up log read this row to say so.
+    """
+
+    __tablename__ = "scheduler_heartbeat"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str | None] = mapped_column(String(200))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -22,6 +22,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from backend.storage.private import private_sqlite_file
+
 SessionFactory = sessionmaker[Session]
 
 
@@ -53,6 +55,8 @@ def make_engine(url: str, *, poolclass: Any = None, echo: bool = False) -> Engin
             kwargs["poolclass"] = NullPool  # a connection per unit of work; cheap for SQLite files
     else:
         kwargs["pool_pre_ping"] = True
+    if url.startswith("sqlite"):
+        private_sqlite_file(url)
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         _install_sqlite_pragmas(engine)

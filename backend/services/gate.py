@@ -8,9 +8,14 @@ split promote a worse model, so a mismatch is refused instead of decided.
 The rule, with ``m`` the gate metric (higher is better) and ``margin`` from settings:
 promote iff ``m(candidate) >= m(serving) + margin``. A margin of 0 means "at least as good"; a
 positive margin demands a real improvement; a negative one tolerates a small loss (for example to
-prefer a model trained on more, fresher labels). With no serving model the first candidate is
-promoted: anything beats serving empty pre-annotations. With a serving model but no labelled
-validation image there is no evidence, so nothing is promoted automatically.
+prefer a model trained on more, fresher labels). With a serving model but no labelled validation
+image there is no evidence, so nothing is promoted automatically.
+
+The first model has a floor instead (a model trained for 0 epochs once went to serving as "first
+model: no serving model to compare with"): it must have seen every training frame at least once
+(one full epoch) and score at least ``min_first_score`` (settings.gate_min_dice, default 0.05)
+on labelled validation images. An untrained network's random masks are worse than the empty
+pre-annotations served before any model exists: sonographers would have to erase them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,18 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class TrainingEvidence:
+    """How much a candidate trained: frames it was shown (steps x batch) and the training set size."""
+
+    frames_seen: int
+    n_train: int
+
+    @property
+    def full_epoch(self) -> bool:
+        return self.n_train > 0 and self.frames_seen >= self.n_train
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: str
@@ -71,6 +88,40 @@ def gate_metrics(
     }
 
 
+def _first_model(
+    candidate: Evaluation | None, metric: str, evidence: TrainingEvidence | None, min_score: float
+) -> GateDecision:
+    """The floor a first model must clear (see the module docstring)."""
+    if evidence is not None and not evidence.full_epoch:
+        return GateDecision(
+            False,
+            f"first model not promoted: it saw {evidence.frames_seen} frames, less than one full epoch over the "
+            f"{evidence.n_train} training images (raise the training budget); kept as a candidate",
+            metric, None, None,
+        )
+    if candidate is None or candidate.n_images == 0:
+        return GateDecision(
+            False,
+            "first model not promoted: no labelled validation image to check it against; label validation "
+            "images or promote by hand (`sonoseg models promote`); kept as a candidate",
+            metric, None, None,
+        )
+    score = _score(candidate, metric)
+    if not math.isfinite(score) or score < min_score:
+        return GateDecision(
+            False,
+            f"first model not promoted: {metric} {score:.4f} on {candidate.n_images} validation images is below "
+            f"the floor {min_score:g} (SONOSEG_GATE_MIN_DICE); kept as a candidate",
+            metric, score, None,
+        )
+    return GateDecision(
+        True,
+        f"first model: no serving model to compare with; {metric} {score:.4f} >= floor {min_score:g} "
+        f"on {candidate.n_images} validation images",
+        metric, score, None,
+    )
+
+
 def _score(evaluation: Evaluation, metric: str) -> float:
     value = evaluation.metrics.get(metric)
     if value is None:
@@ -84,6 +135,8 @@ def decide(
     *,
     metric: str = "fg_mDice",
     margin: float = 0.0,
+    evidence: TrainingEvidence | None = None,
+    min_first_score: float = 0.0,
 ) -> GateDecision:
     """Promote the candidate or not, and say why (the reason is stored on the model version).
 
@@ -95,12 +148,7 @@ def decide(
     if not math.isfinite(margin):
         raise InvalidInput(f"gate margin must be a finite number, got {margin}")
     if serving is None:
-        reason = "first model: no serving model to compare with"
-        if candidate is None or candidate.n_images == 0:
-            return GateDecision(True, reason, metric, None, None)
-        score = _score(candidate, metric)
-        return GateDecision(True, f"{reason} ({metric} {score:.4f} on {candidate.n_images} validation images)",
-                            metric, score, None)
+        return _first_model(candidate, metric, evidence, min_first_score)
     if candidate is None or candidate.n_images == 0:
         return GateDecision(
             False,

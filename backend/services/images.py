@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.db.models import Image, ImageSource, Project
-from backend.errors import InvalidInput, NotFound
+from backend.errors import InvalidInput
 from backend.services.splits import assign_split
 from backend.storage.blobs import BlobStore, StagedWrites
 
@@ -34,9 +35,21 @@ def pixel_hash(pixels: np.ndarray) -> str:
 
 
 @dataclass(frozen=True)
+class SourceInfo:
+    """Where a frame came from, as stored: never a clear path or URL (see ImageSource)."""
+
+    kind: str  # 'labelstudio' | 'import'
+    ref: str | None = None  # services.pseudonyms.source_ref of the path or URL
+    ls_task_id: int | None = None
+    file_sha256: str | None = None
+    file_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class AddedImage:
     image: Image
     created: bool  # False: the frame was already in the project (a new source may be recorded)
+    source: ImageSource
 
 
 def add_image(
@@ -46,9 +59,7 @@ def add_image(
     pixels: np.ndarray,
     *,
     subject: str,
-    source_kind: str,
-    uri: str | None = None,
-    ls_task_id: int | None = None,
+    source: SourceInfo,
     source_format: str = "png",
     frame_index: int = 0,
     acquisition: dict[str, Any] | None = None,
@@ -78,43 +89,37 @@ def add_image(
         session.add(image)
         session.flush()
         log.info("image %s added to project %s (%dx%d)", image.id, project.id, image.width, image.height)
-    _record_source(session, project, image, source_kind, uri, ls_task_id)
-    return AddedImage(image, created)
+    return AddedImage(image, created, _record_source(session, project, image, source))
 
 
-def _record_source(
-    session: Session, project: Project, image: Image, kind: str, uri: str | None, ls_task_id: int | None
-) -> None:
-    if ls_task_id is not None:
+def _record_source(session: Session, project: Project, image: Image, info: SourceInfo) -> ImageSource:
+    if info.ls_task_id is not None:
         existing = session.scalars(
-            select(ImageSource).where(ImageSource.project_id == project.id, ImageSource.ls_task_id == ls_task_id)
+            select(ImageSource).where(ImageSource.project_id == project.id, ImageSource.ls_task_id == info.ls_task_id)
         ).one_or_none()
         if existing is not None:
             if existing.image_id != image.id:
                 # The task's image changed in Label Studio: point the task at the new frame.
-                log.warning("task %s now shows image %s (was %s)", ls_task_id, image.id, existing.image_id)
+                log.warning("task %s now shows image %s (was %s)", info.ls_task_id, image.id, existing.image_id)
                 existing.image_id = image.id
             existing.active = True
-            existing.uri = uri or existing.uri
-            return
+            existing.source_ref = info.ref or existing.source_ref
+            return existing
     else:
         same = session.scalars(
             select(ImageSource).where(
-                ImageSource.image_id == image.id, ImageSource.kind == kind, ImageSource.uri == uri
+                ImageSource.image_id == image.id, ImageSource.kind == info.kind, ImageSource.source_ref == info.ref
             )
         ).first()
         if same is not None:
-            return
-    session.add(ImageSource(project_id=project.id, image_id=image.id, kind=kind, uri=uri, ls_task_id=ls_task_id))
+            same.file_sha256 = info.file_sha256 or same.file_sha256
+            same.file_bytes = info.file_bytes if info.file_bytes is not None else same.file_bytes
+            return same
+    row = ImageSource(project_id=project.id, image_id=image.id, kind=info.kind, source_ref=info.ref,
+                      ls_task_id=info.ls_task_id, file_sha256=info.file_sha256, file_bytes=info.file_bytes)
+    session.add(row)
     session.flush()
-
-
-def image_for_task(session: Session, project: Project, ls_task_id: int) -> Image | None:
-    return session.scalars(
-        select(Image)
-        .join(ImageSource, ImageSource.image_id == Image.id)
-        .where(ImageSource.project_id == project.id, ImageSource.ls_task_id == ls_task_id)
-    ).one_or_none()
+    return row
 
 
 def load_pixels(store: BlobStore, image: Image) -> np.ndarray:
@@ -123,8 +128,29 @@ def load_pixels(store: BlobStore, image: Image) -> np.ndarray:
     return decode_png_bytes(store.get_bytes(image.blob_key))
 
 
-def get_image(session: Session, image_id: int) -> Image:
-    image = session.get(Image, image_id)
-    if image is None:
-        raise NotFound(f"no image with id {image_id}")
-    return image
+@dataclass(frozen=True)
+class FoundSource:
+    image_id: int
+    project_id: int
+    matched_by: str  # 'path' (the file's pseudonym) or 'content' (its bytes' sha256)
+
+
+def find_sources(session: Session, data_dir: Path, paths: list[Path]) -> list[tuple[Path, list[FoundSource]]]:
+    """Images imported from these files: by the pseudonym of the resolved path, else by the
+    file's sha256 (a file that moved since it was imported, or each frame of a cine file)."""
+    from backend.services.pseudonyms import load_or_create_key, source_ref
+
+    key = load_or_create_key(data_dir)
+    out: list[tuple[Path, list[FoundSource]]] = []
+    for path in paths:
+        resolved = str(path.resolve())
+        rows = session.scalars(
+            select(ImageSource).where(ImageSource.kind == "import", ImageSource.source_ref == source_ref(resolved, key))
+        ).all()
+        matched = "path"
+        if not rows:  # moved since, or a multi-frame file (each frame has its own reference)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            rows = session.scalars(select(ImageSource).where(ImageSource.file_sha256 == digest)).all()
+            matched = "content"
+        out.append((path, [FoundSource(r.image_id, r.project_id, matched) for r in rows]))
+    return out

@@ -10,7 +10,7 @@ arrives, :func:`record_correction` can store the Dice between what we served and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +24,7 @@ from backend.db.models import Image, MaskVersion, Prediction, Project
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, SonosegError
 from backend.labelstudio.config import ClassMap, LabelConfig
+from backend.labelstudio.payloads import LsTask
 from backend.labelstudio.results import mask_to_results
 from backend.model.metrics import image_dice
 from backend.services.masks import add_mask_version, read_mask
@@ -95,7 +96,7 @@ def predict_tasks(
     mirror: LabelStudioMirror,
     model: ServingModel | None,
     project: ProjectRef,
-    tasks: Sequence[Mapping[str, Any]],
+    tasks: Sequence[LsTask],
 ) -> list[TaskPrediction]:
     """One prediction per task, in order, recorded. ``model`` None: empty "untrained" items.
 
@@ -111,7 +112,7 @@ def predict_tasks(
 
 
 def _predict_chunk(
-    mirror: LabelStudioMirror, model: ServingModel | None, project: ProjectRef, tasks: Sequence[Mapping[str, Any]]
+    mirror: LabelStudioMirror, model: ServingModel | None, project: ProjectRef, tasks: Sequence[LsTask]
 ) -> list[TaskPrediction]:
     version = model.uid if model is not None else UNTRAINED
     images = _task_images(mirror, project.project_id, project.config, tasks)
@@ -130,36 +131,27 @@ def _predict_chunk(
             continue
         if frame is None or lut is None:
             answers.append(TaskPrediction([], 0.0, version))
-            served.append(_Served(_task_id(task), image.image_id, None, None, None))
+            served.append(_Served(task.id, image.image_id, None, None, None))
             continue
         mask = lut[frame.mask]
         scores = {project.class_names[c - 1]: v for c, v in _region_scores(frame, mask, lut).items()}
         regions = mask_to_results(mask, project.config, ClassMap(project.class_names), scores)
         answers.append(TaskPrediction(regions, float(frame.score), version))
-        served.append(_Served(_task_id(task), image.image_id, mask, float(frame.score), float(frame.uncertainty)))
+        served.append(_Served(task.id, image.image_id, mask, float(frame.score), float(frame.uncertainty)))
     _record(mirror, project.project_id, model, served)
     return answers
 
 
-def _task_id(task: Mapping[str, Any]) -> int | None:
-    value = task.get("id")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _task_images(
-    mirror: LabelStudioMirror, project_id: int, config: LabelConfig, tasks: Sequence[Mapping[str, Any]]
+    mirror: LabelStudioMirror, project_id: int, config: LabelConfig, tasks: Sequence[LsTask]
 ) -> list[TaskImage | None]:
     """Each task's stored image with pixels, or None (reason logged). Downloads run in parallel."""
 
-    def one(task: Mapping[str, Any]) -> TaskImage | None:
-        task_id = _task_id(task)
+    def one(task: LsTask) -> TaskImage | None:
         try:
-            url = mirror.image_url(config, task.get("data"))
-            data = task.get("data")
-            hint = data.get("subject") if isinstance(data, Mapping) and isinstance(data.get("subject"), str) else None
-            return mirror.task_image(project_id, task_id, url, subject_hint=hint, need_pixels=True)
+            return mirror.task_image_of(project_id, config, task, need_pixels=True)
         except SonosegError as exc:
-            log.warning("task %s: no prediction: %s", task_id, exc.message)
+            log.warning("task %s: no prediction: %s", task.id, exc.message)
             return None
 
     if len(tasks) <= 1:
@@ -239,8 +231,7 @@ def _prediction_mask(session: Session, store: Any, project: Project, item: _Serv
     image = session.get(Image, item.image_id)
     if image is None or item.mask is None:
         return None
-    mv = add_mask_version(session, store, project, image, item.mask, source="prediction")
-    return mv.id
+    return add_mask_version(session, store, project, image, item.mask, source="prediction").mask_version.id
 
 
 def lock_images(session: Session, image_ids: Sequence[int]) -> None:

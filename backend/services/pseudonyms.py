@@ -15,6 +15,8 @@ import tempfile
 from hashlib import sha256
 from pathlib import Path
 
+from backend.storage.private import private_dir
+
 
 def load_or_create_key(data_dir: Path) -> bytes:
     """Read the installation's key, creating it on first use.
@@ -25,7 +27,7 @@ def load_or_create_key(data_dir: Path) -> bytes:
     """
     path = Path(data_dir) / "pseudonym.key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-key-")
         try:
             os.fchmod(fd, 0o600)
@@ -44,3 +46,13 @@ def load_or_create_key(data_dir: Path) -> bytes:
 def pseudonymise(raw: str, key: bytes) -> str:
     """``raw`` (a patient id, a folder name...) -> ``subj-<16 hex>``."""
     return "subj-" + hmac.new(key, raw.encode("utf-8"), sha256).hexdigest()[:16]
+
+
+def source_ref(raw: str, key: bytes) -> str:
+    """An image's source (a resolved file path, a Label Studio image URL) -> ``src-<32 hex>``.
+
+    Keyed like subjects, with its own domain prefix so a source reference never equals a subject
+    pseudonym of the same string. 128 bits: distinct paths never collide in practice, which the
+    dedup of sources relies on.
+    """
+    return "src-" + hmac.new(key, b"source:" + raw.encode("utf-8", "surrogateescape"), sha256).hexdigest()[:32]

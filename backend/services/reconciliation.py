@@ -9,7 +9,6 @@ annotation produces exactly the rows its webhook would have, and reconciling twi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,8 @@ from sqlalchemy import select
 
 from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
-from backend.errors import NotReady, SonosegError
+from backend.errors import InvalidInput, NotReady, SonosegError
+from backend.labelstudio.payloads import LsAnnotation, LsTask
 from backend.services.masks import deactivate_annotation
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class SyncReport:
     skips: int = 0  # skipped tasks (was_cancelled): not labels
     deactivated: int = 0
     tasks_gone: int = 0
+    refused: int = 0  # annotations whose labels are all unknown (recorded as label issues)
     errors: list[str] = field(default_factory=list)
 
 
@@ -61,21 +62,24 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
         project_id = project.id
     seen_annotations: set[int] = set()
     seen_tasks: set[int] = set()
-    for task in client.iter_tasks(ls_project_id):
-        task_id = task.get("id")
-        if not isinstance(task_id, int):
+    for raw_task in client.iter_tasks(ls_project_id):
+        try:  # the same parsers as /predict and webhooks: one reading of a task everywhere
+            task = LsTask.parse(raw_task, require_id=True)
+            raw_annotations = raw_task.get("annotations") or []
+            if not isinstance(raw_annotations, list):
+                raise InvalidInput(f"task {task.id}: 'annotations' is not a list")
+            annotations = [LsAnnotation.parse(a, task_id=task.id) for a in raw_annotations]
+        except InvalidInput as exc:
+            report.errors.append(f"task {raw_task.get('id')!r}: {exc.message}")
             continue
+        task_id = task.require_id()
         report.tasks += 1
         seen_tasks.add(task_id)
-        annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
-        for ann in annotations:
-            if isinstance(ann.get("id"), int) and not ann.get("was_cancelled"):
-                seen_annotations.add(ann["id"])
+        seen_annotations.update(a.id for a in annotations if not a.was_cancelled)
         if not annotations:
             continue
         try:
-            image = mirror.task_image(project_id, task_id, mirror.image_url(config, task.get("data")),
-                                      subject_hint=_subject_hint(task.get("data")))
+            image = mirror.task_image_of(project_id, config, task)
         except SonosegError as exc:  # a missing or unreadable image: report it, sync the rest
             report.errors.append(f"task {task_id}: {exc.message}")
             continue
@@ -88,15 +92,18 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
                         raise NotReady(f"project {project_id} disappeared during sync")
                     outcome = mirror.apply_annotation(session, project_row, config, image.image_id, ann)
             except SonosegError as exc:
-                report.errors.append(f"task {task_id} annotation {ann.get('id')}: {exc.message}")
+                report.errors.append(f"task {task_id} annotation {ann.id}: {exc.message}")
                 continue
-            if outcome == "created":
+            if outcome.kind == "refused":
+                report.refused += 1
+                report.errors.append(outcome.reason or f"annotation {ann.id} refused")
+            elif outcome.kind == "created":
                 report.created += 1
-            elif outcome == "updated":
+            elif outcome.kind == "updated":
                 report.updated += 1
-            elif outcome == "deactivated":
+            elif outcome.kind == "deactivated":
                 report.deactivated += 1
-            elif outcome == "ignored":
+            elif outcome.kind == "ignored":
                 report.skips += 1
             else:
                 report.unchanged += 1
@@ -142,11 +149,3 @@ def _retire_missing_tasks(mirror: LabelStudioMirror, project_id: int, seen: set[
             source.active = False
     mirror.forget_tasks(project_id, [s.ls_task_id for s in gone if s.ls_task_id is not None])
     return len(gone)
-
-
-def _subject_hint(data: object) -> str | None:
-    if isinstance(data, Mapping):
-        value = data.get("subject")
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            return str(value)
-    return None

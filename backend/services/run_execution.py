@@ -303,7 +303,10 @@ def _register(
         session.flush()
         candidate = dataclasses.replace(candidate_eval, model_uid=uid) if candidate_eval else None
         try:
-            decision = gate.decide(candidate, serving_eval, metric=settings.gate_metric, margin=settings.gate_margin)
+            evidence = gate.TrainingEvidence(frames_seen=result.steps * result.config.batch_size,
+                                             n_train=len(plan.train))
+            decision = gate.decide(candidate, serving_eval, metric=settings.gate_metric, margin=settings.gate_margin,
+                                   evidence=evidence, min_first_score=settings.gate_min_dice)
         except InvalidInput as exc:
             decision = gate.GateDecision(False, f"gate could not compare: {exc.message}", settings.gate_metric,
                                          None, None)

@@ -7,8 +7,11 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from backend.db.migrate import current_revision, head_revision
-from backend.db.models import Image, MaskVersion, ModelVersion, Project, TrainingRun
+from sqlalchemy.orm import Session
+
+from backend.db.models import Image, LabelIssue, MaskVersion, ModelVersion, Project, TrainingRun, WebhookEvent
 from backend.db.session import make_session_factory
+from backend.services.label_issues import open_issues
 from backend.storage.blobs import LocalBlobStore
 
 
@@ -64,4 +67,25 @@ def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: i
                     ],
                 }
             )
+        _add_data_integrity(session, report)
     return report
+
+
+def _add_data_integrity(session: Session, report: dict[str, Any], *, limit: int = 20) -> None:
+    """Labels held back for a person (label issues) and webhook events that failed, with reasons."""
+    issues = open_issues(session, limit=limit)
+    report["label_issues_open"] = session.scalar(
+        select(func.count(LabelIssue.id)).where(LabelIssue.status == "open")
+    ) or 0
+    report["label_issues"] = [
+        {"id": i.id, "project": i.project_id, "kind": i.kind, "image": i.image_id, "detail": i.detail} for i in issues
+    ]
+    report["webhook_events_failed"] = session.scalar(
+        select(func.count(WebhookEvent.id)).where(WebhookEvent.status == "failed")
+    ) or 0
+    report["webhook_failures"] = [
+        {"id": e.id, "action": e.action, "error": e.error, "received_at": e.received_at.isoformat()}
+        for e in session.scalars(
+            select(WebhookEvent).where(WebhookEvent.status == "failed").order_by(WebhookEvent.id.desc()).limit(limit)
+        )
+    ]

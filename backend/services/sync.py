@@ -16,9 +16,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,15 +28,17 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
-from backend.errors import InvalidInput, NotReady
+from backend.errors import NotFound, NotReady
 from backend.labelstudio.config import ClassMap, LabelConfig, parse_label_config
 from backend.labelstudio.images import TaskImageFetcher
+from backend.labelstudio.payloads import LsAnnotation, LsTask
 from backend.labelstudio.results import results_to_mask
-from backend.services.images import add_image, load_pixels
+from backend.services.images import SourceInfo, add_image, load_pixels
+from backend.services.label_issues import record_issue
 from backend.services.masks import add_mask_version, deactivate_annotation
 from backend.services.predictions import lock_images, record_correction
 from backend.services.projects import get_or_create_project
-from backend.services.pseudonyms import load_or_create_key, pseudonymise
+from backend.services.pseudonyms import load_or_create_key, pseudonymise, source_ref
 from backend.services.reconciliation import SyncReport, reconcile_project
 from backend.settings import Settings
 from backend.storage.blobs import BlobStore, staged_writes
@@ -56,6 +58,24 @@ class TaskImage:
 
 
 @dataclass(frozen=True)
+class AnnotationOutcome:
+    """What applying one annotation did (see :meth:`LabelStudioMirror.apply_annotation`)."""
+
+    kind: Literal["created", "updated", "unchanged", "history", "deactivated", "ignored", "refused"]
+    reason: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the image's current label may have changed (a retrain trigger counts these)."""
+        return self.kind in ("created", "updated", "deactivated")
+
+    @property
+    def recorded(self) -> bool:
+        """Whether anything was written (a history version counts; an unchanged replay does not)."""
+        return self.changed or self.kind == "history"
+
+
+@dataclass(frozen=True)
 class ProjectRef:
     """A Label Studio project as the request path needs it, cached in memory per label config."""
 
@@ -67,31 +87,13 @@ class ProjectRef:
 
 
 
-def ls_project_id_of(value: object) -> int:
-    """Label Studio's project reference -> its id: ``"12.1700000000"`` (/setup, /predict), 12, or ``{"id": 12}``."""
-    if isinstance(value, Mapping):
-        value = value.get("id")
-    if isinstance(value, bool):
-        raise InvalidInput("project must be an id, not a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        head = value.split(".", 1)[0].strip()
-        if head.isdigit():
-            return int(head)
-    raise InvalidInput(f"cannot read a Label Studio project id from {str(value)[:40]!r}")
-
-
 def config_digest(label_config: str) -> str:
     return hashlib.sha256(label_config.encode()).hexdigest()
 
 
-def author_of(annotation: Mapping[str, Any]) -> str | None:
+def author_of(annotation: LsAnnotation) -> str | None:
     """A stable, non-identifying author reference: Label Studio's user id, never the e-mail."""
-    who = annotation.get("completed_by")
-    if isinstance(who, Mapping):
-        who = who.get("id")
-    return f"ls-user:{who}" if isinstance(who, int) and not isinstance(who, bool) else None
+    return f"ls-user:{annotation.completed_by}" if annotation.completed_by is not None else None
 
 
 class LabelStudioMirror:
@@ -149,8 +151,8 @@ class LabelStudioMirror:
         """
         project = session.scalars(select(Project).where(Project.ls_project_id == ls_project_id)).one_or_none()
         config_text = label_config if label_config else (project.label_config if project is not None else None)
-        if not config_text:
-            raise NotReady(
+        if not config_text:  # the caller's request names a project we cannot serve: a 404, not a 503
+            raise NotFound(
                 f"Label Studio project {ls_project_id} has not been set up yet (no label config known): "
                 "connect the model in Label Studio, or run `sonoseg sync`"
             )
@@ -166,13 +168,10 @@ class LabelStudioMirror:
         return project, config
 
     # -- task images ---------------------------------------------------------------------------
-    def image_url(self, config: LabelConfig, task_data: object) -> str:
-        if not isinstance(task_data, Mapping):
-            raise InvalidInput("the task has no 'data' object")
-        url = task_data.get(config.image_value_key)
-        if not isinstance(url, str) or not url:
-            raise InvalidInput(f"the task's data has no image under {config.image_value_key!r}")
-        return url
+    def task_image_of(self, project_id: int, config: LabelConfig, task: LsTask, *, need_pixels: bool = False) -> TaskImage:
+        """The stored image of a parsed task (its URL under the config's image key, its subject)."""
+        return self.task_image(project_id, task.id, task.image_url(config.image_value_key),
+                               subject_hint=task.subject, need_pixels=need_pixels)
 
     def task_image(
         self,
@@ -191,11 +190,12 @@ class LabelStudioMirror:
         if task_id is not None:
             with unit_of_work(self.factory) as session:
                 known = session.execute(
-                    select(Image.id, Image.width, Image.height, Image.blob_key, ImageSource.uri, ImageSource.active)
+                    select(Image.id, Image.width, Image.height, Image.blob_key, ImageSource.source_ref,
+                           ImageSource.active)
                     .join(ImageSource, ImageSource.image_id == Image.id)
                     .where(ImageSource.project_id == project_id, ImageSource.ls_task_id == task_id)
                 ).first()
-                if known is not None and known.uri == url and known.active:
+                if known is not None and known.source_ref == self.source_ref(url) and known.active:
                     image = session.get(Image, known.id)
                     pixels = load_pixels(self.store, image) if need_pixels and image is not None else None
                     self._task_images[(project_id, task_id)] = (url, known.id, known.width, known.height)
@@ -216,15 +216,19 @@ class LabelStudioMirror:
             if project is None:
                 raise NotReady(f"project {project_id} disappeared while its image was downloaded")
             added = add_image(
-                session, staged, project, pixels, subject=subject, source_kind="labelstudio", uri=url, ls_task_id=task_id
+                session, staged, project, pixels, subject=subject,
+                source=SourceInfo("labelstudio", ref=self.source_ref(url), ls_task_id=task_id),
             )
             return added.image.id, added.image.width, added.image.height
 
     def _decode(self, data: bytes, name: str) -> NDArray[Any]:
+        from backend.imaging.budget import shared_budget
         from backend.imaging.io import read_image_bytes
 
+        # One budget per process, shared by /predict's fetch threads and webhook decodes.
         frames = read_image_bytes(
-            data, name, max_side=self.settings.max_image_side, max_bytes=self.settings.max_image_bytes
+            data, name, max_side=self.settings.max_image_side, max_bytes=self.settings.max_image_bytes,
+            budget=shared_budget(self.settings.decode_memory_bytes),
         )
         if len(frames) > 1:
             log.info("%s has %d frames; Label Studio shows the first, so sonoseg uses frame 0", name, len(frames))
@@ -234,6 +238,10 @@ class LabelStudioMirror:
         """Pseudonym of the task's subject: its ``subject`` field when given, else the task itself."""
         raw = f"subject:{hint}" if hint else f"ls-task:{project_id}:{task_id if task_id is not None else url}"
         return pseudonymise(raw, self._pseudonym_key())
+
+    def source_ref(self, url: str) -> str:
+        """The stored reference of a task's image URL (upload URLs carry the original file name)."""
+        return source_ref(url, self._pseudonym_key())
 
     def _pseudonym_key(self) -> bytes:
         """The installation's pseudonym key, created once even when requests race for it.
@@ -262,49 +270,60 @@ class LabelStudioMirror:
         project: Project,
         config: LabelConfig,
         image_id: int,
-        annotation: Mapping[str, Any],
+        annotation: LsAnnotation,
         *,
         webhook_event_id: int | None = None,
-    ) -> str:
+    ) -> AnnotationOutcome:
         """Record one Label Studio annotation of one image; idempotent.
 
-        Returns what happened: ``created`` (first version from this annotation), ``updated``
-        (its mask changed), ``unchanged``, ``deactivated`` (it is now a skip), or ``ignored``
-        (a skip we never held as a label). A skipped task (``was_cancelled``) is not a label.
+        Outcomes: ``created`` (first version from this annotation), ``updated`` (its mask
+        changed), ``unchanged``, ``history`` (stored, but an older edit than the current label,
+        or content the image already has from another origin), ``deactivated`` (it is now a
+        skip), ``ignored`` (a skip we never held as a label), or ``refused`` (every region
+        carries a label the class map does not know: recorded as a label issue, never a label).
         """
-        ann_id = annotation_id(annotation)
-        if annotation.get("was_cancelled"):
-            return "deactivated" if deactivate_annotation(session, ann_id) else "ignored"
+        ann_id = annotation.id
+        if annotation.was_cancelled:
+            done = "deactivated" if deactivate_annotation(session, ann_id) else "ignored"
+            return AnnotationOutcome(done)
         lock_images(session, [image_id])
         image = session.get(Image, image_id)
         if image is None:
             raise NotReady(f"image {image_id} is gone")
-        results = annotation.get("result") or []
-        if not isinstance(results, list):
-            raise InvalidInput(f"annotation {ann_id}: 'result' must be a list")
-        decoded = results_to_mask(results, config, ClassMap(tuple(project.class_names)), image.height, image.width)
-        mask = decoded.mask
-        latest = session.scalars(
-            select(MaskVersion)
-            .where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.image_id == image.id, MaskVersion.active)
-            .order_by(MaskVersion.version.desc())
-        ).first()
-        if latest is not None and _mask_sha(mask) == latest.sha256:
-            return "unchanged"
+        decoded = results_to_mask(annotation.results, config, ClassMap(tuple(project.class_names)),
+                                  image.height, image.width)
+        if decoded.region_count == 0 and decoded.ignored_labels:
+            reason = (
+                f"annotation {ann_id} (task {annotation.task_id}): every region carries labels the class map does "
+                f"not know ({', '.join(decoded.ignored_labels)}; known: {', '.join(project.class_names)}); "
+                "not used as a label, so the model is not taught that nothing is there"
+            )
+            record_issue(session, project_id=project.id, kind="unknown_labels", detail=reason,
+                         dedupe=(ann_id, annotation.updated_at), image_id=image.id, ls_annotation_id=ann_id)
+            return AnnotationOutcome("refused", reason)
+        had_versions = session.scalar(
+            select(MaskVersion.id).where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.image_id == image.id,
+                                         MaskVersion.active).limit(1)
+        ) is not None
         with staged_writes(self.store) as staged:
-            mv = add_mask_version(
+            write = add_mask_version(
                 session,
                 staged,
                 project,
                 image,
-                mask,
+                decoded.mask,
                 source="annotation",
                 author=author_of(annotation),
                 ls_annotation_id=ann_id,
                 webhook_event_id=webhook_event_id,
+                ls_updated_at=annotation.updated_at,
             )
-        record_correction(session, self.store, image, mv, mask)
-        return "updated" if latest is not None else "created"
+        if not write.created:
+            return AnnotationOutcome("unchanged")
+        if not write.current:
+            return AnnotationOutcome("history")
+        record_correction(session, self.store, image, write.mask_version, decoded.mask)
+        return AnnotationOutcome("updated" if had_versions else "created")
 
     # -- reconciliation ------------------------------------------------------------------------
     def reconcile(self, ls_project_id: int) -> SyncReport:
@@ -330,18 +349,3 @@ def retry_on_conflict(work: Callable[[], T], attempts: int = 3) -> T:
                 raise
             log.info("concurrent insert of the same row; retrying (%d/%d)", attempt, attempts - 1)
     raise NotReady("unreachable")  # pragma: no cover
-
-
-def annotation_id(annotation: Mapping[str, Any]) -> int:
-    ann_id = annotation.get("id")
-    if not isinstance(ann_id, int) or isinstance(ann_id, bool):
-        raise InvalidInput("an annotation without an integer 'id'")
-    return ann_id
-
-
-
-def _mask_sha(mask: NDArray[Any]) -> str:
-    """sha256 of the PNG that add_mask_version would store (the encoder is deterministic)."""
-    from backend.imaging.io import encode_png
-
-    return hashlib.sha256(encode_png(mask.astype(np.uint8))).hexdigest()

@@ -30,14 +30,21 @@ from backend.db.base import utcnow
 from backend.db.models import Image, ImageSource, MaskVersion, Project, WebhookEvent
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, NotReady, SonosegError
+from backend.labelstudio.payloads import (
+    ANNOTATION_ACTIONS,
+    HANDLED_ACTIONS,
+    LsTask,
+    WebhookPayload,
+    parse_webhook,
+    scrub_webhook,
+    webhook_action,
+)
 from backend.services.masks import deactivate_annotation
 from backend.services.retrain import maybe_request_retrain, request_training
-from backend.services.sync import LabelStudioMirror, annotation_id, ls_project_id_of
+from backend.services.sync import AnnotationOutcome, LabelStudioMirror
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
-HANDLED_ACTIONS = ANNOTATION_ACTIONS | {"ANNOTATIONS_DELETED", "TASKS_DELETED", "START_TRAINING"}
 MAX_ERROR_CHARS = 2000
 
 
@@ -69,78 +76,43 @@ def event_key(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def validate_event(payload: object) -> tuple[str, int | None]:
-    """Check a webhook body's shape for what sonoseg will read: ``(action, ls_project_id)``.
+def validate_event(payload: object) -> WebhookPayload | str:
+    """The typed payload of a handled action, or the action's name for one sonoseg does not use.
 
     Raises :class:`InvalidInput` naming the problem; nothing is stored for such a body.
     """
     if not isinstance(payload, Mapping):
         raise InvalidInput("a webhook body must be a JSON object")
-    action = payload.get("action")
-    if not isinstance(action, str) or not action or len(action) > 64:
-        raise InvalidInput("a webhook body needs an 'action' string")
+    action = webhook_action(payload)
     if action not in HANDLED_ACTIONS:
-        return action, None
-    project_id = ls_project_id_of(payload.get("project"))
-    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-        _check_annotation(payload.get("annotation"), payload.get("task"))
-    elif action == "ANNOTATIONS_CREATED":
-        annotations = payload.get("annotation")
-        if not isinstance(annotations, list):
-            raise InvalidInput("ANNOTATIONS_CREATED needs an 'annotation' list")
-        tasks = payload.get("task")
-        for ann in annotations:
-            _check_annotation(ann, None)
-        if tasks is not None and not isinstance(tasks, list):
-            raise InvalidInput("ANNOTATIONS_CREATED: 'task' must be a list")
-    elif action in ("ANNOTATIONS_DELETED", "TASKS_DELETED"):
-        key = "annotations" if action == "ANNOTATIONS_DELETED" else "tasks"
-        _ids(payload.get(key), f"{action} needs '{key}': a list of {{\"id\": int}}")
-    return action, project_id
-
-
-def _check_annotation(annotation: object, task: object) -> None:
-    if not isinstance(annotation, Mapping):
-        raise InvalidInput("the webhook has no 'annotation' object")
-    annotation_id(annotation)
-    if not isinstance(annotation.get("result", []), list):
-        raise InvalidInput("annotation 'result' must be a list")
-    if task is not None and not isinstance(task, Mapping):
-        raise InvalidInput("the webhook's 'task' must be an object")
-    task_id = task.get("id") if isinstance(task, Mapping) else annotation.get("task")
-    if not isinstance(task_id, int) or isinstance(task_id, bool):
-        raise InvalidInput("the webhook names no task id for its annotation")
-
-
-def _ids(items: object, message: str) -> list[int]:
-    if not isinstance(items, list):
-        raise InvalidInput(message)
-    ids = []
-    for item in items:
-        value = item.get("id") if isinstance(item, Mapping) else None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidInput(message)
-        ids.append(value)
-    return ids
+        return action
+    return parse_webhook(payload)
 
 
 def record_event(session: Session, payload: object) -> RecordedEvent:
-    """Store a delivery as a pending event, once. Unused actions are acknowledged, not stored."""
-    action, ls_project_id = validate_event(payload)
-    if action not in HANDLED_ACTIONS:
-        log.debug("webhook %s ignored", action)
-        return RecordedEvent(action, None, created=False)
+    """Store a delivery as a pending event, once. Unused actions are acknowledged, not stored.
+
+    The whole body is checked first (:func:`backend.labelstudio.payloads.parse_webhook`): a body
+    that would fail later is refused now, with a 400, and leaves no row. What is stored is the
+    allow-listed part (:func:`~backend.labelstudio.payloads.scrub_webhook`): no e-mail addresses.
+    """
+    parsed = validate_event(payload)
+    if isinstance(parsed, str):
+        log.debug("webhook %s ignored", parsed)
+        return RecordedEvent(parsed, None, created=False)
     if not isinstance(payload, Mapping):  # validate_event guarantees it; this narrows the type
         raise InvalidInput("a webhook body must be a JSON object")
+    stored = scrub_webhook(payload)
+    action = parsed.action
     try:
-        key = event_key(payload)
+        key = event_key(stored)
     except ValueError as exc:  # NaN / Infinity
         raise InvalidInput(f"the webhook body is not plain JSON: {exc}") from exc
     existing = session.scalars(select(WebhookEvent.id).where(WebhookEvent.event_key == key)).first()
     if existing is not None:
         log.info("webhook %s delivered again (event %s); recorded once", action, existing)
         return RecordedEvent(action, existing, created=False)
-    event = WebhookEvent(event_key=key, action=action, ls_project_id=ls_project_id, payload=dict(payload),
+    event = WebhookEvent(event_key=key, action=action, ls_project_id=parsed.ls_project_id, payload=stored,
                          status="pending")
     try:
         with session.begin_nested():
@@ -149,7 +121,7 @@ def record_event(session: Session, payload: object) -> RecordedEvent:
     except IntegrityError:  # the same delivery, recorded concurrently by another process
         existing = session.scalars(select(WebhookEvent.id).where(WebhookEvent.event_key == key)).first()
         return RecordedEvent(action, existing, created=False)
-    log.info("webhook %s recorded as event %s (project %s)", action, event.id, ls_project_id)
+    log.info("webhook %s recorded as event %s (project %s)", action, event.id, parsed.ls_project_id)
     return RecordedEvent(action, event.id, created=True)
 
 
@@ -185,6 +157,8 @@ def process_pending_events(mirror: LabelStudioMirror, *, limit: int = 200) -> Pr
             report.ignored += 1
         elif outcome == "processed":
             report.processed += 1
+        elif outcome == "failed":
+            report.failed += 1
     return report
 
 
@@ -198,30 +172,30 @@ def _mark(mirror: LabelStudioMirror, event_id: int, status: str, error: str | No
     with unit_of_work(mirror.factory) as session:
         event = session.get(WebhookEvent, event_id)
         if event is not None and event.status == "pending":
-            event.status = status
-            event.error = error[:MAX_ERROR_CHARS] if error else None
-            event.processed_at = utcnow()
+            _finish(event, status, error)
 
 
 def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload: dict[str, Any]) -> str:
     """Apply one event; returns 'processed', 'ignored' or 'skipped' (another processor took it).
 
-    Slow preparation (downloads) happens first, outside any transaction; the event is then
-    claimed (still pending, row-locked) and applied in one transaction.
+    The stored payload is parsed again with the same parser that admitted it. Slow preparation
+    (downloads) happens first, outside any transaction; the event is then claimed (still
+    pending, row-locked) and applied in one transaction.
     """
+    parsed = parse_webhook(payload)
     if action in ANNOTATION_ACTIONS:
-        return _apply_annotations(mirror, event_id, payload)
+        return _apply_annotations(mirror, event_id, parsed)
     if action == "START_TRAINING":
-        return _start_training(mirror, event_id, payload)
+        return _start_training(mirror, event_id, parsed)
     with unit_of_work(mirror.factory) as session:
         event = _load_pending(session, event_id)
         if event is None:
             return "skipped"
-        project = _known_project(session, payload)
+        project = session.scalars(select(Project).where(Project.ls_project_id == parsed.ls_project_id)).one_or_none()
         if action == "ANNOTATIONS_DELETED":
-            changed = sum(len(deactivate_annotation(session, a)) for a in _ids(payload["annotations"], ""))
+            changed = sum(len(deactivate_annotation(session, a)) for a in parsed.deleted_ids)
         else:  # TASKS_DELETED
-            task_ids = _ids(payload["tasks"], "")
+            task_ids = list(parsed.deleted_ids)
             changed = _retire_tasks(session, project, task_ids)
             if project is not None:
                 mirror.forget_tasks(project.id, task_ids)
@@ -231,51 +205,43 @@ def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload:
 
 
 def _finish(event: WebhookEvent, outcome: str, error: str | None = None) -> None:
+    """Close an event. Its task data (image URLs, which can carry file names) is no longer
+    needed once applied, so only the ids and the annotation content are kept."""
     event.status = outcome
-    event.error = error
+    event.error = error[:MAX_ERROR_CHARS] if error else None
     event.processed_at = utcnow()
+    event.payload = _without_task_data(event.payload)
 
 
-def _known_project(session: Session, payload: Mapping[str, Any]) -> Project | None:
-    ls_id = ls_project_id_of(payload.get("project"))
-    return session.scalars(select(Project).where(Project.ls_project_id == ls_id)).one_or_none()
+def _without_task_data(payload: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(payload)
+    task = out.get("task")
+    if isinstance(task, Mapping):
+        out["task"] = {k: v for k, v in task.items() if k != "data"}
+    elif isinstance(task, list):
+        out["task"] = [{k: v for k, v in t.items() if k != "data"} if isinstance(t, Mapping) else t for t in task]
+    return out
 
 
-def _project_config(payload: Mapping[str, Any]) -> tuple[int, str | None, str | None]:
-    project = payload.get("project")
-    ls_id = ls_project_id_of(project)
-    if isinstance(project, Mapping):
-        config = project.get("label_config")
-        title = project.get("title")
-        return ls_id, config if isinstance(config, str) else None, title if isinstance(title, str) else None
-    return ls_id, None, None
-
-
-def _apply_annotations(mirror: LabelStudioMirror, event_id: int, payload: Mapping[str, Any]) -> str:
+def _apply_annotations(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPayload) -> str:
     """ANNOTATION_CREATED / _UPDATED / ANNOTATIONS_CREATED -> mask versions (or deactivations)."""
-    ls_id, config_text, title = _project_config(payload)
-    ref = mirror.project_ref(ls_id, config_text, title)
+    ref = mirror.project_ref(parsed.ls_project_id, parsed.label_config, parsed.project_title)
     project_id, config = ref.project_id, ref.config
-    raw = payload.get("annotation")
-    annotations = [a for a in (raw if isinstance(raw, list) else [raw]) if isinstance(a, Mapping)]
-    tasks = _tasks_by_id(payload.get("task"))
     images: dict[int, int] = {}
-    for ann in annotations:
-        if ann.get("was_cancelled"):
+    for ann in parsed.annotations:
+        if ann.was_cancelled:
             continue  # a skip: no image needed
-        task_id = _task_of(ann, payload.get("task"))
+        task_id = ann.require_task()
         if task_id in images:
             continue
-        task = tasks.get(task_id)
+        task = parsed.tasks.get(task_id)
         if task is None:  # bulk events may carry no task data: ask Label Studio
             client = mirror.fetcher.client
             if client is None:
                 raise NotReady(f"task {task_id} is unknown and Label Studio is not configured to fetch it")
-            task = client.get_task(task_id)
-        data = task.get("data")
-        hint = data.get("subject") if isinstance(data, Mapping) and isinstance(data.get("subject"), str) else None
-        images[task_id] = mirror.task_image(project_id, task_id, mirror.image_url(config, data), subject_hint=hint).image_id
-    outcomes: list[str] = []
+            task = LsTask.parse(client.get_task(task_id), require_id=True)
+        images[task_id] = mirror.task_image_of(project_id, config, task).image_id
+    outcomes: list[AnnotationOutcome] = []
     with unit_of_work(mirror.factory) as session:
         event = _load_pending(session, event_id)
         if event is None:
@@ -283,32 +249,22 @@ def _apply_annotations(mirror: LabelStudioMirror, event_id: int, payload: Mappin
         project_row = session.get(Project, project_id)
         if project_row is None:
             raise NotReady(f"project {project_id} disappeared")
-        for ann in annotations:
-            image_id = images.get(_task_of(ann, payload.get("task")), 0)
-            outcomes.append(mirror.apply_annotation(session, project_row, config, image_id, ann, webhook_event_id=event_id))
-        changed = any(o in ("created", "updated", "deactivated") for o in outcomes)
-        outcome = "processed" if changed else "ignored"
+        for ann in parsed.annotations:
+            image_id = images.get(ann.task_id or 0, 0)
+            outcomes.append(mirror.apply_annotation(session, project_row, config, image_id, ann,
+                                                    webhook_event_id=event_id))
+        changed = any(o.changed for o in outcomes)
+        refused = [o.reason for o in outcomes if o.kind == "refused" and o.reason]
         if changed:
             maybe_request_retrain(session, project_row, mirror.settings)  # the 'annotations' trigger
-        _finish(event, outcome)
-    log.info("webhook event %s: %s", event_id, ", ".join(outcomes) or "nothing")
+        if refused:
+            outcome = "failed"
+            _finish(event, outcome, "; ".join(refused))
+        else:
+            outcome = "processed" if any(o.recorded for o in outcomes) else "ignored"
+            _finish(event, outcome)
+    log.info("webhook event %s: %s", event_id, ", ".join(o.kind for o in outcomes) or "nothing")
     return outcome
-
-
-def _tasks_by_id(raw: object) -> dict[int, Mapping[str, Any]]:
-    items = raw if isinstance(raw, list) else [raw]
-    return {t["id"]: t for t in items if isinstance(t, Mapping) and isinstance(t.get("id"), int)}
-
-
-def _task_of(annotation: Mapping[str, Any], task: object) -> int:
-    value = annotation.get("task")
-    if isinstance(value, Mapping):
-        value = value.get("id")
-    if (not isinstance(value, int) or isinstance(value, bool)) and isinstance(task, Mapping):
-        value = task.get("id")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidInput("an annotation without a task id")
-    return value
 
 
 def _retire_tasks(session: Session, project: Project | None, task_ids: list[int]) -> int:
@@ -342,13 +298,13 @@ def _retire_tasks(session: Session, project: Project | None, task_ids: list[int]
     return len(sources)
 
 
-def _start_training(mirror: LabelStudioMirror, event_id: int, payload: Mapping[str, Any]) -> str:
+def _start_training(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPayload) -> str:
     """Reconcile first (when Label Studio is reachable), then queue a run (single-flight).
 
     The run is only queued here; a worker claims it (:mod:`backend.services.run_queue`) and executes it
     (:mod:`backend.services.run_execution`).
     """
-    ls_id, config_text, title = _project_config(payload)
+    ls_id = parsed.ls_project_id
     if mirror.fetcher.client is not None:
         try:
             mirror.reconcile(ls_id)
@@ -358,7 +314,7 @@ def _start_training(mirror: LabelStudioMirror, event_id: int, payload: Mapping[s
         event = _load_pending(session, event_id)
         if event is None:
             return "skipped"
-        project, _ = mirror.ensure_project(session, ls_id, config_text, title)
+        project, _ = mirror.ensure_project(session, ls_id, parsed.label_config, parsed.project_title)
         run = request_training(session, project, "start_training")
         _finish(event, "processed")
         log.info("START_TRAINING for project %s: %s", ls_id,
