@@ -274,3 +274,18 @@ def test_cli_policy_inline_training_and_evaluation(
         assert report["fg_mDice"] == pytest.approx(version.metrics["fg_mDice"])  # same labels, same model
     none_on_test = runner.invoke(cli, ["evaluate", "--project", "nerves", "--split", "test"], env=env)
     assert none_on_test.exit_code == 1 and "no labelled test image" in none_on_test.output
+
+
+def test_a_first_model_below_the_floor_stays_a_candidate_with_the_reason(
+    factory: SessionFactory, store: LocalBlobStore, run_settings: Settings
+) -> None:
+    """A first model once served after 0 epochs ("no serving model to compare with"): the first
+    promotion has a floor now (here set out of reach, so the run must not promote)."""
+    pid = _project(factory, store)
+    outcome = _run(factory, store, run_settings.replace(gate_min_dice=1.0), pid)
+    assert outcome.status == "succeeded" and not outcome.promoted
+    assert "first model not promoted" in (outcome.gate_reason or "") and "below the floor" in (outcome.gate_reason or "")
+    with factory() as s:
+        assert serving_version(s, pid) is None
+        (version,) = s.scalars(select(ModelVersion)).all()
+        assert version.status == "candidate" and "floor" in (version.gate_reason or "")

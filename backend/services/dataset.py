@@ -178,8 +178,10 @@ def _import_mask(session: Session, store: StagedWrites, project: Project, added:
     conflicting = [mv for mv in others if mv.sha256 != sha]
     write = add_mask_version(session, store, project, image, mask, source="import", author="import",
                              image_source_id=source.id, may_become_current=not conflicting)
+    if not write.created:  # this file's mask as stored before: any conflict is already recorded
+        return "unchanged"
     if not conflicting:
-        return "added" if write.created else "unchanged"
+        return "added"
     for mv in conflicting:
         mv.is_current = False
     session.flush()
