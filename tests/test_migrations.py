@@ -19,7 +19,7 @@ from backend.errors import NotReady
 
 EXPECTED_TABLES = {
     "project", "image", "image_source", "mask_version", "model_version", "model_version_mask",
-    "serving_change", "prediction", "training_run", "webhook_event",
+    "serving_change", "prediction", "training_run", "webhook_event", "label_issue", "scheduler_heartbeat",
 }
 
 
@@ -74,5 +74,45 @@ def test_unmigrated_database_is_refused_with_instructions(empty_url: str) -> Non
             require_up_to_date(engine)
         upgrade(engine)
         require_up_to_date(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_0003_removes_clear_paths_and_personal_webhook_fields(empty_url: str, with_key: bool) -> None:
+    """Data written by 0002-era code: clear source paths and verbatim webhook bodies."""
+    import json
+
+    from sqlalchemy import text
+
+    from backend.services.pseudonyms import source_ref
+
+    engine = make_engine(empty_url)
+    key = bytes(range(32))
+    clear = "/hospital/PID-123456/Doe_John_19600101.dcm"
+    try:
+        upgrade(engine, "0002")
+        payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3, "created_by": {"email": "a@h.example"}},
+                   "annotation": {"id": 1, "task": 2, "result": [], "completed_by": {"id": 4, "email": "b@h.example"}},
+                   "task": {"id": 2, "data": {"image": "/data/upload/3/Doe_John.png"}}}
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO project (id, name, class_names, retrain_pending, created_at, auto_retrain) "
+                              "VALUES (1, 'p', '[\"Nerve\"]', false, CURRENT_TIMESTAMP, true)"))
+            conn.execute(text("INSERT INTO image (id, project_id, sha256, blob_key, width, height, subject, split, "
+                              "source_format, frame_index, acquisition, created_at) VALUES (1, 1, 'x', 'k', 2, 2, "
+                              "'subj-1', 'train', 'png', 0, '{}', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO image_source (id, project_id, image_id, kind, uri, active, created_at) "
+                              "VALUES (1, 1, 1, 'import', :uri, true, CURRENT_TIMESTAMP)"), {"uri": clear})
+            conn.execute(text("INSERT INTO webhook_event (id, event_key, action, payload, status, received_at) "
+                              "VALUES (1, 'k1', 'ANNOTATION_CREATED', :p, 'processed', CURRENT_TIMESTAMP)"),
+                         {"p": json.dumps(payload)})
+        upgrade(engine, pseudonym_key=key if with_key else None)
+        with engine.connect() as conn:
+            ref = conn.execute(text("SELECT source_ref FROM image_source")).scalar()
+            stored = conn.execute(text("SELECT payload FROM webhook_event")).scalar()
+        assert ref == (source_ref(clear, key) if with_key else None)
+        stored_text = stored if isinstance(stored, str) else json.dumps(stored)
+        assert "h.example" not in stored_text and "Doe_John" not in stored_text
+        assert '"completed_by": 4' in stored_text.replace('":4', '": 4')
     finally:
         engine.dispose()

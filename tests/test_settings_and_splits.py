@@ -29,7 +29,8 @@ def test_env_overrides_and_errors() -> None:
 
 
 def test_secrets_are_not_in_repr() -> None:
-    s = Settings(label_studio_api_key="sekrit-key", basic_auth_password="pw-123", webhook_secret="hook-456")
+    s = Settings(label_studio_api_key="sekrit-key", basic_auth_user="u", basic_auth_password="pw-123",
+                 webhook_secret="hook-456")
     assert "sekrit-key" not in repr(s) and "pw-123" not in repr(s) and "hook-456" not in repr(s)
 
 

@@ -96,11 +96,13 @@ def import_files(
     to take it: 'file' (each file is a subject: cine frames stay together) or 'parent' (the
     folder name, for datasets laid out one folder per patient). Raw identifiers are pseudonymised.
     """
+    from backend.imaging.budget import shared_budget
     from backend.imaging.io import read_image, read_mask as read_mask_file
 
     if subject_from not in ("file", "parent"):
         raise InvalidInput(f"subject_from must be 'file' or 'parent', not {subject_from!r}")
     key = load_or_create_key(settings.data_dir)
+    budget = shared_budget(settings.decode_memory_bytes)
     with unit_of_work(factory) as session:
         project_id = get_or_create_project(session, project_name, class_names=class_names).id
     report = ImportReport()
@@ -110,9 +112,10 @@ def import_files(
         raw_subject = subject or (path.parent.name if subject_from == "parent" else str(resolved))
         try:
             file_sha, file_bytes = _file_digest(path)
-            frames = read_image(path, max_side=settings.max_image_side, max_bytes=settings.max_image_bytes)
+            frames = read_image(path, max_side=settings.max_image_side, max_bytes=settings.max_image_bytes,
+                                budget=budget)
             mask_path = _find_mask(mask_dir, path)
-            mask = read_mask_file(mask_path, max_side=settings.max_image_side) if mask_path else None
+            mask = read_mask_file(mask_path, max_side=settings.max_image_side, budget=budget) if mask_path else None
             with staged_writes(store) as staged, unit_of_work(factory) as session:
                 project = session.get_one(Project, project_id)
                 for frame in frames:

@@ -7,6 +7,7 @@ label issues (refused annotations, conflicting duplicates), the scheduler heartb
   (the bare ``alembic`` command) they are dropped rather than kept in clear.
 - ``mask_version.ls_updated_at`` and ``mask_version.image_source_id``.
 - tables ``label_issue`` and ``scheduler_heartbeat``.
+- stored webhook payloads are reduced to the allow-list (no e-mail addresses, no user names).
 
 Revision ID: 0003
 Revises: 0002
@@ -44,7 +45,30 @@ def _pseudonymise_existing_uris() -> None:
         bind.execute(source.update().where(source.c.id == row_id).values(source_ref=ref))
 
 
+def _scrub_stored_webhooks() -> None:
+    """Earlier versions stored webhook bodies verbatim (users' e-mail addresses included)."""
+    from backend.labelstudio.payloads import scrub_webhook
+
+    bind = op.get_bind()
+    events = sa.table("webhook_event", sa.column("id", sa.Integer), sa.column("payload", _JSON),
+                      sa.column("status", sa.String))
+    for row_id, payload, status in bind.execute(sa.select(events.c.id, events.c.payload, events.c.status)).all():
+        if not isinstance(payload, dict):
+            continue
+        scrubbed = scrub_webhook(payload)
+        if status != "pending":
+            task = scrubbed.get("task")
+            if isinstance(task, dict):
+                task.pop("data", None)
+            elif isinstance(task, list):
+                for item in task:
+                    if isinstance(item, dict):
+                        item.pop("data", None)
+        bind.execute(events.update().where(events.c.id == row_id).values(payload=scrubbed))
+
+
 def upgrade() -> None:
+    _scrub_stored_webhooks()
     with op.batch_alter_table("image_source", schema=None) as batch_op:
         batch_op.add_column(sa.Column("source_ref", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("file_sha256", sa.String(length=64), nullable=True))
