@@ -131,7 +131,9 @@ def bytes_source(data: bytes, hint: str, max_bytes: int) -> Iterator[Source]:
     name = hint[-200:] or "download"
     _check_limits(name, len(data), max_bytes)
     fmt, gz = _sniff(data[:_HEAD_BYTES])
-    suffix = ".nii.gz" if fmt == "nifti" and gz else {"metaimage": ".mha", None: ".bin"}.get(fmt, f".{fmt}")
+    # NIfTI: ITK trusts the name, so plain NIfTI needs ".nii" (".nifti" is "not recognized")
+    suffix = (".nii.gz" if fmt == "nifti" and gz
+              else {"nifti": ".nii", "metaimage": ".mha", None: ".bin"}.get(fmt, f".{fmt}"))
     with _temporary_file(data, suffix) as tmp:
         yield _inspect(tmp, name, fmt, data[:_HEAD_BYTES], max_bytes, allow_detached=False)
 

@@ -73,6 +73,11 @@ _PIXEL_DATA_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x000
 _REGIONS_TAG = (0x0018, 0x6011)
 # Explicit-VR encodings whose length field is 4 bytes (after 2 reserved bytes).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+# The 2-byte-length VRs. Any other VR (a corrupt or future one) has the long form: GDCM reads it
+# so, and a scan that read 2 bytes instead would pass a file whose bogus 32-bit length makes
+# GDCM allocate up to 4 GiB before failing (found by fuzz/fuzz_image_readers.py).
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
+                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _Elements = dict[tuple[int, int], bytes]  # (group, element) -> raw value
 _UNSCANNABLE_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflate
@@ -101,10 +106,15 @@ class UltrasoundRegion:
 
 @dataclass(frozen=True)
 class DicomScan:
-    """What the header walk learnt. ``complete`` is False when the syntax cannot be walked."""
+    """What the header walk learnt. ``complete`` is False when the syntax cannot be walked.
+
+    ``encapsulated``: the pixel data are compressed fragments; GDCM's codecs then hold several
+    copies while decoding, which the memory estimate of :mod:`backend.imaging.io` must know.
+    """
 
     complete: bool
     regions: tuple[UltrasoundRegion, ...] = ()
+    encapsulated: bool = False
 
 
 class _Cursor:
@@ -141,7 +151,7 @@ def _read_header(cur: _Cursor, implicit: bool) -> tuple[tuple[int, int], bytes |
     if group == 0xFFFE or implicit:  # item/delimiter tags never carry a VR
         return (group, element), None, struct.unpack("<I", cur.read(4))[0]
     vr = cur.read(2)
-    if vr in _LONG_VRS:
+    if vr in _LONG_VRS or vr not in _SHORT_VRS:  # unknown VRs take the long form (PS3.5 6.2), as in GDCM
         cur.skip(2)
         return (group, element), vr, struct.unpack("<I", cur.read(4))[0]
     return (group, element), vr, struct.unpack("<H", cur.read(2))[0]
@@ -213,13 +223,14 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
     if syntax in _UNSCANNABLE_SYNTAXES:
         return DicomScan(complete=False)
     implicit = syntax == _IMPLICIT_LE
-    has_pixels = False
+    has_pixels = encapsulated = False
     raw_regions: list[_Elements] = []
     while cur.pos < size:
         tag, vr, length = _read_header(cur, implicit)
         if tag in _PIXEL_DATA_TAGS:
             if length == _UNDEFINED:  # encapsulated (compressed) frames: walk the fragments
                 _walk_items_raw(cur)
+                encapsulated = True
             else:
                 cur.skip(length)
             has_pixels = True
@@ -232,7 +243,7 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
             cur.skip(length)
     if not has_pixels:
         raise DicomStructureError("it has no pixel data (a report, presentation state or other non-image object)")
-    return DicomScan(complete=True, regions=tuple(_region_from(v) for v in raw_regions))
+    return DicomScan(complete=True, regions=tuple(_region_from(v) for v in raw_regions), encapsulated=encapsulated)
 
 
 def _walk_items_raw(cur: _Cursor) -> None:
