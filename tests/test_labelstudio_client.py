@@ -130,3 +130,21 @@ def test_repr_and_errors_never_show_the_key(ls: tuple[FakeLabelStudio, ServedApp
     with pytest.raises(UpstreamError) as info:
         LabelStudioClient(served.url, "f" * 40).get_project(1)
     assert "f" * 40 not in str(info.value)
+
+
+def test_a_backslash_or_user_info_trick_cannot_borrow_the_label_studio_origin(
+    ls: tuple[FakeLabelStudio, ServedApp], cloud: tuple[FakeCloud, ServedApp]
+) -> None:
+    """``http://other\\@label-studio/x``: urllib reads Label Studio's host, requests connects to ``other``."""
+    fake, served = ls
+    fake_cloud, cloud_served = cloud
+    fake.files["/data/upload/1/a.png"] = b"\x89PNG-bytes"
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+    other = f"{cloud_served.host}:{cloud_served.port}"
+    here = f"127.0.0.1:{served.port}"
+    for url in (f"http://{other}\\@{here}/data/upload/1/a.png", f"http://{other}%5C@{here}/data/upload/1/a.png",
+                f"http://{here}@{other}/data/upload/1/a.png", f"http://{other}\t@{here}/data/upload/1/a.png"):
+        assert not client.is_label_studio_url(url)
+        with pytest.raises(InvalidInput):
+            client.download(url, max_bytes=1024)
+    assert fake_cloud.seen == []

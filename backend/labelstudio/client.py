@@ -9,8 +9,10 @@ Label Studio 1.23 accepts two kinds of key:
   Studio answers 401 the access token is refreshed and the request retried once.
 
 The key is only ever sent to the Label Studio origin (scheme, host and port of
-``LABEL_STUDIO_URL``): :meth:`LabelStudioClient.request` refuses any other URL, and redirects
-are followed by hand so that a hop to another host (a presigned cloud URL) goes without
+``LABEL_STUDIO_URL``): every URL goes through :func:`backend.labelstudio.urls.check_url`, which
+reads it as the HTTP client does (or refuses it), and only the URL it rebuilt is sent;
+:meth:`LabelStudioClient.request` refuses any other origin, and redirects are followed by hand,
+each hop re-checked, so that a hop to another host (a presigned cloud URL) goes without
 credentials. Neither the key nor an access token is ever logged.
 """
 
@@ -20,16 +22,22 @@ import base64
 import binascii
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import requests
 
 from backend.errors import InvalidInput, NotReady, PayloadTooLarge, UpstreamError
+from backend.labelstudio.urls import (  # Origin and redact_url: re-exported, they used to live here
+    CheckedUrl,
+    Origin,
+    check_redirect,
+    check_url,
+    redact_url,
+)
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = (3.05, 30.0)  # (connect, read) seconds
 MAX_REDIRECTS = 5
 _CHUNK = 256 * 1024
+_HAS_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# requests prepares the next hop of a redirect even with allow_redirects=False (for ``resp.next``),
+# and urllib raises ValueError on some Location values (a bad port, a stray '['). Such a hop would
+# be refused by the URL policy anyway; it must fail as this one task's reason, not as a crash.
+_UNPARSEABLE_REDIRECT = "{} answered a redirect whose Location cannot be parsed; refused"
 
 
 class TokenKind(Enum):
@@ -57,35 +70,6 @@ def token_kind(api_key: str) -> TokenKind:
     return TokenKind.LEGACY
 
 
-@dataclass(frozen=True)
-class Origin:
-    scheme: str
-    host: str
-    port: int
-
-    @classmethod
-    def of(cls, url: str) -> Origin:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"not an absolute http(s) URL: {redact_url(url)!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise InvalidInput(f"invalid port in URL {redact_url(url)!r}") from exc
-        return cls(parts.scheme, parts.hostname.lower(), port)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its query string and user info, for logs and error messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    if parts.scheme:
-        return f"{parts.scheme}://{host}{parts.path}"
-    return parts.path
-
-
 class LabelStudioClient:
     """Talks to one Label Studio server with one API key. Thread-safe (one access token, locked)."""
 
@@ -102,7 +86,7 @@ class LabelStudioClient:
         if not api_key:
             raise NotReady("LABEL_STUDIO_API_KEY is not set: Label Studio will refuse sonoseg's requests")
         self.base_url = base_url.rstrip("/")
-        self.origin = Origin.of(self.base_url)
+        self.origin = check_url(self.base_url).origin
         key = api_key.strip()
         for prefix in ("Token ", "Bearer "):  # tolerate a pasted header value
             if key.startswith(prefix):
@@ -124,15 +108,22 @@ class LabelStudioClient:
     # -- URLs --------------------------------------------------------------------------------
     def absolute(self, path_or_url: str) -> str:
         """``/data/upload/...`` -> ``<LABEL_STUDIO_URL>/data/upload/...``; absolute URLs unchanged."""
-        if urlsplit(path_or_url).scheme:
+        if _HAS_SCHEME.match(path_or_url):  # not urlsplit: it drops tabs and raises on a stray '['
             return path_or_url
         if not path_or_url.startswith("/"):
             raise InvalidInput(f"expected an absolute path on Label Studio, got {redact_url(path_or_url)!r}")
         return self.base_url + path_or_url
 
-    def is_label_studio_url(self, url: str) -> bool:
+    def check(self, path_or_url: str) -> CheckedUrl:
+        """``path_or_url`` made absolute and checked by the URL policy (raises InvalidInput if refused)."""
+        return check_url(self.absolute(path_or_url))
+
+    def is_label_studio_url(self, url: str | CheckedUrl) -> bool:
+        """Whether credentials may go to ``url``: the policy accepts it and its origin is Label Studio's."""
+        if isinstance(url, CheckedUrl):
+            return url.origin == self.origin
         try:
-            return Origin.of(self.absolute(url)) == self.origin
+            return self.check(url).origin == self.origin
         except InvalidInput:
             return False
 
@@ -146,10 +137,10 @@ class LabelStudioClient:
             return f"Bearer {self._access}"
 
     def _refresh_access(self) -> str:
-        url = self.base_url + "/api/token/refresh/"
+        url = self._own(self.check("/api/token/refresh/")).url  # the key is in the body: same rule
         try:
             resp = self._http.post(url, json={"refresh": self._key}, timeout=self._timeout, allow_redirects=False)
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: see _UNPARSEABLE_REDIRECT
             raise UpstreamError(f"cannot reach Label Studio at {self.base_url}: {type(exc).__name__}") from exc
         if resp.status_code in (400, 401, 403):
             raise UpstreamError(
@@ -168,10 +159,19 @@ class LabelStudioClient:
                 self._access = None
 
     # -- requests ------------------------------------------------------------------------------
+    def _own(self, checked: CheckedUrl) -> CheckedUrl:
+        """``checked`` if it is on the Label Studio origin; InvalidInput otherwise (credentials stay home)."""
+        if checked.origin != self.origin:
+            raise InvalidInput(
+                f"refusing to send Label Studio credentials to {checked.redacted}: it is not on the Label Studio "
+                f"origin {self.origin}"
+            )
+        return checked
+
     def request(
         self,
         method: str,
-        path_or_url: str,
+        path_or_url: str | CheckedUrl,
         *,
         params: dict[str, Any] | None = None,
         json_body: Any = None,
@@ -179,12 +179,13 @@ class LabelStudioClient:
     ) -> requests.Response:
         """One request to Label Studio with credentials; 401 with a PAT refreshes and retries once.
 
-        Only Label Studio URLs are accepted. Redirects are not followed here (see :meth:`download`).
-        Connection failures become :class:`UpstreamError`; HTTP error statuses are returned.
+        Only URLs that the URL policy accepts *and* that are on the Label Studio origin are
+        accepted; what is sent is the policy's rebuilt URL. Redirects are not followed here (see
+        :meth:`download`). Connection failures become :class:`UpstreamError`; HTTP error statuses
+        are returned.
         """
-        url = self.absolute(path_or_url)
-        if Origin.of(url) != self.origin:
-            raise InvalidInput(f"refusing to send Label Studio credentials to {redact_url(url)}")
+        checked = path_or_url if isinstance(path_or_url, CheckedUrl) else self.check(path_or_url)
+        url = self._own(checked).url
         header = self._auth_header()
         resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream)
         if resp.status_code == 401 and self.kind is TokenKind.PERSONAL:
@@ -220,6 +221,8 @@ class LabelStudioClient:
             )
         except requests.RequestException as exc:
             raise UpstreamError(f"cannot reach Label Studio at {redact_url(url)}: {type(exc).__name__}") from exc
+        except ValueError as exc:
+            raise UpstreamError(_UNPARSEABLE_REDIRECT.format(redact_url(url))) from exc
 
     def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         resp = self.request("GET", path, params=params)
@@ -227,31 +230,36 @@ class LabelStudioClient:
             raise UpstreamError(f"Label Studio answered {resp.status_code} for GET {redact_url(self.absolute(path))}")
         return _json_body(resp, redact_url(self.absolute(path)))
 
-    def download(self, path_or_url: str, *, max_bytes: int, foreign_allowed: bool = True) -> bytes:
+    def download(self, path_or_url: str | CheckedUrl, *, max_bytes: int, foreign_allowed: bool = True) -> bytes:
         """Bytes of a Label Studio file URL, following redirects by hand.
 
-        Hops on the Label Studio origin carry credentials; the first hop elsewhere (Label Studio's
-        presign endpoint redirects to a presigned cloud URL) and every hop after it go without
-        them. ``foreign_allowed=False`` refuses such hops. Stops reading past ``max_bytes``.
+        Every hop is re-checked by the URL policy (:func:`check_redirect`). Hops on the Label Studio
+        origin carry credentials until the first hop elsewhere (Label Studio's presign endpoint
+        redirects to a presigned cloud URL); that hop and every hop after it go without them, even
+        one back to Label Studio, so a foreign host cannot make us send an authenticated request.
+        ``foreign_allowed=False`` refuses such hops. Stops reading past ``max_bytes``.
         """
-        url = self.absolute(path_or_url)
-        resp = self.request("GET", url, stream=True)
+        first = path_or_url if isinstance(path_or_url, CheckedUrl) else self.check(path_or_url)
+        checked = self._own(first)
+        resp = self.request("GET", checked, stream=True)
+        left_home = False
         for _ in range(MAX_REDIRECTS):
             if not resp.is_redirect:
                 break
             location = resp.headers.get("Location", "")
             resp.close()
-            url = urljoin(url, location)
-            if self.is_label_studio_url(url):
-                resp = self.request("GET", url, stream=True)
+            checked = check_redirect(checked, location)
+            if not left_home and checked.origin == self.origin:
+                resp = self.request("GET", checked, stream=True)
                 continue
             if not foreign_allowed:
-                raise InvalidInput(f"Label Studio redirected to another host ({redact_url(url)}), which is not allowed")
-            resp = fetch_without_credentials(self._http, url, timeout=self._timeout)
+                raise InvalidInput(f"Label Studio redirected to another host ({checked.redacted}), which is not allowed")
+            left_home = True
+            resp = fetch_without_credentials(self._http, checked, timeout=self._timeout)
         else:
             resp.close()
-            raise UpstreamError(f"too many redirects fetching {redact_url(self.absolute(path_or_url))}")
-        return read_limited(resp, max_bytes, redact_url(url))
+            raise UpstreamError(f"too many redirects fetching {first.redacted}")
+        return read_limited(resp, max_bytes, checked.redacted)
 
     # -- API calls -------------------------------------------------------------------------------
     def get_project(self, project_id: int) -> dict[str, Any]:
@@ -295,16 +303,30 @@ class LabelStudioClient:
     @staticmethod
     def presign_path(task_id: int, fileuri: str) -> str:
         """Label Studio's endpoint that redirects to a presigned URL for a cloud storage URI."""
-        encoded = base64.urlsafe_b64encode(fileuri.encode()).decode()
+        try:
+            raw = fileuri.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate from JSON: not a URI Label Studio could hold
+            raise InvalidInput("the cloud storage URI is not valid Unicode text") from exc
+        encoded = base64.urlsafe_b64encode(raw).decode()
         return f"/tasks/{int(task_id)}/presign/?fileuri={encoded}"
 
 
-def fetch_without_credentials(http: requests.Session, url: str, *, timeout: tuple[float, float]) -> requests.Response:
-    """A GET with no Authorization header and no automatic redirects."""
+def fetch_without_credentials(
+    http: requests.Session, url: str | CheckedUrl, *, timeout: tuple[float, float]
+) -> requests.Response:
+    """A GET with no Authorization header and no automatic redirects, to a URL the policy accepts.
+
+    The caller follows redirects, re-checking each ``Location`` with :func:`check_redirect`.
+    """
+    checked = url if isinstance(url, CheckedUrl) else check_url(url)
     try:
-        return http.get(url, timeout=timeout, stream=True, allow_redirects=False)  # our session carries no auth
+        # Our sessions carry no auth; the explicit None drops any session-level Authorization header.
+        return http.get(checked.url, timeout=timeout, stream=True, allow_redirects=False,
+                        headers={"Authorization": None})
     except requests.RequestException as exc:
-        raise UpstreamError(f"cannot fetch {redact_url(url)}: {type(exc).__name__}") from exc
+        raise UpstreamError(f"cannot fetch {checked.redacted}: {type(exc).__name__}") from exc
+    except ValueError as exc:
+        raise UpstreamError(_UNPARSEABLE_REDIRECT.format(checked.redacted)) from exc
 
 
 def read_limited(resp: requests.Response, max_bytes: int, what: str) -> bytes:
@@ -334,3 +356,16 @@ def _json_body(resp: requests.Response, what: str) -> Any:
         return resp.json()
     except ValueError as exc:
         raise UpstreamError(f"Label Studio sent a non-JSON answer for {what} (status {resp.status_code})") from exc
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_REDIRECTS",
+    "LabelStudioClient",
+    "Origin",
+    "TokenKind",
+    "fetch_without_credentials",
+    "read_limited",
+    "redact_url",
+    "token_kind",
+]

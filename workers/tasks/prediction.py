@@ -18,7 +18,8 @@ from celery import Task, shared_task
 
 from backend.db.models import Project
 from backend.db.session import unit_of_work
-from backend.errors import SonosegError, UpstreamError
+from backend.errors import InvalidInput, SonosegError, UpstreamError
+from backend.labelstudio.payloads import LsTask
 from backend.services.versions import serving_version
 from workers.celery_app import TASK_PREDICT_PROJECT, WorkerRuntime, runtime_of
 
@@ -45,9 +46,15 @@ class RepredictReport:
         return dict(self.__dict__)
 
 
-def _unlabelled_tasks(tasks: Iterator[dict[str, Any]], uid: str, report: RepredictReport) -> Iterator[dict[str, Any]]:
+def _unlabelled_tasks(tasks: Iterator[dict[str, Any]], uid: str, report: RepredictReport) -> Iterator[LsTask]:
     for task in tasks:
         report.tasks_seen += 1
+        try:
+            parsed = LsTask.parse(task, require_id=True)
+        except InvalidInput as exc:
+            report.failed += 1
+            log.warning("task %r skipped: %s", task.get("id"), exc.message)
+            continue
         annotations = [a for a in task.get("annotations") or []
                        if isinstance(a, Mapping) and not a.get("was_cancelled")]
         if annotations:
@@ -56,11 +63,11 @@ def _unlabelled_tasks(tasks: Iterator[dict[str, Any]], uid: str, report: Repredi
         if any(isinstance(p, Mapping) and p.get("model_version") == uid for p in predictions):
             report.already_predicted += 1
             continue
-        yield task
+        yield parsed
 
 
-def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
+def _chunks(items: Iterator[LsTask], size: int) -> Iterator[list[LsTask]]:
+    chunk: list[LsTask] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
@@ -109,12 +116,12 @@ def repredict_unlabelled(rt: WorkerRuntime, project_id: int, model_uid: str | No
             if not answer.result:
                 report.empty += 1
                 continue
-            resp = client.request("POST", "/api/predictions/", json_body={"task": task["id"], **answer.to_json()})
+            resp = client.request("POST", "/api/predictions/", json_body={"task": task.id, **answer.to_json()})
             if resp.ok:
                 report.predicted += 1
             else:
                 report.failed += 1
-                log.warning("Label Studio refused the prediction for task %s (%s)", task["id"], resp.status_code)
+                log.warning("Label Studio refused the prediction for task %s (%s)", task.id, resp.status_code)
     log.info("re-prediction of project %s with %s: %d written, %d already there, %d empty, %d failed of %d tasks",
              project_id, row.uid, report.predicted, report.already_predicted, report.empty, report.failed,
              report.tasks_seen)
