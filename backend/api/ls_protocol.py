@@ -58,8 +58,17 @@ def _authenticate() -> None:
 @bp.get("/")
 @bp.get("/health")
 def health() -> Response:
+    """Always 200 while the process serves. ``scheduler`` says whether a beat was seen lately
+    (queued training runs move only then); read from a per-process cache that a background thread
+    refreshes at most every few seconds, so this view never waits on the database."""
+    from backend.services.scheduler import SchedulerHealthCache
+
     state = _state()
-    return jsonify({"status": "UP", "model_class": MODEL_NAME, "serving_models": len(state.holder.snapshot())})
+    cache = current_app.extensions.get("sonoseg.scheduler_health")
+    if not isinstance(cache, SchedulerHealthCache):
+        cache = current_app.extensions["sonoseg.scheduler_health"] = SchedulerHealthCache(state.factory, state.settings)
+    return jsonify({"status": "UP", "model_class": MODEL_NAME, "serving_models": len(state.holder.snapshot()),
+                    "scheduler": cache.get().to_json()})
 
 
 @bp.post("/setup")

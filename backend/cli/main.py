@@ -278,7 +278,7 @@ def status_cmd(c: CliContext, as_json: bool) -> None:
     from backend.services.status import collect_status
 
     try:
-        report = collect_status(c.engine, c.store)
+        report = collect_status(c.engine, c.store, settings=c.settings)
     except SonosegError as exc:
         raise fail(exc) from exc
     click.echo(json.dumps(report, indent=2, default=str) if as_json else report_text(report))
@@ -306,6 +306,13 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
             lines.append(f"  event {event['id']} {event['action']} {event['received_at']}: {event['error']}")
     if report["store_temp_files"]:
         lines.append(f"warning: {report['store_temp_files']} leftover temp file(s) in the store")
+    sched = report.get("scheduler")
+    if sched:
+        verdict = {True: "ok", False: "WARNING"}.get(sched["ok"], "unknown")
+        lines.append(f"scheduler: {verdict}: {sched['message']}")
+        for run in sched["stalled_runs"]:
+            lines.append(f"  STALLED run {run['run_id']} (project {run['project_id']}) queued "
+                         f"{run['queued_for_seconds']:.0f} s: {run['reason']}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,9 @@ from backend.cli.context import CliContext, fail, pass_ctx
 from backend.errors import SonosegError
 
 QUEUE_CHOICES = ("train", "predict", "housekeeping")
+# After Celery's own shutdown, how long the worker waits for the processes it started (pool
+# children, the embedded beat) before it kills them; see docs/workers.md.
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
 
 def _celery_app(c: CliContext) -> Any:
@@ -43,14 +46,21 @@ def _require_database(c: CliContext) -> None:
 @click.option("-B", "--beat/--no-beat", "with_beat", default=False,
               help="Also run the beat scheduler in this worker (single-machine setups; exactly one per deployment).")
 @click.option("-n", "--hostname", default=None, help="Node name (default sonoseg-<queues>@<host>).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=SHUTDOWN_TIMEOUT_SECONDS, show_default=True,
+              help="Seconds to wait, once Celery has shut down, for the processes this worker started "
+                   "(pool, embedded beat) before killing them.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def worker(c: CliContext, queues: str, concurrency: int, pool: str, with_beat: bool, hostname: str | None,
-           celery_args: tuple[str, ...]) -> None:
+           shutdown_timeout: float, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker for training, batch prediction and housekeeping.
 
     Broker and result backend come from SONOSEG_BROKER_URL / SONOSEG_RESULT_BACKEND (default: SQLite
     files in the data directory, no service needed). Arguments after `--` go to `celery worker`.
+
+    SIGTERM: warm shutdown (the running task finishes); SIGINT: cold. Either way, no process this
+    worker started outlives it: what is left when Celery returns gets SIGTERM, then SIGKILL after
+    --shutdown-timeout; the embedded beat is also killed by the kernel if the worker dies.
     """
     from workers.celery_app import is_embedded_broker
 
@@ -73,7 +83,24 @@ def worker(c: CliContext, queues: str, concurrency: int, pool: str, with_beat: b
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     if with_beat:
         argv += ["--beat", f"--schedule={c.settings.data_dir / 'celerybeat-schedule'}"]
-    app.worker_main([*argv, *celery_args])
+    try:
+        app.worker_main([*argv, *celery_args])
+    finally:
+        _end_children(shutdown_timeout)
+
+
+def _end_children(timeout: float) -> None:
+    """The worker's last step: no child (pool process, embedded beat, anything a task started)
+    outlives it. Celery stops the embedded beat with one SIGTERM and never waits for it."""
+    import logging
+
+    from workers.processes import end_descendants
+
+    killed = end_descendants(timeout)
+    if killed:
+        logging.getLogger(__name__).warning(
+            "killed %d process(es) still running %.0f s after shutdown: %s", len(killed), timeout,
+            ", ".join(f"{p.pid} ({p.command})" for p in killed))
 
 
 @click.command("beat", context_settings={"ignore_unknown_options": True})

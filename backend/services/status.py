@@ -12,10 +12,12 @@ from sqlalchemy.orm import Session
 from backend.db.models import Image, LabelIssue, MaskVersion, ModelVersion, Project, TrainingRun, WebhookEvent
 from backend.db.session import make_session_factory
 from backend.services.label_issues import open_issues
+from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 
 
-def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: int = 5) -> dict[str, Any]:
+def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: int = 5,
+                   settings: Settings | None = None) -> dict[str, Any]:
     revision = current_revision(engine)
     report: dict[str, Any] = {
         "database": engine.url.render_as_string(hide_password=True),
@@ -68,6 +70,17 @@ def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: i
                 }
             )
         _add_data_integrity(session, report)
+    # Is a scheduler (beat) running? Queued runs move only then (backend/services/scheduler.py).
+    from backend.services.scheduler import scheduler_health, stalled_runs
+
+    if revision != report["required_revision"]:
+        report["scheduler"] = {"ok": None, "message": "unknown: run `sonoseg db upgrade`", "stalled_runs": []}
+        return report
+    sched_settings = settings or Settings.from_env()
+    with make_session_factory(engine)() as session:
+        health = scheduler_health(session, sched_settings)
+        stalled = stalled_runs(session, sched_settings)
+    report["scheduler"] = {**health.to_json(), "stalled_runs": [r.to_json() for r in stalled]}
     return report
 
 

@@ -8,6 +8,8 @@ in two workers at once, changes nothing more than running it once.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 from celery import Task, shared_task
@@ -16,7 +18,7 @@ from sqlalchemy import select
 from backend.db.base import utcnow
 from backend.db.models import Project, TrainingRun
 from backend.db.session import unit_of_work
-from backend.services import retrain, run_execution, run_queue, runs
+from backend.services import retrain, run_execution, run_queue, runs, scheduler
 from workers.celery_app import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN, runtime_of
 from workers.tasks.training import send_run
 
@@ -30,8 +32,14 @@ def dispatch_due_runs(self: Task) -> list[int]:
 
     A message lost between commit and send, or with a broker that dies with an unacknowledged
     message (the embedded SQLite transport), is re-sent after ``train_stale_after_seconds``.
+
+    Each tick first records the scheduler heartbeat (its own transaction, so a failing sweep
+    cannot hide a live scheduler): ``sonoseg status``, ``/health`` and workers read it.
     """
     rt = runtime_of(self.app)
+    host, pid = sender_identity(getattr(self.request, "origin", None))
+    with unit_of_work(rt.factory) as session:
+        scheduler.record_heartbeat(session, host=host, pid=pid, now=utcnow())
     sweep_retrain_policy(rt)
     with unit_of_work(rt.factory) as session:
         due = run_queue.runs_to_dispatch(session, now=utcnow(),
@@ -40,6 +48,16 @@ def dispatch_due_runs(self: Task) -> list[int]:
         send_run(self.app, run_id)
         log.info("run %s dispatched to the train queue", run_id)
     return due
+
+
+def sender_identity(origin: str | None) -> tuple[str, int | None]:
+    """(host, pid) of the process that sent a message: Celery's ``origin`` header is
+    ``gen<pid>@<host>`` for a non-worker sender such as beat; else this worker's own."""
+    if origin and "@" in origin:
+        node, _, host = origin.partition("@")
+        if node.startswith("gen") and node[3:].isdigit() and host:
+            return host, int(node[3:])
+    return socket.gethostname(), os.getpid()
 
 
 @shared_task(name=TASK_REAP, bind=True, acks_late=True, ignore_result=True)
