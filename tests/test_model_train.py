@@ -55,6 +55,10 @@ def config(**kw: object) -> TrainConfig:
         learning_rate=3e-3,
         device="cpu",
         val_fraction=0.25,
+        # These tests check per-epoch semantics: validate every epoch, no smoothing (the budgeted
+        # cadence and the moving average have their own tests in test_model_planning.py).
+        val_budget_fraction=1.0,
+        val_ema=1.0,
     )
     return base.replace(**kw)
 

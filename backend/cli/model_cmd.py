@@ -56,6 +56,10 @@ def model() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--iterations", type=int, default=None, help="Iterations per epoch (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Default: the preset's.")
+@click.option("--subject-regex", default=None,
+              help="Subject of each file from its name: the first group of this regex (e.g. '^(\\d+)_' for 12_34.png).")
+@click.option("--subjects-csv", type=_FILE, default=None, help="CSV with columns file,subject.")
+@click.option("--no-plan", is_flag=True, help="Train the preset's geometry verbatim instead of planning from the data.")
 @click.option(
     "--state",
     "state_path",
@@ -77,18 +81,24 @@ def train_cmd(
     seed: int,
     iterations: int | None,
     batch_size: int | None,
+    subject_regex: str | None,
+    subjects_csv: Path | None,
+    no_plan: bool,
     state_path: Path | None,
 ) -> None:
     """Train a model on IMAGES/MASKS and write the best checkpoint to OUT."""
     with _user_errors():
-        from backend.model.data import load_pairs_from_dirs
+        import dataclasses
+
         from backend.model.train import Progress, train
         from backend.model.train_config import training_preset
 
-        classes = [c.strip() for c in labels.split(",") if c.strip()] if labels else None
-        data = load_pairs_from_dirs(images_dir, masks_dir, classes)
+        data = _load(images_dir, masks_dir, labels, subject_regex, subjects_csv)
+        if data.subjects is not None:
+            click.echo(f"{len(set(data.subjects))} subjects: validation never shares one with training")
+        data = dataclasses.replace(data)
         config = training_preset(preset)
-        overrides: dict[str, Any] = {"seed": seed}
+        overrides: dict[str, Any] = {"seed": seed, "plan": not no_plan}
         for key, value in (
             ("max_minutes", minutes),
             ("epochs", epochs),
@@ -123,11 +133,58 @@ def train_cmd(
             bar.update(1000 - done)
         sha = result.save(out_path)
         val = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
+        for line in (result.plan or {}).get("decisions", []):
+            click.echo(f"plan: {line}")
         click.echo(
             f"stopped: {result.stop_reason} after {result.epochs} epochs ({result.elapsed_s:.0f} s); "
-            f"best epoch {result.best_epoch}, validation foreground Dice {val}"
+            f"best epoch {result.best_epoch}, validation foreground Dice {val} (all {result.n_val} held-out frames)"
         )
+        click.echo(f"throughput {result.images_per_second:.2f} images/s; validation took {result.val_seconds:.0f} s "
+                   f"({100 * result.val_fraction:.1f}% of the run)")
         click.echo(f"wrote {out_path} sha256={sha}")
+
+
+def _load(images_dir: Path, masks_dir: Path, labels: str | None, subject_regex: str | None,
+          subjects_csv: Path | None) -> Any:
+    import dataclasses
+
+    from backend.model.data import load_pairs_from_dirs, subjects_from_csv, subjects_from_names
+
+    if subject_regex and subjects_csv:
+        raise click.UsageError("give --subject-regex or --subjects-csv, not both")
+    classes = [c.strip() for c in labels.split(",") if c.strip()] if labels else None
+    data = load_pairs_from_dirs(images_dir, masks_dir, classes)
+    names = list(data.names or [])
+    if subject_regex:
+        return dataclasses.replace(data, subjects=subjects_from_names(names, subject_regex))
+    if subjects_csv:
+        return dataclasses.replace(data, subjects=subjects_from_csv(names, subjects_csv))
+    return data
+
+
+@model.command("plan")
+@click.option("--images", "images_dir", type=_DIR, required=True, help="Folder of frames.")
+@click.option("--masks", "masks_dir", type=_DIR, required=True, help="Folder of masks, same file names.")
+@click.option("--labels", default=None, help="Foreground class names in mask-value order.")
+@click.option("--preset", default="cpu_small", show_default=True, help="Model preset to plan from.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan and the fingerprint as one JSON object.")
+def plan_cmd(images_dir: Path, masks_dir: Path, labels: str | None, preset: str, as_json: bool) -> None:
+    """Print the network plan the planner derives for IMAGES/MASKS, one line per decision."""
+    with _user_errors():
+        from backend.model.fingerprint import fingerprint
+        from backend.model.planner import plan_network
+        from backend.model.train_config import training_preset
+
+        data = _load(images_dir, masks_dir, labels, None, None)
+        fp = fingerprint(list(data.pairs), data.classes)
+        plan = plan_network(fp, preset, tuple(data.classes), training_preset(preset).batch_size)
+        if as_json:
+            click.echo(json.dumps({"plan": plan.to_dict(), "fingerprint": fp.to_dict()}, sort_keys=True))
+            return
+        for line in plan.decisions:
+            click.echo(line)
+        click.echo(f"=> scale {plan.spec.input_scale:g}, patch {plan.spec.patch_size[1]}x{plan.spec.patch_size[0]}, "
+                   f"{plan.spec.n_stages} stages, batch {plan.batch_size}")
 
 
 @model.command("evaluate")

@@ -8,8 +8,8 @@ identical inputs: resample by ``spec.input_scale``, then z-score (see
 
 Patch sampling follows nnU-Net: in each batch the last ``round(batch * oversample_foreground)``
 patches are forced to contain a foreground pixel of a randomly chosen class present in the case,
-the rest are drawn uniformly; cases smaller than the patch are zero-padded (zero is the mean after
-z-scoring; padded mask pixels are background).
+the rest are drawn uniformly; cases smaller than the patch are zero-padded symmetrically, exactly as
+inference pads a frame (zero is the mean after z-scoring; padded mask pixels are background).
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ class TrainData:
     classes: tuple[str, ...]
     val_pairs: Sequence[Pair] | None = None
     names: Sequence[str] | None = field(default=None)
+    # One subject per pair (a patient, a cine clip): the held-out split never shares one with
+    # training. None: every frame is its own subject.
+    subjects: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise InvalidInput("training needs at least one foreground class name")
         if not self.pairs:
             raise InvalidInput("training needs at least one labelled image")
+        if self.subjects is not None and len(self.subjects) != len(self.pairs):
+            raise InvalidInput(f"{len(self.subjects)} subjects for {len(self.pairs)} images")
         for i, pair in enumerate([*self.pairs, *(self.val_pairs or [])]):
             check_pair(pair, len(self.classes), f"pair {i}")
 
@@ -92,13 +97,75 @@ def load_pairs_from_dirs(images_dir: Path, masks_dir: Path, classes: Sequence[st
     return TrainData(pairs=pairs, classes=tuple(classes), names=names)
 
 
-def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Shuffled (train, val) indices; at least one training index; no validation when n < 2."""
+def split_validation(
+    n: int, fraction: float, seed: int, subjects: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """Shuffled (train, val) indices; at least one training index; no validation when n < 2.
+
+    With ``subjects``, whole subjects are held out (shuffled, until about ``fraction`` of the
+    frames), so no subject is on both sides: frames of one patient or one cine clip are near
+    duplicates, and choosing the best epoch on them measures memory, not generalisation.
+    """
     if not 0 <= fraction < 1:
         raise InvalidInput(f"val_fraction must be in [0, 1), got {fraction}")
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    n_val = min(round(n * fraction), n - 1) if n >= 2 else 0
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    rng = np.random.default_rng(seed)
+    if subjects is None:
+        order = rng.permutation(n).tolist()
+        n_val = min(round(n * fraction), n - 1) if n >= 2 else 0
+        return sorted(order[n_val:]), sorted(order[:n_val])
+    if len(subjects) != n:
+        raise InvalidInput(f"{len(subjects)} subjects for {n} images")
+    groups: dict[str, list[int]] = {}
+    for i, subject in enumerate(subjects):
+        groups.setdefault(subject, []).append(i)
+    keys = sorted(groups)
+    if len(keys) < 2:
+        return list(range(n)), []
+    target = round(n * fraction)
+    val: list[int] = []
+    for k in (keys[i] for i in rng.permutation(len(keys))):
+        if len(val) >= target or len(val) + len(groups[k]) > n - 1:
+            continue
+        if val and len(val) + len(groups[k]) > target * 1.5:
+            continue  # a big subject would overshoot: try the next one
+        val.extend(groups[k])
+    held = set(val)
+    return [i for i in range(n) if i not in held], sorted(val)
+
+
+def subjects_from_names(names: Sequence[str], pattern: str) -> list[str]:
+    """One subject per file name: the regular expression's first group (or whole match)."""
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise InvalidInput(f"--subject-regex {pattern!r} is not a regular expression: {exc}") from exc
+    out = []
+    for name in names:
+        match = regex.search(name)
+        if match is None:
+            raise InvalidInput(f"--subject-regex {pattern!r} does not match file name {name!r}")
+        out.append(match.group(1) if regex.groups else match.group(0))
+    return out
+
+
+def subjects_from_csv(names: Sequence[str], path: Path) -> list[str]:
+    """One subject per file stem from a CSV with columns ``file`` (name or stem) and ``subject``."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInput(f"cannot read the subjects CSV {path}: {exc}") from exc
+    if not rows or "file" not in rows[0] or "subject" not in rows[0]:
+        raise InvalidInput(f"the subjects CSV {path} needs the columns 'file' and 'subject'")
+    table = {stem_of(Path(r["file"])): r["subject"] for r in rows if r.get("file")}
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise InvalidInput(f"the subjects CSV {path} has no row for {len(missing)} image(s), e.g. {missing[0]!r}")
+    return [table[n] for n in names]
 
 
 # -- preprocessing -----------------------------------------------------------------------------
@@ -179,9 +246,11 @@ class PatchSampler:
         """Top-left corner in case coordinates; may be negative or overhang (padding)."""
         h, w = case.mask.shape
         ph, pw = self.patch
-        # Valid corner range: the patch lies inside the case, or is centred when the case is smaller.
-        lo_y, hi_y = (0, h - ph) if h >= ph else ((h - ph) // 2, (h - ph) // 2)
-        lo_x, hi_x = (0, w - pw) if w >= pw else ((w - pw) // 2, (w - pw) // 2)
+        # Valid corner range: the patch lies inside the case, or is centred when the case is smaller,
+        # with the odd pixel of padding at the bottom/right exactly as inference pads
+        # (backend.model.inference.pad_to_multiple: top = (ph - h) // 2).
+        lo_y, hi_y = (0, h - ph) if h >= ph else (-((ph - h) // 2), -((ph - h) // 2))
+        lo_x, hi_x = (0, w - pw) if w >= pw else (-((pw - w) // 2), -((pw - w) // 2))
         if force_fg and case.foreground:
             classes = sorted(case.foreground)
             coords = case.foreground[classes[int(self.rng.integers(len(classes)))]]

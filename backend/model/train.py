@@ -3,10 +3,15 @@
 Collaborators: :class:`~backend.model.data.PatchSampler` (foreground oversampling),
 :class:`~backend.model.augment.Augmenter`, :class:`~backend.model.losses.DeepSupervisionLoss`
 (Dice + CE), :class:`~backend.model.stepper.OptimisationStep` (AMP, clipping, the optimiser),
-:class:`~backend.model.schedule.PolySchedule`, :class:`~backend.model.validation.Validator` (every
-epoch) with :class:`~backend.model.schedule.BestKeeper` (the best weights are what a run returns),
+:class:`~backend.model.schedule.PolySchedule`, :class:`~backend.model.validation.Validator` (on a
+fixed sample of held-out frames, as often as :class:`~backend.model.validation.ValidationSchedule`
+allows within its share of the budget) with :class:`~backend.model.schedule.BestKeeper` on the
+smoothed score (the best weights are what a run returns, re-scored once on every held-out frame),
 :class:`~backend.model.schedule.StopPolicy` (epochs, wall-clock budget, early stopping) and the
 resume-state file (:mod:`backend.model.resume`). This module only sequences them.
+
+The network plan (scale, stages, patch, batch) comes from :mod:`backend.model.planner` on the
+training set's fingerprint, unless a spec is given or the run fine-tunes or resumes.
 
 Runs are seeded: the network init, the split, the patch stream and the augmentations all derive
 from ``config.seed`` (bit-exact repeats need the same device and thread count). A run that hits
@@ -15,6 +20,7 @@ its budget mid-epoch still validates that partial epoch, so it ends a few second
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +43,9 @@ from backend.model.schedule import BestKeeper, PolySchedule, StopPolicy, make_op
 from backend.model.spec import ModelSpec, Normalization, build_model, preset_spec
 from backend.model.stepper import OptimisationStep
 from backend.model.train_config import TrainConfig
-from backend.model.validation import TrainDiceMeter, Validator
+from backend.model.fingerprint import fingerprint
+from backend.model.planner import plan_network
+from backend.model.validation import TrainDiceMeter, ValidationSchedule, Validator, validation_sample
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ class Progress:
     learning_rate: float
     elapsed_s: float
     fraction: float
+    val_smoothed: float | None = None  # the moving average the best epoch is chosen on
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +88,18 @@ class TrainResult:
     n_val: int
     init_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # backend.model.planner.Plan.to_dict() when the planner chose the spec
+    val_seconds: float = 0.0  # wall clock spent validating, the final full re-score included
+    train_seconds: float = 0.0  # wall clock spent in training steps
+
+    @property
+    def images_per_second(self) -> float:
+        """Training throughput: frames through the network per second of training steps."""
+        return self.steps * self.config.batch_size / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def val_fraction(self) -> float:
+        return self.val_seconds / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def checkpoint(self) -> Checkpoint:
         summary = {
@@ -92,6 +113,10 @@ class TrainResult:
             "n_train": self.n_train,
             "n_val": self.n_val,
             "init_sha256": self.init_sha256,
+            "plan": self.plan,
+            "images_per_second": round(self.images_per_second, 2),
+            "val_seconds": round(self.val_seconds, 1),
+            "val_fraction": round(self.val_fraction, 4),
             "history": [
                 {
                     "epoch": p.epoch,
@@ -136,6 +161,8 @@ def train(
     resume = load_resume_state(resume_from) if resume_from is not None else None
     setup = _setup(config, data, resume, init_checkpoint, spec)
     spec = setup.spec
+    if setup.batch_size is not None:
+        config = config.replace(batch_size=setup.batch_size)
 
     torch.manual_seed(config.seed)
     model = build_model(spec)
@@ -164,12 +191,19 @@ def train(
     total_steps = config.epochs * config.iterations_per_epoch
     schedule = PolySchedule(config.learning_rate, total_steps, max_seconds, config.poly_exponent)
     stopper = StopPolicy(config.epochs, max_seconds, config.patience)
-    validator = Validator(val_cases, spec, device, mixed_precision=config.amp)
+    sample = validation_sample(len(val_cases), config.val_sample, config.seed)
+    validator = Validator([val_cases[i] for i in sample], spec, device, mixed_precision=config.amp)
+    cadence = ValidationSchedule(config.val_budget_fraction, config.val_ema)
+    train_seconds = 0.0
+    steps_before = 0
     run = _Run(best=BestKeeper(config.min_improvement))
     if resume is not None:
         _restore(run, resume, model, stepper, rng, gen)
+        steps_before = run.step
         log.info("resuming from %s at epoch %d (%.0f s done)", resume_from, run.epoch, run.elapsed_before)
-    log.info("training %s on %d images (%d validation) on %s", spec.arch, len(train_cases), len(val_cases), device)
+    log.info("training %s on %d images (%d validation, %d per evaluation) on %s, batch %d, patch %s, scale %.3f",
+             spec.arch, len(train_cases), len(val_cases), len(sample), device, config.batch_size, spec.patch_size,
+             spec.input_scale)
 
     def elapsed() -> float:
         return run.elapsed_before + time.monotonic() - started
@@ -179,6 +213,7 @@ def train(
         meter = TrainDiceMeter(spec.num_classes)
         losses: list[float] = []
         lr = schedule.lr(run.step, elapsed())
+        epoch_started = time.monotonic()
         for _ in range(config.iterations_per_epoch):
             if should_stop is not None and should_stop():
                 stop_reason = "cancelled"
@@ -193,12 +228,22 @@ def train(
             meter.update(top, y.to(top.device))
             losses.append(loss)
             run.step += 1
+        train_seconds += time.monotonic() - epoch_started
         if not losses:  # stopped before the first step of this epoch
             break
         run.epoch += 1
-        val = validator(model)
-        val_dice = float(val.mean()) if val.size else None
-        is_best = run.best.offer(val_dice if val_dice is not None else -float(np.mean(losses)), run.epoch, model)
+        val_dice: float | None = None
+        val = np.zeros(0)
+        if not val_cases:
+            is_best = run.best.offer(-float(np.mean(losses)), run.epoch, model)
+        elif cadence.due(elapsed()) or stop_reason is not None:
+            started_val = time.monotonic()
+            val = validator(model)
+            val_dice = float(val.mean()) if val.size else None
+            smoothed = cadence.record(val_dice or 0.0, time.monotonic() - started_val)
+            is_best = run.best.offer(smoothed, run.epoch, model)
+        else:
+            is_best = False
         progress = Progress(
             epoch=run.epoch,
             step=run.step,
@@ -206,11 +251,12 @@ def train(
             train_dice=float(meter.dice().mean()),
             val_dice=val_dice,
             val_dice_per_class={n: float(v) for n, v in zip(spec.classes, val, strict=False)},
-            best_val_dice=run.best.score if val_dice is not None else None,
+            best_val_dice=run.best.score if val_cases and run.best.state is not None else None,
             is_best=is_best,
             learning_rate=lr,
             elapsed_s=elapsed(),
             fraction=max(run.epoch / config.epochs, schedule.progress(run.step, elapsed())),
+            val_smoothed=cadence.smoothed if val_dice is not None else None,
         )
         run.history.append(progress)
         log.info(
@@ -231,13 +277,27 @@ def train(
             save_resume_state(state_path, _snapshot(run, setup, config, model, stepper, rng, gen, elapsed()))
 
     log.info("training stopped (%s) after %d epochs, best epoch %d", stop_reason, run.epoch, run.best.epoch)
-    best = run.history[run.best.epoch - 1] if run.best.epoch else None
+    final_state = run.best.state or {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    best_dice: float | None = None
+    best_per_class: dict[str, float] = {}
+    if val_cases and run.best.state is not None:
+        # The pick was made on a sample and a moving average: score it once on every held-out frame.
+        started_val = time.monotonic()
+        model.load_state_dict(run.best.state)
+        full = Validator(val_cases, spec, device, mixed_precision=config.amp)(model)
+        cadence.spent += time.monotonic() - started_val
+        best_dice = float(full.mean()) if full.size else None
+        best_per_class = {n: float(v) for n, v in zip(spec.classes, full, strict=False)}
+    steps_now = run.step - steps_before
+    log.info("throughput %.2f images/s (%d steps of %d in %.0f s of training); validation %.0f s = %.1f%% of %.0f s",
+             steps_now * config.batch_size / train_seconds if train_seconds else 0.0, steps_now, config.batch_size,
+             train_seconds, cadence.spent, 100 * cadence.spent / max(elapsed(), 1e-9), elapsed())
     return TrainResult(
         spec=spec,
-        state_dict=run.best.state or {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        state_dict=final_state,
         best_epoch=run.best.epoch,
-        best_val_dice=best.val_dice if best is not None else None,
-        val_dice_per_class=dict(best.val_dice_per_class) if best is not None else {},
+        best_val_dice=best_dice,
+        val_dice_per_class=best_per_class,
         epochs=run.epoch,
         steps=run.step,
         elapsed_s=elapsed(),
@@ -247,6 +307,9 @@ def train(
         n_train=len(setup.train_idx),
         n_val=len(setup.val_idx),
         init_sha256=setup.init_sha,
+        plan=setup.plan,
+        val_seconds=cadence.spent,
+        train_seconds=train_seconds,
     )
 
 
@@ -268,19 +331,23 @@ class _Setup:
     val_idx: list[int]
     init_state: dict[str, torch.Tensor] | None = None
     init_sha: str | None = None
+    batch_size: int | None = None  # the plan's (None: the config's)
+    plan: dict[str, Any] | None = None
 
 
 def _setup(
     config: TrainConfig, data: TrainData, resume: ResumeState | None, init: Path | None, custom: ModelSpec | None
 ) -> _Setup:
-    """The spec and data split: from the resume state, else the init checkpoint, else ``custom``,
-    else the preset."""
+    """The spec and data split: from the resume state, else the init checkpoint (a fine-tune keeps
+    its parent's plan), else ``custom``, else the planner on the preset (``config.plan``), else the
+    preset verbatim."""
     if resume is not None:
         spec = ModelSpec.from_json(resume.spec_json)
         _check_classes(spec, data)
         if max([*resume.train_indices, *resume.val_indices, -1]) >= _n_pairs(data):
             raise CheckpointError("the resume state was made with more training images than given")
-        return _Setup(spec, list(resume.train_indices), list(resume.val_indices))
+        batch = int(json.loads(resume.config_json).get("batch_size", config.batch_size))
+        return _Setup(spec, list(resume.train_indices), list(resume.val_indices), batch_size=batch)
     train_idx, val_idx = _split(config, data)
     if init is not None:
         ckpt = load_checkpoint(init)
@@ -288,12 +355,24 @@ def _setup(
         return _Setup(ckpt.spec, train_idx, val_idx, ckpt.state_dict, ckpt.sha256)
     if custom is not None and tuple(custom.classes) != tuple(data.classes):
         raise InvalidInput(f"the spec's classes {list(custom.classes)} differ from the data's {list(data.classes)}")
-    spec = custom if custom is not None else preset_spec(config.preset, data.classes)
+    plan = None
+    if custom is not None:
+        spec = custom
+    elif config.plan:
+        plan = plan_network(fingerprint([_pair(data, i) for i in train_idx], data.classes), config.preset,
+                            tuple(data.classes), config.batch_size)
+        spec = plan.spec
+        for line in plan.decisions:
+            log.info("plan: %s", line)
+    else:
+        spec = preset_spec(config.preset, data.classes)
     if config.normalization == "zscore_dataset":
         spec = spec.with_normalization(dataset_normalization([_pair(data, i)[0] for i in train_idx]))
     elif config.normalization != "zscore_image":
         spec = spec.with_normalization(Normalization(config.normalization))  # raises on unknown
-    return _Setup(spec, train_idx, val_idx)
+    if plan is None:
+        return _Setup(spec, train_idx, val_idx)
+    return _Setup(spec, train_idx, val_idx, batch_size=plan.batch_size, plan=plan.to_dict())
 
 
 def _snapshot(
@@ -363,7 +442,7 @@ def _split(config: TrainConfig, data: TrainData) -> tuple[list[int], list[int]]:
     if data.val_pairs is not None:
         n = len(data.pairs)
         return list(range(n)), list(range(n, n + len(data.val_pairs)))
-    return split_validation(len(data.pairs), config.val_fraction, config.seed)
+    return split_validation(len(data.pairs), config.val_fraction, config.seed, data.subjects)
 
 
 def _check_classes(spec: ModelSpec, data: TrainData) -> None:

@@ -60,6 +60,14 @@ class TrainConfig:
     normalization: str = "zscore_image"
     num_threads: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The preset is a starting point: derive scale, stages, patch and batch from the data
+    # (backend.model.planner). False trains the preset's geometry verbatim.
+    plan: bool = True
+    # Validation within budget (backend.model.validation.ValidationSchedule): at most this share
+    # of the wall clock, on at most val_sample held-out frames, best epoch by an EMA of the score.
+    val_budget_fraction: float = 0.1
+    val_sample: int = 64
+    val_ema: float = 0.3
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -74,6 +82,8 @@ class TrainConfig:
             raise InvalidInput(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.learning_rate <= 0:
             raise InvalidInput(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.val_budget_fraction <= 1 or self.val_sample < 1 or not 0 < self.val_ema <= 1:
+            raise InvalidInput("val_budget_fraction and val_ema must be in (0, 1], val_sample >= 1")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

@@ -217,7 +217,8 @@ def _train_and_register(
     if heartbeat.lost():
         raise RunLost(f"attempt {claimed.attempt} lost the run during training")
 
-    report(phase="saving", stop_reason=result.stop_reason, epochs=result.epochs)
+    report(phase="saving", stop_reason=result.stop_reason, epochs=result.epochs,
+           images_per_second=round(result.images_per_second, 2), val_fraction=round(result.val_fraction, 4))
     tmp = staged.tmp_dir / "model.safetensors"
     digest = result.save(tmp)
     blob = store.put_file("checkpoints", tmp, ".safetensors")
@@ -257,6 +258,10 @@ def _metrics_of(result: TrainResult, evaluation: gate.Evaluation | None, plan: T
         "train_seconds": round(result.elapsed_s, 1),
         "batch_size": result.config.batch_size,
         "fine_tuned_from": plan.parent_uid if result.init_sha256 else None,
+        "images_per_second": round(result.images_per_second, 2),
+        "val_seconds": round(result.val_seconds, 1),
+        "val_fraction": round(result.val_fraction, 4),
+        "plan": result.plan,
     }
     if evaluation is not None:
         metrics.update(evaluation.metrics)
