@@ -10,12 +10,13 @@ PIP := $(PY) -m pip
 PYTEST_WORKERS ?= 2
 export SONOSEG_DATA_DIR ?= $(CURDIR)/sonoseg-data
 
-.PHONY: run test install install-ls lint bench clean help
+.PHONY: run test install install-ls lint bench fuzz clean help
 
 help:
 	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start the server and a worker"
 	@echo "make test   - install into $(VENV) (+ Label Studio into $(VENV_LS)), run all tests"
 	@echo "make bench  - run the benchmarks in bench/ (minutes)"
+	@echo "make fuzz   - run each atheris fuzz target in fuzz/ for FUZZ_SECONDS (default 60); findings land in $(FUZZ_WORK)"
 
 # torch goes in first, pinned, so that pip never pulls a multi-GB CUDA build as a dependency.
 $(VENV)/.installed: pyproject.toml
@@ -50,6 +51,21 @@ test: install install-ls
 
 bench: install
 	$(PY) bench/bench_rle.py
+
+# Coverage-guided fuzzing: new inputs and crash/oom/timeout reproducers go to $(FUZZ_WORK), never
+# into the committed seed corpus (fuzz/corpus/); save a reproducer there once its bug is fixed.
+FUZZ_SECONDS ?= 60
+FUZZ_WORK ?= $(CURDIR)/sonoseg-data/fuzz
+fuzz: install
+	@for target in image_readers rle; do \
+	  mkdir -p $(FUZZ_WORK)/$$target/corpus && \
+	  echo "== fuzz/fuzz_$$target.py for $(FUZZ_SECONDS) s" && \
+	  $(PY) fuzz/fuzz_$$target.py $(FUZZ_WORK)/$$target/corpus fuzz/corpus/$$target \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+	    -artifact_prefix=$(FUZZ_WORK)/$$target/ -print_final_stats=1 >$(FUZZ_WORK)/$$target/log.txt 2>&1 \
+	  || { tail -n 40 $(FUZZ_WORK)/$$target/log.txt; echo "finding: see $(FUZZ_WORK)/$$target/"; exit 1; }; \
+	  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done)" $(FUZZ_WORK)/$$target/log.txt; \
+	done
 
 clean:
 	rm -rf $(VENV) $(VENV_LS) sonoseg-data .pytest_cache build *.egg-info

@@ -50,6 +50,17 @@ def _no_constants(name: str) -> Any:
     raise InvalidInput(f"the request body holds {name}, which is not valid JSON")
 
 
+MAX_INT_DIGITS = 64
+"""No field Label Studio sends needs a longer integer; Python refuses over 4,300 digits with a
+ValueError (a 500), and converting long ones costs quadratic time."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidInput(f"the request body holds an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
 def parse_json_object(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Mapping[str, Any]:
     """``raw`` as a JSON object, or :class:`InvalidInput` saying what is wrong with it."""
     if not raw.strip():
@@ -59,7 +70,7 @@ def parse_json_object(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Mapping[str,
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the request body is not UTF-8 text (byte {exc.start})") from exc
     try:
-        body = json.loads(text, parse_constant=_no_constants)
+        body = json.loads(text, parse_constant=_no_constants, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:  # the C parser's own guard, at ~1,000 levels

@@ -52,8 +52,12 @@ def _serve_dev(settings: Settings) -> None:
         """Log the path without its query string (it may hold the webhook token)."""
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            path = self.path.split("?", 1)[0]
-            self.log("info", '"%s %s %s" %s %s', self.command, path, self.request_version, code, size)
+            # A request line the server could not parse (HTTP/0.9, TLS bytes, a line over the
+            # limit) reaches here before path/command are set: log what there is, never raise.
+            path = str(getattr(self, "path", "") or "").split("?", 1)[0][:200]
+            command = getattr(self, "command", None) or "-"
+            version = getattr(self, "request_version", None) or "-"
+            self.log("info", '"%s %s %s" %s %s', command, path, version, code, size)
 
     try:
         app = create_app(settings)

@@ -160,7 +160,9 @@ def _inspect(path: Path, name: str, fmt: str | None, head: bytes, max_bytes: int
             return Source(path, name, fmt, png_colour_type=_check_png(f, size, head, name))
         if fmt == "jpeg":
             return Source(path, name, fmt, jpeg_orientation=_check_jpeg(f.read(), name))
-        if fmt == "bmp":
+        if fmt == "tiff":
+            _check_tiff(f, size, name)
+        elif fmt == "bmp":
             _check_bmp(head, size, name)
         elif fmt == "dicom":
             try:
@@ -218,6 +220,68 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
+_TIFF_MAX_PAGES = 65535  # ITK counts pages in 16 bits
+_TIFF_REDUCED_OR_MASK = 1 | 4  # NewSubfileType bits: reduced-resolution copy, transparency mask
+
+
+def _check_tiff(f: BinaryIO, size: int, name: str) -> None:
+    """Walk the IFD chain as libtiff does and refuse the page layouts ITK's reader overflows on.
+
+    ITK sizes a multi-page volume by counting pages whose NewSubfileType is 0 (if any is) and
+    skips reduced-resolution/mask pages, but then writes page k at offset k: a mix of subfile
+    types 0 and 2, or a thumbnail before the frames, wrote past the pixel buffer (heap
+    corruption, found by fuzz/fuzz_image_readers.py). It also stacks every page at the first
+    page's size. So a multi-page TIFF must be uniform: one subfile kind, no reduced or mask
+    pages, one width/height/bit depth/sample count; and every directory must be readable.
+    """
+    f.seek(0)
+    header = f.read(16)
+    order = "<" if header[:2] == b"II" else ">"
+    big = header[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets
+    if len(header) < (16 if big else 8):
+        raise InvalidImage(f"{name}: the TIFF is truncated (incomplete header)")
+    count_fmt, entry_size, offset_fmt = (order + "Q", 20, order + "Q") if big else (order + "H", 12, order + "I")
+    offset = struct.unpack(offset_fmt, header[8:16] if big else header[4:8])[0]
+    pages: list[tuple[int | None, tuple[int | None, ...]]] = []
+    seen: set[int] = set()
+    while offset:
+        if offset in seen or len(pages) >= _TIFF_MAX_PAGES:
+            raise InvalidImage(f"{name}: the TIFF directory chain loops or has over {_TIFF_MAX_PAGES} pages")
+        seen.add(offset)
+        count = 0
+        if offset < size:  # an offset past the end (up to 2**64 in BigTIFF) is no directory
+            f.seek(offset)
+            raw_count = f.read(struct.calcsize(count_fmt))
+            count = struct.unpack(count_fmt, raw_count)[0] if len(raw_count) == struct.calcsize(count_fmt) else 0
+        table = f.read(count * entry_size + struct.calcsize(offset_fmt)) if 0 < count <= 4096 else b""
+        if len(table) != count * entry_size + struct.calcsize(offset_fmt) or count == 0:
+            raise InvalidImage(f"{name}: TIFF directory {len(pages) + 1} at byte {offset} is empty, "
+                               "truncated or corrupt")
+        tags: dict[int, int | None] = {}
+        for at in range(0, count * entry_size, entry_size):
+            tag, kind = struct.unpack(order + "HH", table[at:at + 4])
+            (values,) = struct.unpack(order + ("Q" if big else "I"), table[at + 4:at + (12 if big else 8)])
+            value = table[at + (12 if big else 8):at + entry_size]
+            width = {3: 2, 4: 4, 16: 8}.get(kind)  # SHORT, LONG, LONG8: the one-value forms we read
+            if values == 1 and width:
+                tags[tag] = int.from_bytes(value[:width], "little" if order == "<" else "big")
+            else:  # several values (e.g. RGB bits per sample) stay at an offset: compare their count
+                tags[tag] = -values
+        offset = struct.unpack(offset_fmt, table[-struct.calcsize(offset_fmt):])[0]
+        pages.append((tags.get(254), tuple(tags.get(t) for t in (256, 257, 258, 277))))
+    if len(pages) > 1:
+        kinds = {subfile for subfile, _ in pages}
+        if any(subfile is not None and subfile & _TIFF_REDUCED_OR_MASK for subfile in kinds):
+            raise InvalidImage(f"{name}: a multi-page TIFF with reduced-resolution or mask pages is not supported; "
+                               "export the frames only")
+        if 0 in kinds and len(kinds) > 1:
+            raise InvalidImage(f"{name}: the TIFF pages mix subfile types {sorted(kinds, key=str)}; "
+                               "export all frames alike")
+        if len({geometry for _, geometry in pages}) > 1:
+            raise InvalidImage(f"{name}: the TIFF pages differ in size, bit depth or samples per pixel; "
+                               "all frames must be alike")
+
+
 def _check_bmp(head: bytes, size: int, name: str) -> None:
     """Uncompressed BMPs must hold every row (ITK's reader fills missing rows with zeros)."""
     if len(head) < 34:
@@ -243,7 +307,7 @@ def _check_nifti(f: BinaryIO, size: int, name: str) -> None:
             e = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
             bitpix, = struct.unpack(e + "h", header[72:74])
             dims, vox_offset = struct.unpack(e + "8h", header[40:56]), int(struct.unpack(e + "f", header[108:112])[0])
-    except (struct.error, zlib.error) as exc:
+    except (struct.error, zlib.error, ValueError, OverflowError) as exc:  # ValueError/OverflowError: NaN/inf vox_offset
         raise InvalidImage(f"{name}: the NIfTI header is truncated or corrupt") from exc
     if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:dims[0] + 1]):
         raise InvalidImage(f"{name}: malformed NIfTI header")
@@ -280,13 +344,20 @@ def _gunzipped_length(f: BinaryIO, stop_at: int, name: str) -> int:
 def _check_metaimage(head: bytes, path: Path, size: int, name: str, max_bytes: int, allow_detached: bool) -> None:
     """Keep ``ElementDataFile`` next to its header, within limits and complete."""
     fields: dict[str, str] = {}
+    dims: list[str] = []
     header_end = 0
     for line in head.split(b"\n"):
         header_end += len(line) + 1
         key, _, value = line.decode("latin-1").partition("=")
         fields[key.strip()] = value.strip()
+        if key.strip().lower() == "ndims":
+            dims.append(value.strip())
         if key.strip() == "ElementDataFile":
             break
+    # MetaIO sizes fixed arrays by NDims without a bound: NDims = 100 corrupted the heap, -1 or
+    # 10**17 crashed or hung the reader (found by fuzz/fuzz_image_readers.py). sonoseg reads 2D/3D.
+    if not dims or not all(v.isascii() and v.isdigit() and int(v) in (2, 3) for v in dims):
+        raise InvalidImage(f"{name}: MetaImage NDims must be 2 or 3, got {', '.join(dims)[:40] or 'none'}")
     data_file = fields.get("ElementDataFile", "")
     if data_file == "LOCAL":
         data_path, available = None, size - header_end
@@ -301,12 +372,14 @@ def _check_metaimage(head: bytes, path: Path, size: int, name: str, max_bytes: i
         available = data_path.stat().st_size
         _check_limits(name, size + available, max_bytes)
     try:
-        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=np.int64))
+        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=object))  # no int64 wrap-around
         channels = int(fields.get("ElementNumberOfChannels", "1"))
         needed = (int(fields["CompressedDataSize"]) if fields.get("CompressedData", "False").lower() == "true"
                   else voxels * channels * _METAIO_TYPE_BYTES[fields["ElementType"]])
     except (KeyError, ValueError):
         return  # unusual header: SimpleITK judges it
+    if needed < 0:  # a negative CompressedDataSize (or an overflowing DimSize) makes MetaIO allocate ~2**64
+        raise InvalidImage(f"{name}: the MetaImage header gives a negative data size ({needed})")
     if "HeaderSize" not in fields and available < needed:
         raise InvalidImage(f"{name}: the MetaImage data is truncated ({available} of {needed} bytes)")
 

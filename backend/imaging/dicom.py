@@ -73,14 +73,16 @@ _PIXEL_DATA_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x000
 _REGIONS_TAG = (0x0018, 0x6011)
 # Explicit-VR encodings whose length field is 4 bytes (after 2 reserved bytes).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-# The 2-byte-length VRs. Any other VR (a corrupt or future one) has the long form: GDCM reads it
-# so, and a scan that read 2 bytes instead would pass a file whose bogus 32-bit length makes
-# GDCM allocate up to 4 GiB before failing (found by fuzz/fuzz_image_readers.py).
+# The 2-byte-length VRs. An unknown VR of two capital letters (a future one, PS3.5 6.2) has the
+# long form, as GDCM reads it; VR bytes that are not letters make GDCM re-read the data set as
+# implicit VR, taking 4 other bytes as a length. Either way a scan that read 2 bytes instead
+# passed files whose bogus 32-bit length GDCM allocated (up to 4 GiB for an 800-byte file)
+# before failing, so the first kind is read long and the second refused (fuzz/fuzz_image_readers.py).
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
                         b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _Elements = dict[tuple[int, int], bytes]  # (group, element) -> raw value
-_UNSCANNABLE_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflate
+_BIG_ENDIAN, _DEFLATED = "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
 _UNITS_CM = 3  # PhysicalUnitsX/YDirection code for centimetres
 _SPATIAL_2D = 1  # RegionSpatialFormat code for a 2D tissue region
 
@@ -124,6 +126,7 @@ class _Cursor:
         self._stream = stream
         self.size = size
         self.pos = stream.tell()
+        self.order = "<"  # ">" after the meta group of an explicit VR big-endian file
 
     def read(self, n: int) -> bytes:
         if self.pos + n > self.size:
@@ -147,14 +150,16 @@ class _Cursor:
 
 
 def _read_header(cur: _Cursor, implicit: bool) -> tuple[tuple[int, int], bytes | None, int]:
-    group, element = struct.unpack("<HH", cur.read(4))
+    group, element = struct.unpack(cur.order + "HH", cur.read(4))
     if group == 0xFFFE or implicit:  # item/delimiter tags never carry a VR
-        return (group, element), None, struct.unpack("<I", cur.read(4))[0]
+        return (group, element), None, struct.unpack(cur.order + "I", cur.read(4))[0]
     vr = cur.read(2)
-    if vr in _LONG_VRS or vr not in _SHORT_VRS:  # unknown VRs take the long form (PS3.5 6.2), as in GDCM
+    if vr not in _SHORT_VRS and vr not in _LONG_VRS and not (vr.isalpha() and vr.isupper()):
+        raise DicomStructureError(f"element ({group:04X},{element:04X}) has an invalid value representation {vr!r}")
+    if vr not in _SHORT_VRS:  # the long VRs, and unknown ones (PS3.5 6.2), as GDCM reads them
         cur.skip(2)
-        return (group, element), vr, struct.unpack("<I", cur.read(4))[0]
-    return (group, element), vr, struct.unpack("<H", cur.read(2))[0]
+        return (group, element), vr, struct.unpack(cur.order + "I", cur.read(4))[0]
+    return (group, element), vr, struct.unpack(cur.order + "H", cur.read(2))[0]
 
 
 def _walk_items(cur: _Cursor, length: int, implicit: bool, depth: int, collect: list[_Elements] | None) -> None:
@@ -205,8 +210,9 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
     """Walk a Part-10 file's element headers (pixels are skipped, never decoded).
 
     Raises :class:`DicomStructureError` for a missing pixel data element or a truncated file.
-    Big-endian and deflated transfer syntaxes are not walked (``complete=False``): GDCM alone
-    judges those.
+    Big-endian files are walked too, but reported ``complete=False`` (GDCM decodes them like a
+    compressed file); deflated ones are refused, since their elements cannot be checked without
+    inflating them and GDCM allocated whatever length a forged element claimed.
     """
     stream.seek(0)
     cur = _Cursor(stream, size)
@@ -220,8 +226,11 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
             syntax = cur.read(length).rstrip(b"\x00 ").decode("ascii", "replace")
         else:
             cur.skip(length)
-    if syntax in _UNSCANNABLE_SYNTAXES:
-        return DicomScan(complete=False)
+    if syntax == _DEFLATED:  # GDCM would inflate and parse it unchecked (see _SHORT_VRS): refused
+        raise DicomStructureError("the deflated transfer syntax is not supported; re-export the file "
+                                  "uncompressed or JPEG-compressed")
+    if syntax == _BIG_ENDIAN:  # walked like the others (every length checked), then left to GDCM
+        cur.order = ">"
     implicit = syntax == _IMPLICIT_LE
     has_pixels = encapsulated = False
     raw_regions: list[_Elements] = []
@@ -234,6 +243,7 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
             else:
                 cur.skip(length)
             has_pixels = True
+            _check_trailing(cur, implicit)
             break  # only signatures and padding may follow; vendors leave odd bytes there
         elif tag == _REGIONS_TAG:
             _walk_items(cur, length, implicit or vr == b"UN", 1, raw_regions)
@@ -243,7 +253,27 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
             cur.skip(length)
     if not has_pixels:
         raise DicomStructureError("it has no pixel data (a report, presentation state or other non-image object)")
+    if syntax == _BIG_ENDIAN:  # GDCM byte-swaps it: decoded like a compressed file (io's estimate)
+        return DicomScan(complete=False)
     return DicomScan(complete=True, regions=tuple(_region_from(v) for v in raw_regions), encapsulated=encapsulated)
+
+
+def _check_trailing(cur: _Cursor, implicit: bool) -> None:
+    """Refuse an element after the pixel data that claims more bytes than the file has left.
+
+    GDCM parses those bytes as elements too and allocates each one's length before reading
+    it: a few bytes of garbage there made it allocate up to 4 GiB (found by
+    fuzz/fuzz_image_readers.py). Items and sequences are descended, not skipped.
+    """
+    while cur.size - cur.pos >= 8:  # fewer: odd padding, which GDCM judges (it reads no length from it)
+        tag, vr, length = _read_header(cur, implicit)
+        if tag[0] == 0xFFFE or vr == b"SQ" or length == _UNDEFINED:
+            continue
+        left = cur.size - cur.pos
+        if length > left:
+            raise DicomStructureError(f"an element after the pixel data, ({tag[0]:04X},{tag[1]:04X}), "
+                                      f"claims {length} bytes but only {left} are left in the file")
+        cur.skip(length)
 
 
 def _walk_items_raw(cur: _Cursor) -> None:

@@ -175,3 +175,73 @@ def encode_words(words: Any, out: Any) -> Any:
             begin = at
     pos, acc, fill = _put_run(out, pos, acc, fill, np.int64(word), size - begin)
     return _finish(out, pos, acc, fill)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+DECODE_OK, DECODE_TRUNCATED, DECODE_OVERRUN = 0, 1, 2
+
+_DECODE_SIGNATURE = types.int64(
+    types.Array(types.uint8, 1, "C", readonly=True),  # the whole stream, header included
+    types.int64,  # word size in bits, 1..8
+    types.Array(types.int64, 1, "C", readonly=True),  # the four rle sizes, 1..16 bits
+    types.Array(types.uint8, 1, "C"),  # out: exactly the header's word count
+    types.Array(types.int64, 1, "C"),  # info[0]: words the runs cover when decoding stopped
+)
+
+
+@njit(inline="always")
+def _read(data: Any, pos: Any, width: Any) -> Any:
+    """The ``width`` (1..16) bits at bit offset ``pos``, MSB first; the caller checked the bounds."""
+    first = pos >> 3
+    last = (pos + width - 1) >> 3
+    acc = np.int64(0)
+    for at in range(first, last + 1):
+        acc = (acc << 8) | np.int64(data[at])
+    return (acc >> ((last + 1) * 8 - pos - width)) & ((np.int64(1) << width) - 1)
+
+
+@njit(_DECODE_SIGNATURE, cache=True, nogil=True)
+def decode_stream(data: Any, word_size: Any, rle_sizes: Any, out: Any, info: Any) -> Any:
+    """Expand the chunks after the 53-bit header into ``out`` (whose size is the word count N).
+
+    Returns ``DECODE_OK`` when the runs cover exactly N words (bits after that are padding),
+    ``DECODE_TRUNCATED`` when a chunk runs past the end of ``data``, ``DECODE_OVERRUN`` when
+    a chunk would write past N; ``info[0]`` gets the words covered (including that chunk).
+    One pass, no memory beyond ``out``: a forged stream costs its length, never more.
+    """
+    num = out.size
+    total_bits = data.size * 8
+    pos = 53
+    done = 0
+    while done < num:
+        if pos + 3 > total_bits:
+            info[0] = done
+            return DECODE_TRUNCATED
+        flag = _read(data, pos, 1)
+        size = rle_sizes[_read(data, pos + 1, 2)]
+        pos += 3
+        if pos + size > total_bits:
+            info[0] = done
+            return DECODE_TRUNCATED
+        count = _read(data, pos, size) + 1
+        pos += size
+        payload = word_size if flag else count * word_size
+        if pos + payload > total_bits:
+            info[0] = done
+            return DECODE_TRUNCATED
+        if done + count > num:
+            info[0] = done + count
+            return DECODE_OVERRUN
+        if flag:
+            out[done : done + count] = _read(data, pos, word_size)
+        elif word_size == 8 and pos & 7 == 0:
+            start = pos >> 3
+            out[done : done + count] = data[start : start + count]
+        else:
+            for k in range(count):
+                out[done + k] = _read(data, pos + k * word_size, word_size)
+        pos += payload
+        done += count
+    info[0] = done
+    return DECODE_OK

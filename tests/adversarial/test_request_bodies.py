@@ -220,3 +220,60 @@ def test_predict_with_a_bad_task_structure_is_a_400_naming_the_task(hooks: Hooks
     with unit_of_work(hooks.state.factory) as session:
         assert session.scalar(select(func.count(MaskVersion.id))) == 0
     assert np.asarray(hooks.masks[0]).size  # the fixture's frames exist (guards the setup)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_integers_beyond_any_field_are_a_400_not_a_500(hooks: Hooks, route: str) -> None:  # noqa: F811
+    """Python refuses to convert integers over 4,300 digits (ValueError): it used to be a 500."""
+    for body in (b'{"project": 1, "x": ' + b"9" * 5000 + b"}", b'{"project": ' + b"1" + b"0" * 5000 + b"}"):
+        resp = _post_raw(hooks, route, body)
+        assert resp.status_code == 400 and "digits" in resp.get_json()["error"]
+    assert _events(hooks) == 0
+
+
+@pytest.mark.slow
+def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: Any) -> None:
+    """HTTP/0.9, TLS bytes and a 100 KB request line crashed the development server's request
+    logging (the connection closed with no answer)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.labelstudio_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "SONOSEG_DATA_DIR": str(tmp_path / "d"), "SONOSEG_PORT": str(port)}
+    env.pop("SONOSEG_DATABASE_URL", None)
+    subprocess.run([sys.executable, "-m", "backend.cli.main", "db", "upgrade"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    server = subprocess.Popen([sys.executable, "-m", "backend.cli.main", "serve"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+            time.sleep(0.3)
+        for raw in (b"GET /\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
+                    b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(raw)
+                sock.shutdown(socket.SHUT_WR)  # no more bytes: a partial line must still be answered
+                try:
+                    answer = sock.recv(64)
+                except ConnectionResetError:
+                    answer = b""
+            assert answer, raw[:20]  # an HTTP/0.9-style line (and TLS bytes read as one) gets a bare body
+            if raw.endswith(b"\r\n\r\n") and b"HTTP/1.1" in raw:
+                assert answer.startswith(b"HTTP/") and b" 4" in answer[:13], (raw[:20], answer)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(20)
