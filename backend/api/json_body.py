@@ -27,13 +27,21 @@ from backend.errors import InvalidInput, PayloadTooLarge
 MAX_DEPTH = 64
 
 def nesting_depth(value: object, limit: int = MAX_DEPTH) -> int:
-    """The nesting depth of a parsed JSON value, walked without recursion; stops past ``limit``."""
+    """The nesting depth of a parsed JSON value, walked without recursion; stops past ``limit``.
+
+    Raises :class:`InvalidInput` for a NUL character in any key or string: PostgreSQL's text and
+    JSONB types cannot hold one (the insert failed with a 500), and no Label Studio field has one.
+    """
+    if isinstance(value, str):
+        _check_text(value)
     deepest = 0
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
             children: Any = item.values()
+            for key in item:
+                _check_text(key)
         elif isinstance(item, list):
             children = item
         else:
@@ -42,8 +50,17 @@ def nesting_depth(value: object, limit: int = MAX_DEPTH) -> int:
             deepest = depth
             if deepest > limit:
                 return deepest
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        for child in children:  # only containers are pushed: scalars are checked in place
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif isinstance(child, str):
+                _check_text(child)
     return deepest
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise InvalidInput("the request body holds a NUL character (\\u0000), which sonoseg does not store")
 
 
 def _no_constants(name: str) -> Any:

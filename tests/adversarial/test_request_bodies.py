@@ -277,3 +277,14 @@ def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: 
     finally:
         server.terminate()
         server.wait(20)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_nul_character_anywhere_is_a_400(hooks: Hooks, route: str) -> None:  # noqa: F811
+    """PostgreSQL's JSONB cannot hold \\u0000: storing one was a 500 (found by the property test)."""
+    event = annotation_event("ANNOTATION_CREATED", 1, 10, hooks.urls[0], hooks.masks[0])
+    event["project"]["label_config"] = "\x00"
+    for body in (event, {"project": 1, "k\x00": 1}, {"project": "3.1", "tasks": [{"id": 1, "data": {"image": "a\x00"}}]}):
+        resp = hooks.client.post(route, json=body)
+        assert resp.status_code == 400 and "NUL" in resp.get_json()["error"]
+    assert _events(hooks) == 0
