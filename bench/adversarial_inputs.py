@@ -353,6 +353,8 @@ def http_call(port: int, method: str, target: str, headers: dict[str, str], body
     head, _, payload = bytes(data).partition(b"\r\n\r\n")
     first = head.split(b"\r\n", 1)[0].split()
     if len(first) < 2 or not first[1].isdigit():
+        if data:  # an HTTP/0.9 answer: no status line, only the body (what a server sends a 0.9 request)
+            return Answer(None, bytes(data), seconds, "http/0.9 body")
         return Answer(None, bytes(data), seconds, f"no HTTP answer ({sent_error or 'connection closed'})")
     if b"transfer-encoding: chunked" in head.lower():
         payload = _dechunk(payload)
@@ -1006,6 +1008,11 @@ class Bench:
     def classify(self, case: Case, answer: Answer) -> str:
         if answer.error == "timeout":
             return "hang"
+        if answer.error == "http/0.9 body" and case.raw_head is not None:
+            body = answer.json()  # HTTP/0.9 has no status: a JSON error body is the 4xx, any other JSON a 200
+            if isinstance(body, dict):
+                return "clean_4xx" if body.get("error") else "ok"
+            return "other"
         if answer.status is None:
             return "conn"
         if 500 <= answer.status < 600:

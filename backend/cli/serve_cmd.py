@@ -49,7 +49,18 @@ def _serve_dev(settings: Settings) -> None:
     from backend.api.app import create_app
 
     class RedactingHandler(WSGIRequestHandler):
-        """Log the path without its query string (it may hold the webhook token)."""
+        """Log the path without its query string (it may hold the webhook token). Errors the
+        server answers itself (a request line it cannot parse, a URI over 64 KB) are JSON with a
+        message, like every other error of sonoseg's."""
+
+        error_content_type = "application/json"
+        error_message_format = '{"status": "error", "error": "%(code)d %(message)s"}'
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            # http.server escapes the message for HTML; backslashes (in a repr of a garbage
+            # request line) would still break the JSON string.
+            safe = None if message is None else message.replace("\\", "/")[:200]
+            super().send_error(code, safe, explain)
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             # A request line the server could not parse (HTTP/0.9, TLS bytes, a line over the
