@@ -145,6 +145,18 @@ def test_validation_schedule_keeps_validation_within_its_share() -> None:
     assert cadence.spent <= 0.1 * (spent_training + cadence.spent) + 0.8  # within budget, one evaluation slack
 
 
+def test_validation_schedule_reserves_the_final_re_score() -> None:
+    """The final evaluations (last epoch, full re-score) are reserved: the whole run stays within."""
+    cadence = ValidationSchedule(0.1, 0.3, final_evaluations=3.0)
+    training = 0.0
+    for _epoch in range(300):
+        training += 1.0
+        if cadence.due(training + cadence.spent):
+            cadence.record(0.5, 0.8)
+    total_val = cadence.spent + 3.0 * 0.8
+    assert total_val <= 0.1 * (training + total_val) + 0.8
+
+
 def test_validation_schedule_smooths_a_lucky_evaluation() -> None:
     cadence = ValidationSchedule(1.0, 0.3)
     scores = [cadence.record(s, 0.0) for s in (0.30, 0.31, 0.90, 0.32, 0.33)]

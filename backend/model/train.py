@@ -193,7 +193,9 @@ def train(
     stopper = StopPolicy(config.epochs, max_seconds, config.patience)
     sample = validation_sample(len(val_cases), config.val_sample, config.seed)
     validator = Validator([val_cases[i] for i in sample], spec, device, mixed_precision=config.amp)
-    cadence = ValidationSchedule(config.val_budget_fraction, config.val_ema)
+    # Reserved: the last epoch's evaluation and the final re-score on every held-out frame.
+    final_evaluations = 1.0 + len(val_cases) / max(len(sample), 1) if val_cases else 0.0
+    cadence = ValidationSchedule(config.val_budget_fraction, config.val_ema, final_evaluations=final_evaluations)
     train_seconds = 0.0
     steps_before = 0
     run = _Run(best=BestKeeper(config.min_improvement))

@@ -65,9 +65,13 @@ class ValidationSchedule:
     moving average (weight ``alpha`` on the newest evaluation), so one lucky evaluation cannot win.
     """
 
-    def __init__(self, fraction: float, alpha: float) -> None:
+    def __init__(self, fraction: float, alpha: float, *, final_evaluations: float = 0.0) -> None:
+        """``final_evaluations``: what the run will still spend after the loop, in units of one
+        evaluation (the forced evaluation of the last epoch plus the final re-score on every
+        held-out frame), reserved from the share so the whole run stays within it."""
         self.fraction = fraction
         self.alpha = alpha
+        self.final_evaluations = final_evaluations
         self.spent = 0.0
         self.evaluations = 0
         self.smoothed: float | None = None
@@ -76,7 +80,8 @@ class ValidationSchedule:
         if self.evaluations == 0:
             return True
         cost = self.spent / self.evaluations
-        return self.spent + cost <= self.fraction * (elapsed + cost)
+        reserve = cost * self.final_evaluations
+        return self.spent + cost + reserve <= self.fraction * (elapsed + cost + reserve)
 
     def record(self, score: float, seconds: float) -> float:
         """Account one evaluation; returns the smoothed score."""
