@@ -260,11 +260,14 @@ def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: 
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "server did not start"
             time.sleep(0.3)
-        for raw in (b"GET /\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
+        for raw in (b"GET /\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
                     b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(raw)
-                sock.shutdown(socket.SHUT_WR)  # no more bytes: a partial line must still be answered
+                try:  # no more bytes: a partial line must still be answered
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:  # the server already answered and closed: the answer is buffered
+                    pass
                 try:
                     answer = sock.recv(64)
                 except ConnectionResetError:
