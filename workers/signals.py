@@ -7,7 +7,7 @@
 - The beat embedded by ``sonoseg worker --beat`` is a forked process that nothing ties to the
   worker (Celery sends it one SIGTERM at shutdown and never waits): it asks the kernel to kill it
   when the worker dies (``PR_SET_PDEATHSIG``, as Celery does for pool children). The worker
-  command ends whatever is left when it exits (``workers/processes.py``, docs/workers.md).
+  command ends whatever is left when it exits (``backend/processes.py``, docs/workers.md).
 - Beat leaves a scheduler heartbeat after it sends a dispatch tick (from a thread: the scheduler
   loop never waits on the database), so a worker busy training does not hide a live beat; the
   tick itself records it too (``workers/tasks/housekeeping.py``).
@@ -46,7 +46,7 @@ def dispose_inherited_engines(**_kwargs: Any) -> None:
 def embedded_beat_dies_with_the_worker(**_kwargs: Any) -> None:
     from billiard.process import current_process
 
-    from workers.processes import die_with_parent
+    from backend.processes import die_with_parent
 
     parent = getattr(current_process(), "_parent_pid", None) or os.getppid()
     if die_with_parent(parent):

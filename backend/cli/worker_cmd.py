@@ -94,7 +94,7 @@ def _end_children(timeout: float) -> None:
     outlives it. Celery stops the embedded beat with one SIGTERM and never waits for it."""
     import logging
 
-    from workers.processes import end_descendants
+    from backend.processes import end_descendants
 
     killed = end_descendants(timeout)
     if killed:
