@@ -42,7 +42,7 @@ from flask import Flask, Response, abort, jsonify, redirect, request
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Response as BaseResponse
 
-from backend.api.serving import ServedModel, ServingRow
+from backend.services.serving import ServedModel, ServingRow
 from backend.errors import CheckpointError
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.settings import Settings

@@ -24,7 +24,7 @@ from backend.api import ls_protocol
 from backend.api.auth import authorize
 from backend.api.errors import install_error_handlers
 from backend.api.metrics import CONTENT_TYPE_LATEST, Metrics
-from backend.api.serving import Loader, ModelHolder, load_from_store
+from backend.services.serving import Loader, ModelHolder, load_from_store
 from backend.db.migrate import require_up_to_date
 from backend.db.session import SessionFactory, make_engine, make_session_factory
 from backend.labelstudio.images import TaskImageFetcher

@@ -57,7 +57,7 @@ class FrameResult(Protocol):
 
 
 class ServingModel(Protocol):
-    """The model in service for a project (backend.api.serving.ServedModel satisfies it)."""
+    """The model in service for a project (backend.services.serving.ServedModel satisfies it)."""
 
     @property
     def uid(self) -> str: ...

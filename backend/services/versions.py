@@ -2,7 +2,7 @@
 
 The database enforces "at most one serving version per project" (partial unique index), so two
 concurrent promotions cannot both win. Every server process polls the serving uid and swaps its
-model when it changes (backend/api/serving.py).
+model when it changes (backend/services/serving.py).
 """
 
 from __future__ import annotations

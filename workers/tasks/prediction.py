@@ -79,7 +79,7 @@ def _chunks(items: Iterator[LsTask], size: int) -> Iterator[list[LsTask]]:
 
 def repredict_unlabelled(rt: WorkerRuntime, project_id: int, model_uid: str | None) -> RepredictReport:
     """Predict the project's unlabelled Label Studio tasks with its serving model, write them back."""
-    from backend.api.serving import ServingRow, load_from_store
+    from backend.services.serving import ServingRow, load_from_store
     from backend.labelstudio.images import TaskImageFetcher
     from backend.services.predictions import predict_tasks
     from backend.services.sync import LabelStudioMirror
