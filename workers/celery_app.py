@@ -38,30 +38,20 @@ from backend.storage.private import private_dir
 
 log = logging.getLogger(__name__)
 
-QUEUE_TRAIN = "train"
-QUEUE_PREDICT = "predict"
-QUEUE_HOUSEKEEPING = "housekeeping"
-QUEUES = (QUEUE_TRAIN, QUEUE_PREDICT, QUEUE_HOUSEKEEPING)
-
-TASK_MODULES = ("workers.tasks.training", "workers.tasks.prediction", "workers.tasks.housekeeping")
-
-# Stable task names (beat entries and queued messages refer to these, never to module paths).
-TASK_TRAIN = "sonoseg.train"
-TASK_PREDICT_PROJECT = "sonoseg.predict_project"
-TASK_DISPATCH = "sonoseg.dispatch_due_runs"
-TASK_REAP = "sonoseg.reap_stale_runs"
-TASK_DRAIN_WEBHOOKS = "sonoseg.drain_webhook_events"
-TASK_SCHEDULED_RETRAIN = "sonoseg.scheduled_retrain"
-
-TASK_ROUTES = {
-    TASK_TRAIN: {"queue": QUEUE_TRAIN},
-    TASK_PREDICT_PROJECT: {"queue": QUEUE_PREDICT},
-    TASK_DISPATCH: {"queue": QUEUE_HOUSEKEEPING},
-    TASK_REAP: {"queue": QUEUE_HOUSEKEEPING},
-    TASK_DRAIN_WEBHOOKS: {"queue": QUEUE_HOUSEKEEPING},
-    TASK_SCHEDULED_RETRAIN: {"queue": QUEUE_HOUSEKEEPING},
-}
-
+from workers.names import (  # noqa: F401  (re-exported: tasks and the CLI import them from here)
+    QUEUE_TRAIN,
+    QUEUE_PREDICT,
+    QUEUE_HOUSEKEEPING,
+    QUEUES,
+    TASK_MODULES,
+    TASK_TRAIN,
+    TASK_PREDICT_PROJECT,
+    TASK_DISPATCH,
+    TASK_REAP,
+    TASK_DRAIN_WEBHOOKS,
+    TASK_SCHEDULED_RETRAIN,
+    TASK_ROUTES,
+)
 
 def is_embedded_broker(broker_url: str) -> bool:
     """True for kombu's SQLAlchemy transport (no fanout: no remote control, mingle, gossip)."""

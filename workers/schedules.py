@@ -42,8 +42,8 @@ def parse_cron(expression: str) -> crontab | None:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The ``beat_schedule`` config for ``settings`` (task names from workers.celery_app)."""
-    from workers.celery_app import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
+    """The ``beat_schedule`` config for ``settings`` (task names from workers.names)."""
+    from workers.names import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
 
     if settings.dispatch_interval_seconds <= 0:
         raise InvalidInput(f"SONOSEG_DISPATCH_INTERVAL_SECONDS must be > 0, got {settings.dispatch_interval_seconds}")
