@@ -14,7 +14,8 @@ export SONOSEG_DATA_DIR ?= $(CURDIR)/sonoseg-data
 
 help:
 	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start the server and a worker"
-	@echo "make test   - install into $(VENV) (+ Label Studio into $(VENV_LS)), run all tests"
+	@echo "make test   - install into $(VENV) (+ Label Studio into $(VENV_LS)), make lint, run all tests"
+	@echo "make lint   - ruff (check + format), mypy --strict, import-linter layer contracts"
 	@echo "make bench  - run the benchmarks in bench/ (minutes)"
 	@echo "make fuzz   - run each atheris fuzz target in fuzz/ for FUZZ_SECONDS (default 60); findings land in $(FUZZ_WORK)"
 
@@ -46,8 +47,17 @@ run: install
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when pytest workers,
 # Label Studio and a Celery worker share 2 cores (the scan tests run 6x slower without it).
-test: install install-ls
+test: lint install-ls
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# Types (mypy --strict, settings in pyproject.toml), style (ruff check + format) and the layer
+# rules (import-linter contracts in pyproject.toml). `make test` runs this first.
+LINT_PATHS := backend workers cli tests bench fuzz migrations
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) bench/bench_rle.py

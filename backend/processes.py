@@ -45,10 +45,16 @@ def read_process(pid: int) -> ProcessInfo | None:
     except OSError:
         return None
     left, right = stat.find("("), stat.rfind(")")
-    fields = stat[right + 2:].split()
+    fields = stat[right + 2 :].split()
     try:
-        return ProcessInfo(pid=pid, ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0],
-                           start_ticks=int(fields[19]), command=stat[left + 1:right])
+        return ProcessInfo(
+            pid=pid,
+            ppid=int(fields[1]),
+            pgid=int(fields[2]),
+            state=fields[0],
+            start_ticks=int(fields[19]),
+            command=stat[left + 1 : right],
+        )
     except (IndexError, ValueError):
         return None
 
@@ -130,8 +136,9 @@ def end_descendants(timeout: float, *, root: int | None = None, poll: float = 0.
             break
         time.sleep(poll)
     for proc in left:
-        log.warning("process %d (%s) did not exit within %.0f s of SIGTERM; killing it", proc.pid, proc.command,
-                    timeout)
+        log.warning(
+            "process %d (%s) did not exit within %.0f s of SIGTERM; killing it", proc.pid, proc.command, timeout
+        )
         _signal(proc, signal.SIGKILL)
     end = time.monotonic() + 5.0
     while any(_alive(p) for p in left) and time.monotonic() < end:

@@ -93,11 +93,15 @@ class Settings:
         # A half-configured secret fails closed: starting with auth silently off would expose
         # /predict, /webhook and /metrics to anyone who can reach the port.
         if self.basic_auth_user and not self.basic_auth_password:
-            raise InvalidInput("SONOSEG_BASIC_AUTH_USER is set but SONOSEG_BASIC_AUTH_PASSWORD is not: set both "
-                               "(basic auth on) or neither (off); sonoseg does not start half-configured")
+            raise InvalidInput(
+                "SONOSEG_BASIC_AUTH_USER is set but SONOSEG_BASIC_AUTH_PASSWORD is not: set both "
+                "(basic auth on) or neither (off); sonoseg does not start half-configured"
+            )
         if self.basic_auth_password and not self.basic_auth_user:
-            raise InvalidInput("SONOSEG_BASIC_AUTH_PASSWORD is set but SONOSEG_BASIC_AUTH_USER is not: set both "
-                               "(basic auth on) or neither (off); sonoseg does not start half-configured")
+            raise InvalidInput(
+                "SONOSEG_BASIC_AUTH_PASSWORD is set but SONOSEG_BASIC_AUTH_USER is not: set both "
+                "(basic auth on) or neither (off); sonoseg does not start half-configured"
+            )
         if not 0.0 <= self.gate_min_dice <= 1.0:
             raise InvalidInput(f"SONOSEG_GATE_MIN_DICE must be between 0 and 1, not {self.gate_min_dice}")
 
@@ -130,7 +134,8 @@ class Settings:
             if raw is None:
                 return None
             try:
-                return conv(raw)
+                converted: object = conv(raw)
+                return converted
             except ValueError as exc:
                 raise InvalidInput(f"{name} must be a number, got {raw!r}") from exc
 

@@ -55,11 +55,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.imaging.io import encode_png  # noqa: E402
-from backend.labelstudio.config import DEFAULT_LABEL_CONFIG  # noqa: E402
-from backend.labelstudio.payloads import scrub_webhook  # noqa: E402
-from backend.labelstudio.rle import mask_to_rle  # noqa: E402
-from backend.services.webhooks import event_key  # noqa: E402
+from backend.imaging.io import encode_png
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.labelstudio.payloads import scrub_webhook
+from backend.labelstudio.rle import mask_to_rle
+from backend.services.webhooks import event_key
 
 HANG_SECONDS = 10.0
 PREDICT_HANG_SECONDS = 100.0  # Label Studio's own ML_TIMEOUT_PREDICT: a /predict answered within it is no hang
@@ -69,8 +69,15 @@ IMAGE_SIDE = 64
 LS_PROJECT = 1
 PROJECT_REF = f"{LS_PROJECT}.1700000000"
 OUTCOMES = ("clean_4xx", "task_failure", "ok", "5xx", "hang", "conn", "other")
-HEADINGS = {"clean_4xx": "clean 4xx", "task_failure": "per-task failure", "ok": "200 ok", "5xx": "500",
-            "hang": "hang", "conn": "conn. error", "other": "other"}
+HEADINGS = {
+    "clean_4xx": "clean 4xx",
+    "task_failure": "per-task failure",
+    "ok": "200 ok",
+    "5xx": "500",
+    "hang": "hang",
+    "conn": "conn. error",
+    "other": "other",
+}
 DELETE = object()  # a field value meaning "remove this field"
 
 
@@ -127,11 +134,22 @@ def multipage_tiff(subfile_types: list[int | None], side: int = 8) -> bytes:
     for subfile, start in zip(subfile_types, starts, strict=True):
         struct.pack_into("<I", out, link, len(out))
         entries = [(254, 4, subfile)] if subfile is not None else []
-        entries += [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, start),
-                    (277, 3, 1), (278, 4, side), (279, 4, side * side)]
+        entries += [
+            (256, 4, side),
+            (257, 4, side),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, start),
+            (277, 3, 1),
+            (278, 4, side),
+            (279, 4, side * side),
+        ]
         out += struct.pack("<H", len(entries))
         for tag, kind, value in entries:
-            out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+            out += struct.pack("<HHI", tag, kind, 1) + (
+                struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+            )
         link = len(out)
         out += b"\x00\x00\x00\x00"
     return bytes(out)
@@ -161,11 +179,16 @@ class _Quiet(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "standin/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def reply(self, status: int, body: bytes = b"", content_type: str = "application/octet-stream",
-              headers: dict[str, str] | None = None) -> None:
+    def reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -189,7 +212,7 @@ def standin_label_studio(recorder: Recorder, files: dict[str, bytes], evil_base:
     }
 
     class LabelStudio(_Quiet):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             recorder.add(Seen("ls", self.command, self.path, dict(self.headers.items())))
             route = urlsplit(self.path)
             parts = route.path.strip("/").split("/")
@@ -228,14 +251,18 @@ def standin_label_studio(recorder: Recorder, files: dict[str, bytes], evil_base:
                 body = {"id": LS_PROJECT, "title": "bench", "label_config": DEFAULT_LABEL_CONFIG}
                 return self.reply(200, json.dumps(body).encode(), "application/json")
             if parts[:2] == ["api", "tasks"] and len(parts) >= 3 and parts[2].isdigit():
-                body = {"id": int(parts[2]), "data": {"image": "/data/upload/1/ok.png"}, "project": LS_PROJECT,
-                        "annotations": []}
+                body = {
+                    "id": int(parts[2]),
+                    "data": {"image": "/data/upload/1/ok.png"},
+                    "project": LS_PROJECT,
+                    "annotations": [],
+                }
                 return self.reply(200, json.dumps(body).encode(), "application/json")
             self.reply(404, b'{"detail": "not found"}', "application/json")
 
-        do_HEAD = do_GET  # noqa: N815
+        do_HEAD = do_GET
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             recorder.add(Seen("ls", self.command, self.path, dict(self.headers.items())))
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(min(length, 1 << 20))
@@ -259,7 +286,7 @@ def evil_listener(recorder: Recorder, png: bytes) -> type[_Quiet]:
                 self.rfile.read(min(length, 1 << 20))
             self.reply(200, png, "image/png")
 
-        do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = _any  # noqa: N815
+        do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = _any
 
     return Evil
 
@@ -291,8 +318,17 @@ class Answer:
             return None
 
 
-def http_call(port: int, method: str, target: str, headers: dict[str, str], body: bytes | None = None, *,
-              chunks: Iterator[bytes] | None = None, timeout: float = HANG_SECONDS, raw_head: str | None = None) -> Answer:
+def http_call(
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes | None = None,
+    *,
+    chunks: Iterator[bytes] | None = None,
+    timeout: float = HANG_SECONDS,
+    raw_head: str | None = None,
+) -> Answer:
     """One request on a fresh connection (Connection: close), answered within ``timeout`` or a hang."""
     started = time.monotonic()
     deadline = started + timeout
@@ -325,7 +361,7 @@ def http_call(port: int, method: str, target: str, headers: dict[str, str], body
                 for at in range(0, len(body), 1 << 16):
                     if time.monotonic() > deadline:
                         break
-                    sock.sendall(view[at:at + (1 << 16)])
+                    sock.sendall(view[at : at + (1 << 16)])
         except (BrokenPipeError, ConnectionResetError) as exc:  # the server may have answered and closed
             sent_error = type(exc).__name__
         except TimeoutError:
@@ -389,7 +425,7 @@ def _dechunk(data: bytes) -> bytes:
         size = int(data[at:end].split(b";")[0] or b"0", 16)
         if size == 0:
             return bytes(out)
-        out += data[end + 2:end + 2 + size]
+        out += data[end + 2 : end + 2 + size]
         at = end + 2 + size + 2
 
 
@@ -478,11 +514,23 @@ class World:
     def evil(self) -> str:
         return f"127.0.0.1:{self.evil_port}"
 
-    def region(self, rle: Any = None, labels: Any = None, width: Any = IMAGE_SIDE, height: Any = IMAGE_SIDE) -> dict[str, Any]:
-        return {"id": secrets.token_hex(4), "type": "brushlabels", "from_name": "tag", "to_name": "image",
-                "original_width": width, "original_height": height, "image_rotation": 0,
-                "value": {"format": "rle", "rle": self.mask_rle if rle is None else rle,
-                          "brushlabels": ["Nerve"] if labels is None else labels}}
+    def region(
+        self, rle: Any = None, labels: Any = None, width: Any = IMAGE_SIDE, height: Any = IMAGE_SIDE
+    ) -> dict[str, Any]:
+        return {
+            "id": secrets.token_hex(4),
+            "type": "brushlabels",
+            "from_name": "tag",
+            "to_name": "image",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {
+                "format": "rle",
+                "rle": self.mask_rle if rle is None else rle,
+                "brushlabels": ["Nerve"] if labels is None else labels,
+            },
+        }
 
     def webhook_body(self, image: str = "/data/upload/1/ok.png", results: list[Any] | None = None) -> dict[str, Any]:
         task = self.task_ids()
@@ -490,9 +538,15 @@ class World:
             "action": "ANNOTATION_CREATED",
             "project": {"id": LS_PROJECT, "title": "bench", "label_config": DEFAULT_LABEL_CONFIG},
             "task": {"id": task, "data": {"image": image}, "project": LS_PROJECT},
-            "annotation": {"id": self.annotation_ids(), "task": task, "was_cancelled": False,
-                           "updated_at": "2026-01-01T00:00:00Z", "completed_by": 1, "lead_time": 3.5,
-                           "result": [self.region()] if results is None else results},
+            "annotation": {
+                "id": self.annotation_ids(),
+                "task": task,
+                "was_cancelled": False,
+                "updated_at": "2026-01-01T00:00:00Z",
+                "completed_by": 1,
+                "lead_time": 3.5,
+                "result": [self.region()] if results is None else results,
+            },
         }
 
     def predict_body(self, images: list[str] | None = None, project: Any = PROJECT_REF) -> dict[str, Any]:
@@ -500,23 +554,39 @@ class World:
         return {"tasks": tasks, "project": project, "label_config": DEFAULT_LABEL_CONFIG, "params": {"context": None}}
 
     def setup_body(self) -> dict[str, Any]:
-        return {"project": PROJECT_REF, "schema": DEFAULT_LABEL_CONFIG, "hostname": self.ls, "access_token": "x",
-                "extra_params": None}
+        return {
+            "project": PROJECT_REF,
+            "schema": DEFAULT_LABEL_CONFIG,
+            "hostname": self.ls,
+            "access_token": "x",
+            "extra_params": None,
+        }
 
     # request builders
-    def post(self, label: str, route: str, body: Any, *, raw: bytes | None = None, hostile: bool = False,
-             **kw: Any) -> Case:
+    def post(
+        self, label: str, route: str, body: Any, *, raw: bytes | None = None, hostile: bool = False, **kw: Any
+    ) -> Case:
         data = raw if raw is not None else to_json(body)
         tasks = None
         if route == "/predict" and isinstance(body, dict) and isinstance(body.get("tasks"), list):
-            tasks = [t.get("id") if isinstance(t, dict) and isinstance(t.get("id"), int) else None for t in body["tasks"]]
+            tasks = [
+                t.get("id") if isinstance(t, dict) and isinstance(t.get("id"), int) else None for t in body["tasks"]
+            ]
         hostile_tasks = tuple(t for t in (tasks or []) if t is not None) if hostile else ()
         if route == "/webhook" and hostile and isinstance(body, dict):
             task = body.get("task")
             if isinstance(task, dict) and isinstance(task.get("id"), int):
                 hostile_tasks = (task["id"],)
-        return Case(label, "POST", route, data, tasks=tasks, webhook=body if route == "/webhook" else None,
-                    hostile_tasks=hostile_tasks, **kw)
+        return Case(
+            label,
+            "POST",
+            route,
+            data,
+            tasks=tasks,
+            webhook=body if route == "/webhook" else None,
+            hostile_tasks=hostile_tasks,
+            **kw,
+        )
 
     def default_headers(self, case: Case) -> dict[str, str]:
         headers = {"Authorization": self.auth, "Content-Type": "application/json", "Accept": "application/json"}
@@ -539,11 +609,35 @@ def class_control(w: World) -> Iterator[Case]:
 
 
 MALFORMED = [
-    b"", b"{", b'{"project": ', b"[1, 2", b"{'single': 'quotes'}", b'{"a": 1,}', b"nul", b"NaN", b'{"a": NaN}',
-    b'{"a": Infinity}', b'{"a": -Infinity}', b"\xff\xfe{\x00}\x00", b"\xef\xbb\xbf{}", b'{"a": "\\ud800"}',
-    b'{"a": 1} trailing', b"[]", b"123", b'"a string"', b"null", b"true", b'{"a": "\x00"}', b"\x00" * 64,
-    b'{"tasks": [}', b'{"a": 1e999999}', b'{"a": ' + b"9" * 5000 + b"}", b'{"project": 1, "project": "x"}',
-    b"\x1f\x8b\x08\x00\x00\x00\x00\x00", b'{"a":"\xc3\x28"}', b"\r\n\r\n",
+    b"",
+    b"{",
+    b'{"project": ',
+    b"[1, 2",
+    b"{'single': 'quotes'}",
+    b'{"a": 1,}',
+    b"nul",
+    b"NaN",
+    b'{"a": NaN}',
+    b'{"a": Infinity}',
+    b'{"a": -Infinity}',
+    b"\xff\xfe{\x00}\x00",
+    b"\xef\xbb\xbf{}",
+    b'{"a": "\\ud800"}',
+    b'{"a": 1} trailing',
+    b"[]",
+    b"123",
+    b'"a string"',
+    b"null",
+    b"true",
+    b'{"a": "\x00"}',
+    b"\x00" * 64,
+    b'{"tasks": [}',
+    b'{"a": 1e999999}',
+    b'{"a": ' + b"9" * 5000 + b"}",
+    b'{"project": 1, "project": "x"}',
+    b"\x1f\x8b\x08\x00\x00\x00\x00\x00",
+    b'{"a":"\xc3\x28"}',
+    b"\r\n\r\n",
 ]
 
 
@@ -555,8 +649,12 @@ def class_malformed_json(w: World) -> Iterator[Case]:
             yield w.post(f"{route} malformed #{n}: {body[:40]!r}", route, None, raw=body)
     valid = {"/setup": w.setup_body, "/predict": w.predict_body, "/webhook": w.webhook_body}
     for route, make in valid.items():  # valid JSON under a wrong content type (Label Studio always sends JSON)
-        yield w.post(f"{route} valid body, Content-Type text/plain; charset=utf-16", route, make(),
-                     extra_headers={"Content-Type": "text/plain; charset=utf-16"})
+        yield w.post(
+            f"{route} valid body, Content-Type text/plain; charset=utf-16",
+            route,
+            make(),
+            extra_headers={"Content-Type": "text/plain; charset=utf-16"},
+        )
 
 
 def deep(depth: int, shape: str) -> str:
@@ -572,11 +670,10 @@ def class_deep_json(w: World) -> Iterator[Case]:
             for route in ("/setup", "/predict", "/webhook"):
                 yield w.post(f"{route} top-level {shape} {depth} levels", route, None, raw=text.encode())
             inner = {
-                "/setup": '{"project": "%s", "schema": %s}' % (PROJECT_REF, text),
-                "/predict": '{"project": "%s", "tasks": [{"id": %d, "data": {"image": %s}}]}' % (
-                    PROJECT_REF, w.task_ids(), text),
-                "/webhook": '{"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": %d, '
-                            '"task": %d, "result": %s}}' % (w.annotation_ids(), w.task_ids(), text),
+                "/setup": f'{{"project": "{PROJECT_REF}", "schema": {text}}}',
+                "/predict": f'{{"project": "{PROJECT_REF}", "tasks": [{{"id": {w.task_ids()}, "data": {{"image": {text}}}}}]}}',
+                "/webhook": f'{{"action": "ANNOTATION_CREATED", "project": {{"id": 1}}, "annotation": {{"id": {w.annotation_ids()}, '
+                f'"task": {w.task_ids()}, "result": {text}}}}}',
             }
             for route, body in inner.items():
                 yield w.post(f"{route} {shape} {depth} levels inside a field", route, None, raw=body.encode())
@@ -587,25 +684,52 @@ WRONG = [None, True, 0, -1, 1.5, 2**70, "", "x", "x" * 100_000, [], [1], {}, {"i
 
 def class_wrong_types(w: World) -> Iterator[Case]:
     fields: list[tuple[str, Callable[[], Any], tuple[Any, ...]]] = [
-        ("/setup", w.setup_body, ("project",)), ("/setup", w.setup_body, ("schema",)),
-        ("/setup", w.setup_body, ("hostname",)), ("/setup", w.setup_body, ("access_token",)),
+        ("/setup", w.setup_body, ("project",)),
+        ("/setup", w.setup_body, ("schema",)),
+        ("/setup", w.setup_body, ("hostname",)),
+        ("/setup", w.setup_body, ("access_token",)),
         ("/setup", w.setup_body, ("extra_params",)),
-        ("/predict", w.predict_body, ("tasks",)), ("/predict", w.predict_body, ("tasks", 0)),
-        ("/predict", w.predict_body, ("tasks", 0, "id")), ("/predict", w.predict_body, ("tasks", 0, "data")),
-        ("/predict", w.predict_body, ("tasks", 0, "data", "image")), ("/predict", w.predict_body, ("project",)),
-        ("/predict", w.predict_body, ("label_config",)), ("/predict", w.predict_body, ("params",)),
+        ("/predict", w.predict_body, ("tasks",)),
+        ("/predict", w.predict_body, ("tasks", 0)),
+        ("/predict", w.predict_body, ("tasks", 0, "id")),
+        ("/predict", w.predict_body, ("tasks", 0, "data")),
+        ("/predict", w.predict_body, ("tasks", 0, "data", "image")),
+        ("/predict", w.predict_body, ("project",)),
+        ("/predict", w.predict_body, ("label_config",)),
+        ("/predict", w.predict_body, ("params",)),
         ("/predict", w.predict_body, ("params", "context")),
     ]
-    for path in [("action",), ("project",), ("project", "id"), ("project", "label_config"), ("project", "title"),
-                 ("task",), ("task", "id"), ("task", "data"), ("task", "data", "image"), ("task", "data", "subject"),
-                 ("annotation",), ("annotation", "id"), ("annotation", "task"), ("annotation", "result"),
-                 ("annotation", "result", 0), ("annotation", "result", 0, "type"),
-                 ("annotation", "result", 0, "from_name"), ("annotation", "result", 0, "to_name"),
-                 ("annotation", "result", 0, "value"), ("annotation", "result", 0, "value", "rle"),
-                 ("annotation", "result", 0, "value", "brushlabels"), ("annotation", "result", 0, "value", "format"),
-                 ("annotation", "result", 0, "original_width"), ("annotation", "result", 0, "original_height"),
-                 ("annotation", "was_cancelled"), ("annotation", "updated_at"), ("annotation", "completed_by"),
-                 ("annotation", "lead_time"), ("annotation", "ground_truth")]:
+    for path in [
+        ("action",),
+        ("project",),
+        ("project", "id"),
+        ("project", "label_config"),
+        ("project", "title"),
+        ("task",),
+        ("task", "id"),
+        ("task", "data"),
+        ("task", "data", "image"),
+        ("task", "data", "subject"),
+        ("annotation",),
+        ("annotation", "id"),
+        ("annotation", "task"),
+        ("annotation", "result"),
+        ("annotation", "result", 0),
+        ("annotation", "result", 0, "type"),
+        ("annotation", "result", 0, "from_name"),
+        ("annotation", "result", 0, "to_name"),
+        ("annotation", "result", 0, "value"),
+        ("annotation", "result", 0, "value", "rle"),
+        ("annotation", "result", 0, "value", "brushlabels"),
+        ("annotation", "result", 0, "value", "format"),
+        ("annotation", "result", 0, "original_width"),
+        ("annotation", "result", 0, "original_height"),
+        ("annotation", "was_cancelled"),
+        ("annotation", "updated_at"),
+        ("annotation", "completed_by"),
+        ("annotation", "lead_time"),
+        ("annotation", "ground_truth"),
+    ]:
         fields.append(("/webhook", w.webhook_body, path))
     for route, make, path in fields:
         for value in [*WRONG, DELETE]:
@@ -614,9 +738,33 @@ def class_wrong_types(w: World) -> Iterator[Case]:
             yield w.post(f"{route} {'.'.join(map(str, path))} = {shown}", route, body)
 
 
-BAD_IDS: list[Any] = [0, -1, -(2**31), 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30, Raw("1" + "0" * 400),
-                      Raw("1" + "0" * 5000), True, False, 1.0, 1.5, Raw("-0.0"), Raw("1e308"), Raw("1e400"), "1", "1.0",
-                      "0x10", "\u0661", " 7", None]
+BAD_IDS: list[Any] = [
+    0,
+    -1,
+    -(2**31),
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**30,
+    Raw("1" + "0" * 400),
+    Raw("1" + "0" * 5000),
+    True,
+    False,
+    1.0,
+    1.5,
+    Raw("-0.0"),
+    Raw("1e308"),
+    Raw("1e400"),
+    "1",
+    "1.0",
+    "0x10",
+    "\u0661",
+    " 7",
+    None,
+]
 
 
 def class_bad_ids(w: World) -> Iterator[Case]:
@@ -631,14 +779,19 @@ def class_bad_ids(w: World) -> Iterator[Case]:
         "/webhook task.id": lambda v: ("/webhook", with_field(w.webhook_body(), ("task", "id"), v)),
         "/webhook annotation.id": lambda v: ("/webhook", with_field(w.webhook_body(), ("annotation", "id"), v)),
         "/webhook annotation.task": lambda v: ("/webhook", with_field(w.webhook_body(), ("annotation", "task"), v)),
-        "/webhook completed_by": lambda v: ("/webhook", with_field(w.webhook_body(), ("annotation", "completed_by"), v)),
+        "/webhook completed_by": lambda v: (
+            "/webhook",
+            with_field(w.webhook_body(), ("annotation", "completed_by"), v),
+        ),
         "ANNOTATIONS_DELETED id": deleted("ANNOTATIONS_DELETED", "annotations"),
         "TASKS_DELETED id": deleted("TASKS_DELETED", "tasks"),
     }
     for where, build in targets.items():
         for value in BAD_IDS:
             route, body = build(value)
-            shown = value.token[:12] + ("..." if len(value.token) > 12 else "") if isinstance(value, Raw) else repr(value)
+            shown = (
+                value.token[:12] + ("..." if len(value.token) > 12 else "") if isinstance(value, Raw) else repr(value)
+            )
             yield w.post(f"{where} = {shown}", route, body)
     for value in ("1.1700000000", "0.17", "-1.17", "99999999999999999999.1", "1e3.1", "１.1"):  # the "id.ts" form
         yield w.post(f"/predict project = {value!r}", "/predict", with_field(w.predict_body(), ("project",), value))
@@ -661,45 +814,81 @@ def class_oversized(w: World) -> Iterator[Case]:
                 yield b"x" * size
                 sent += size
             yield b'"}'
+
         return gen
 
     for route in ("/setup", "/predict", "/webhook"):
         yield w.post(f"{route} 40 MB body with Content-Length", route, None, raw=padded(route, big))
         yield Case(f"{route} 40 MB chunked body", "POST", route, chunks=pieces(big))
-        yield Case(f"{route} Content-Length 40 MB, 1 KB sent", "POST", route, body=b"{" + b" " * 1023,
-                   extra_headers={"Content-Length": str(big)})
-        yield Case(f"{route} Content-Length 10**12", "POST", route, body=b"{}",
-                   extra_headers={"Content-Length": str(10**12)})
+        yield Case(
+            f"{route} Content-Length 40 MB, 1 KB sent",
+            "POST",
+            route,
+            body=b"{" + b" " * 1023,
+            extra_headers={"Content-Length": str(big)},
+        )
+        yield Case(
+            f"{route} Content-Length 10**12", "POST", route, body=b"{}", extra_headers={"Content-Length": str(10**12)}
+        )
         yield Case(f"{route} Content-Length -1", "POST", route, body=b"{}", extra_headers={"Content-Length": "-1"})
         yield Case(f"{route} Content-Length 'abc'", "POST", route, body=b"{}", extra_headers={"Content-Length": "abc"})
-    yield w.post("/webhook 31 MB body (just under the limit)", "/webhook", None, raw=padded("/webhook", 31 * 1024 * 1024))
+    yield w.post(
+        "/webhook 31 MB body (just under the limit)", "/webhook", None, raw=padded("/webhook", 31 * 1024 * 1024)
+    )
 
 
 def class_huge_results(w: World) -> Iterator[Case]:
     for count in (1_000_000, 3_000_000):
         rle = [0] * count
-        yield w.post(f"/webhook RLE of {count} integers (64x64 region)", "/webhook",
-                     w.webhook_body(results=[w.region(rle=rle)]))
+        yield w.post(
+            f"/webhook RLE of {count} integers (64x64 region)", "/webhook", w.webhook_body(results=[w.region(rle=rle)])
+        )
     rle = [0] * 7_000_000  # 21 MB of JSON, within the length limit of a 4096x4096 region
-    yield w.post("/webhook RLE of 7M integers declared 4096x4096", "/webhook",
-                 w.webhook_body(results=[w.region(rle=rle, width=4096, height=4096)]))
+    yield w.post(
+        "/webhook RLE of 7M integers declared 4096x4096",
+        "/webhook",
+        w.webhook_body(results=[w.region(rle=rle, width=4096, height=4096)]),
+    )
     for regions in (1_000, 1_001, 5_000, 20_000):
-        yield w.post(f"/webhook {regions} regions", "/webhook", w.webhook_body(results=[w.region() for _ in range(regions)]))
+        yield w.post(
+            f"/webhook {regions} regions", "/webhook", w.webhook_body(results=[w.region() for _ in range(regions)])
+        )
     for count in (1_000, 1_001):
         annotations = [{"id": w.annotation_ids(), "task": w.task_ids(), "result": [w.region()]} for _ in range(count)]
-        yield w.post(f"/webhook ANNOTATIONS_CREATED with {count} annotations", "/webhook",
-                     {"action": "ANNOTATIONS_CREATED", "project": {"id": LS_PROJECT}, "annotation": annotations})
+        yield w.post(
+            f"/webhook ANNOTATIONS_CREATED with {count} annotations",
+            "/webhook",
+            {"action": "ANNOTATIONS_CREATED", "project": {"id": LS_PROJECT}, "annotation": annotations},
+        )
     for count in (100, 1_000):
         yield w.post(f"/predict {count} tasks", "/predict", w.predict_body(["/data/upload/1/ok.png"] * count))
-    yield w.post("/webhook one region 65535x65535 declared, 64x64 image", "/webhook",
-                 w.webhook_body(results=[w.region(width=65535, height=65535)]))
+    yield w.post(
+        "/webhook one region 65535x65535 declared, 64x64 image",
+        "/webhook",
+        w.webhook_body(results=[w.region(width=65535, height=65535)]),
+    )
 
 
 def class_unknown_labels(w: World) -> Iterator[Case]:
-    for labels in (["Tumour"], ["nerve"], [""], ["background"], ["Nerve", "Tumour"], [], [1], [None], ["x" * 10_000],
-                   [f"L{i}" for i in range(300)], "Nerve", {"Nerve": 1}):
-        yield w.post(f"/webhook brushlabels = {json.dumps(labels)[:30]}", "/webhook",
-                     w.webhook_body(results=[w.region(labels=labels)]))
+    for labels in (
+        ["Tumour"],
+        ["nerve"],
+        [""],
+        ["background"],
+        ["Nerve", "Tumour"],
+        [],
+        [1],
+        [None],
+        ["x" * 10_000],
+        [f"L{i}" for i in range(300)],
+        "Nerve",
+        {"Nerve": 1},
+    ):
+        yield w.post(
+            f"/webhook brushlabels = {json.dumps(labels)[:30]}",
+            "/webhook",
+            w.webhook_body(results=[w.region(labels=labels)]),
+        )
 
     def config(labels: str, brush: str = 'name="tag" toName="image"') -> str:
         return f'<View><Image name="image" value="$image"/><BrushLabels {brush}>{labels}</BrushLabels></View>'
@@ -710,7 +899,7 @@ def class_unknown_labels(w: World) -> Iterator[Case]:
         "256 labels": config("".join(f'<Label value="L{i}"/>' for i in range(256))),
         "no labels": config(""),
         "Brush + Labels": '<View><Image name="image" value="$image"/><Brush name="b" toName="image"/>'
-                          '<Labels name="l" toName="image"><Label value="A"/></Labels></View>',
+        '<Labels name="l" toName="image"><Label value="A"/></Labels></View>',
         "toName to nothing": config('<Label value="A"/>', 'name="tag" toName="nope"'),
         "different labels": config('<Label value="Tendon"/><Label value="Muscle"/>'),
         "DOCTYPE": '<!DOCTYPE v [<!ENTITY a "aaaa">]>' + config('<Label value="&a;"/>'),
@@ -718,26 +907,42 @@ def class_unknown_labels(w: World) -> Iterator[Case]:
     for n, (what, xml) in enumerate(configs.items()):
         project = f"{100 + n}.1700000000"  # own projects: a changed config must not touch project 1
         yield w.post(f"/setup schema: {what}", "/setup", {"project": project, "schema": xml})
-        yield w.post(f"/predict label_config: {what}", "/predict", w.predict_body(project=project) | {"label_config": xml})
+        yield w.post(
+            f"/predict label_config: {what}", "/predict", w.predict_body(project=project) | {"label_config": xml}
+        )
 
 
 def rle_header(num: int, word_size: int = 8, sizes: tuple[int, ...] = (3, 4, 8, 16)) -> list[int]:
     bits = f"{num:032b}{word_size - 1:05b}" + "".join(f"{s - 1:04b}" for s in sizes) + "000"
-    return [int(bits[k:k + 8], 2) for k in range(0, len(bits), 8)]
+    return [int(bits[k : k + 8], 2) for k in range(0, len(bits), 8)]
 
 
 def class_bad_rle(w: World) -> Iterator[Case]:
     valid = w.mask_rle
     rng = random.Random(2)
     cases: dict[str, Any] = {
-        "truncated to 5 bytes": valid[:5], "header only": valid[:7], "truncated half": valid[: len(valid) // 2],
-        "last byte dropped": valid[:-1], "empty": [], "value 256": [*valid[:-1], 256], "value -1": [-1, *valid[1:]],
-        "floats": [float(v) for v in valid], "strings": [str(v) for v in valid], "nested": [valid],
-        "null inside": [*valid[:-1], None], "bools": [True] * 20, "a string": "0,29,76", "an object": {"rle": valid},
-        "2**70 values": [2**70] * 10, "header claims 4 Gi words": [255, 255, 255, 255, *valid[4:]],
-        "header for 32x32": mask_to_rle(np.ones((32, 32), bool)), "header for 65x64": mask_to_rle(np.ones((65, 64), bool)),
-        "word size 12": rle_header(IMAGE_SIDE * IMAGE_SIDE * 4, 12), "word size 32": rle_header(5, 32),
-        "1-bit words all literal, right length": rle_header(IMAGE_SIDE * IMAGE_SIDE * 4, 1, (16, 16, 16, 16)) + [0] * 40,
+        "truncated to 5 bytes": valid[:5],
+        "header only": valid[:7],
+        "truncated half": valid[: len(valid) // 2],
+        "last byte dropped": valid[:-1],
+        "empty": [],
+        "value 256": [*valid[:-1], 256],
+        "value -1": [-1, *valid[1:]],
+        "floats": [float(v) for v in valid],
+        "strings": [str(v) for v in valid],
+        "nested": [valid],
+        "null inside": [*valid[:-1], None],
+        "bools": [True] * 20,
+        "a string": "0,29,76",
+        "an object": {"rle": valid},
+        "2**70 values": [2**70] * 10,
+        "header claims 4 Gi words": [255, 255, 255, 255, *valid[4:]],
+        "header for 32x32": mask_to_rle(np.ones((32, 32), bool)),
+        "header for 65x64": mask_to_rle(np.ones((65, 64), bool)),
+        "word size 12": rle_header(IMAGE_SIDE * IMAGE_SIDE * 4, 12),
+        "word size 32": rle_header(5, 32),
+        "1-bit words all literal, right length": rle_header(IMAGE_SIDE * IMAGE_SIDE * 4, 1, (16, 16, 16, 16))
+        + [0] * 40,
         "trailing garbage": [*valid, *range(256)],
     }
     for n in range(12):
@@ -750,60 +955,128 @@ def class_bad_rle(w: World) -> Iterator[Case]:
         cases[f"3 bytes flipped #{n}"] = mutated
     for what, rle in cases.items():
         yield w.post(f"/webhook rle: {what}", "/webhook", w.webhook_body(results=[w.region(rle=rle)]))
-    yield w.post("/webhook rle: valid, declared 32x32 (image is 64x64)", "/webhook",
-                 w.webhook_body(results=[w.region(rle=mask_to_rle(np.ones((32, 32), bool)), width=32, height=32)]))
+    yield w.post(
+        "/webhook rle: valid, declared 32x32 (image is 64x64)",
+        "/webhook",
+        w.webhook_body(results=[w.region(rle=mask_to_rle(np.ones((32, 32), bool)), width=32, height=32)]),
+    )
 
 
 def class_hostile_urls(w: World) -> Iterator[Case]:
     ls, evil = w.ls, w.evil
     lshost = ls.split("//", 1)[1]
     urls = [
-        f"http://{evil}/x.png", f"http://{lshost}@{evil}/x.png", f"http://user:pass@{lshost}/data/upload/1/ok.png",
-        f"http://{lshost}\\@{evil}/x.png", f"http:\\\\{evil}\\x.png", f"http://{evil}#@{lshost}/data/upload/1/ok.png",
-        f"http://{evil}?@{lshost}/data/upload/1/ok.png", f"//{evil}/x.png", f"///{evil}/x.png", f"/\\{evil}/x.png",
-        f"\\\\{evil}\\x.png", f"http://localhost:{w.evil_port}/x.png", f"http://[::1]:{w.evil_port}/x.png",
-        f"http://2130706433:{w.evil_port}/x.png", f"http://0x7f000001:{w.evil_port}/x.png",
-        f"http://127.1:{w.evil_port}/x.png", f"HTTP://{evil}/x.png", f"https://{evil}/x.png", f" http://{evil}/x.png",
-        f"http://{evil}\t/x.png", f"http://{lshost}/data/upload/1/ok.png\r\nX-Injected: 1",
-        f"http://{lshost}/data/upload/1/ok.png%0d%0aX-Injected:%201", f"http://{lshost}:80/data/upload/1/ok.png",
-        f"http://{lshost}./data/upload/1/ok.png", f"http://{evil}/data/upload/1/ok.png",
-        "/data/upload/1/redirect-evil.png", "/data/upload/1/redirect-evil-userinfo.png",
-        "/data/upload/1/redirect-relative-evil.png", "/data/upload/1/redirect-backslash.png",
-        "/data/upload/1/redirect-file.png", "/data/upload/1/redirect-loop.png", "/data/upload/1/redirect-ls-then-evil.png",
-        f"{ls}/data/upload/1/redirect-evil.png", "s3://bucket/key.png", "gs://bucket/../../key.png",
-        "s3://bucket/key\r\nX: 1.png", "file:///etc/passwd", f"gopher://{evil}/_GET%20/", f"ftp://{evil}/x.png",
-        "javascript:alert(1)", "data:image/png;base64," + base64.b64encode(grey_png(4)).decode(), "mailto:x@y",
-        "/data/local-files/?d=../../../etc/passwd", "/data/local-files/?d=/etc/passwd",
-        "/data/local-files/?d=ok.png%00.png", "/data/local-files/?d=ok.png\x00", "/data/local-files/?d=loop-a",
-        "/data/local-files/?d=dirloop/dirloop/dirloop/ok.png", "/data/local-files/?d=out.png",
-        "/data/local-files/?d=updir/etc/passwd", "/data/local-files/?d=subdir",
-        "/data/local-files/?d=" + "a/" * 3000 + "x.png", "/data/local-files/?d=" + "a" * 300 + ".png",
-        "/data/local-files/?d=ok.png&d=out.png", "/data/local-files/?d=", "/data/local-files/?",
-        "/data/local-files/?d=%ff%fe.png", "/data/local-files/?d=fifo.png", "/data/local-files/?d=zero.png",
-        "/data/local-files/?d=sparse.png", f"{ls}/data/local-files/?d=../etc/passwd",
-        "/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd", "/data/upload/../../api/projects/1/",
+        f"http://{evil}/x.png",
+        f"http://{lshost}@{evil}/x.png",
+        f"http://user:pass@{lshost}/data/upload/1/ok.png",
+        f"http://{lshost}\\@{evil}/x.png",
+        f"http:\\\\{evil}\\x.png",
+        f"http://{evil}#@{lshost}/data/upload/1/ok.png",
+        f"http://{evil}?@{lshost}/data/upload/1/ok.png",
+        f"//{evil}/x.png",
+        f"///{evil}/x.png",
+        f"/\\{evil}/x.png",
+        f"\\\\{evil}\\x.png",
+        f"http://localhost:{w.evil_port}/x.png",
+        f"http://[::1]:{w.evil_port}/x.png",
+        f"http://2130706433:{w.evil_port}/x.png",
+        f"http://0x7f000001:{w.evil_port}/x.png",
+        f"http://127.1:{w.evil_port}/x.png",
+        f"HTTP://{evil}/x.png",
+        f"https://{evil}/x.png",
+        f" http://{evil}/x.png",
+        f"http://{evil}\t/x.png",
+        f"http://{lshost}/data/upload/1/ok.png\r\nX-Injected: 1",
+        f"http://{lshost}/data/upload/1/ok.png%0d%0aX-Injected:%201",
+        f"http://{lshost}:80/data/upload/1/ok.png",
+        f"http://{lshost}./data/upload/1/ok.png",
+        f"http://{evil}/data/upload/1/ok.png",
+        "/data/upload/1/redirect-evil.png",
+        "/data/upload/1/redirect-evil-userinfo.png",
+        "/data/upload/1/redirect-relative-evil.png",
+        "/data/upload/1/redirect-backslash.png",
+        "/data/upload/1/redirect-file.png",
+        "/data/upload/1/redirect-loop.png",
+        "/data/upload/1/redirect-ls-then-evil.png",
+        f"{ls}/data/upload/1/redirect-evil.png",
+        "s3://bucket/key.png",
+        "gs://bucket/../../key.png",
+        "s3://bucket/key\r\nX: 1.png",
+        "file:///etc/passwd",
+        f"gopher://{evil}/_GET%20/",
+        f"ftp://{evil}/x.png",
+        "javascript:alert(1)",
+        "data:image/png;base64," + base64.b64encode(grey_png(4)).decode(),
+        "mailto:x@y",
+        "/data/local-files/?d=../../../etc/passwd",
+        "/data/local-files/?d=/etc/passwd",
+        "/data/local-files/?d=ok.png%00.png",
+        "/data/local-files/?d=ok.png\x00",
+        "/data/local-files/?d=loop-a",
+        "/data/local-files/?d=dirloop/dirloop/dirloop/ok.png",
+        "/data/local-files/?d=out.png",
+        "/data/local-files/?d=updir/etc/passwd",
+        "/data/local-files/?d=subdir",
+        "/data/local-files/?d=" + "a/" * 3000 + "x.png",
+        "/data/local-files/?d=" + "a" * 300 + ".png",
+        "/data/local-files/?d=ok.png&d=out.png",
+        "/data/local-files/?d=",
+        "/data/local-files/?",
+        "/data/local-files/?d=%ff%fe.png",
+        "/data/local-files/?d=fifo.png",
+        "/data/local-files/?d=zero.png",
+        "/data/local-files/?d=sparse.png",
+        f"{ls}/data/local-files/?d=../etc/passwd",
+        "/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd",
+        "/data/upload/../../api/projects/1/",
         "/data/upload/1/" + "x" * 10_000 + ".png",
     ]
     # Allowed by design (Label Studio's own redirects and presigned storage URLs are followed, without
     # credentials, wherever they lead), or harmless (a link to "." inside the root): not "hostile".
-    by_design = {"/data/upload/1/redirect-evil.png", "/data/upload/1/redirect-relative-evil.png",
-                 "/data/upload/1/redirect-ls-then-evil.png", f"{ls}/data/upload/1/redirect-evil.png",
-                 "s3://bucket/key.png", "gs://bucket/../../key.png", "/data/local-files/?d=dirloop/dirloop/dirloop/ok.png"}
+    by_design = {
+        "/data/upload/1/redirect-evil.png",
+        "/data/upload/1/redirect-relative-evil.png",
+        "/data/upload/1/redirect-ls-then-evil.png",
+        f"{ls}/data/upload/1/redirect-evil.png",
+        "s3://bucket/key.png",
+        "gs://bucket/../../key.png",
+        "/data/local-files/?d=dirloop/dirloop/dirloop/ok.png",
+    }
     for url in urls:
         yield w.post(f"/predict image {url[:70]!r}", "/predict", w.predict_body([url]), hostile=url not in by_design)
-    for url in (f"http://{evil}/x.png", "/data/upload/1/redirect-evil-userinfo.png", "file:///etc/passwd",
-                "/data/local-files/?d=out.png", f"http://{lshost}@{evil}/x.png"):
+    for url in (
+        f"http://{evil}/x.png",
+        "/data/upload/1/redirect-evil-userinfo.png",
+        "file:///etc/passwd",
+        "/data/local-files/?d=out.png",
+        f"http://{lshost}@{evil}/x.png",
+    ):
         yield w.post(f"/webhook task image {url[:60]!r}", "/webhook", w.webhook_body(image=url), hostile=True)
 
 
 def class_bombs(w: World, corpus: list[str]) -> Iterator[Case]:
-    names = ["bomb-rgb16-8192.png", "bomb-header-30000.png", "bomb-jpeg-65500.jpg", "truncated.png", "text.png",
-             "empty.png", "html.png", "404.png", "500.png", "one-pixel.png", "tiff-mixed-subfiles.tif",
-             "tiff-thumbnail-first.tif", *corpus]
+    names = [
+        "bomb-rgb16-8192.png",
+        "bomb-header-30000.png",
+        "bomb-jpeg-65500.jpg",
+        "truncated.png",
+        "text.png",
+        "empty.png",
+        "html.png",
+        "404.png",
+        "500.png",
+        "one-pixel.png",
+        "tiff-mixed-subfiles.tif",
+        "tiff-thumbnail-first.tif",
+        *corpus,
+    ]
     for name in names:
         yield w.post(f"/predict {name}", "/predict", w.predict_body([f"/data/upload/1/{name}"]))
-    yield w.post("/webhook task image bomb-rgb16-8192.png", "/webhook",
-                 w.webhook_body(image="/data/upload/1/bomb-rgb16-8192.png"))
+    yield w.post(
+        "/webhook task image bomb-rgb16-8192.png",
+        "/webhook",
+        w.webhook_body(image="/data/upload/1/bomb-rgb16-8192.png"),
+    )
 
 
 def class_auth(w: World) -> Iterator[Case]:
@@ -813,15 +1086,28 @@ def class_auth(w: World) -> Iterator[Case]:
         return "Basic " + base64.b64encode(text.encode()).decode()
 
     variants: dict[str, str | None] = {
-        "no Authorization": None, "wrong password": basic(f"{user}:wrong"), "wrong user": basic(f"nobody:{password}"),
-        "empty user and password": basic(":"), "no colon": basic(user + password), "bad base64": "Basic ***",
-        "Bearer token": f"Bearer {password}", "'Basic' alone": "Basic", "lower-case scheme": "basic " + w.auth.split()[1],
-        "password + space": basic(f"{user}:{password} "), "unicode user": basic(f"\u00fc\u00df:{password}"),
-        "8 KB header": basic("x" * 6000 + ":" + password), "password only": basic(password),
+        "no Authorization": None,
+        "wrong password": basic(f"{user}:wrong"),
+        "wrong user": basic(f"nobody:{password}"),
+        "empty user and password": basic(":"),
+        "no colon": basic(user + password),
+        "bad base64": "Basic ***",
+        "Bearer token": f"Bearer {password}",
+        "'Basic' alone": "Basic",
+        "lower-case scheme": "basic " + w.auth.split()[1],
+        "password + space": basic(f"{user}:{password} "),
+        "unicode user": basic(f"\u00fc\u00df:{password}"),
+        "8 KB header": basic("x" * 6000 + ":" + password),
+        "password only": basic(password),
         "Token scheme": f"Token {password}",
     }
-    routes = [("GET", "/health", None), ("POST", "/setup", w.setup_body), ("POST", "/predict", w.predict_body),
-              ("GET", "/versions", None), ("GET", "/metrics", None)]
+    routes = [
+        ("GET", "/health", None),
+        ("POST", "/setup", w.setup_body),
+        ("POST", "/predict", w.predict_body),
+        ("GET", "/versions", None),
+        ("GET", "/metrics", None),
+    ]
     for what, header in variants.items():
         for method, route, make in routes:
             headers = {"Content-Type": "application/json"}
@@ -832,31 +1118,62 @@ def class_auth(w: World) -> Iterator[Case]:
             if route == "/predict" and body is not None:
                 tasks = [t["id"] for t in json.loads(body)["tasks"]]
             yield Case(f"{method} {route}: {what}", method, route, body, headers=headers, tasks=tasks)
-    hook = [("no secret, no auth", {}, ""), ("wrong secret header", {"X-Sonoseg-Webhook-Secret": "wrong"}, ""),
-            ("wrong ?token=", {}, "?token=wrong"), ("empty secret header", {"X-Sonoseg-Webhook-Secret": ""}, ""),
-            ("secret in another header", {"X-Webhook-Secret": w.secret}, ""),
-            ("secret + 1 char", {"X-Sonoseg-Webhook-Secret": w.secret + "x"}, ""),
-            ("secret prefix", {"X-Sonoseg-Webhook-Secret": w.secret[:-1]}, ""),
-            ("wrong basic auth only", {"Authorization": basic(f"{user}:wrong")}, ""),
-            ("valid basic auth only", {"Authorization": w.auth}, ""), ("valid ?token=", {}, f"?token={w.secret}"),
-            ("valid secret header", {"X-Sonoseg-Webhook-Secret": w.secret}, ""),
-            ("?token= twice, wrong first", {}, f"?token=wrong&token={w.secret}")]
+    hook = [
+        ("no secret, no auth", {}, ""),
+        ("wrong secret header", {"X-Sonoseg-Webhook-Secret": "wrong"}, ""),
+        ("wrong ?token=", {}, "?token=wrong"),
+        ("empty secret header", {"X-Sonoseg-Webhook-Secret": ""}, ""),
+        ("secret in another header", {"X-Webhook-Secret": w.secret}, ""),
+        ("secret + 1 char", {"X-Sonoseg-Webhook-Secret": w.secret + "x"}, ""),
+        ("secret prefix", {"X-Sonoseg-Webhook-Secret": w.secret[:-1]}, ""),
+        ("wrong basic auth only", {"Authorization": basic(f"{user}:wrong")}, ""),
+        ("valid basic auth only", {"Authorization": w.auth}, ""),
+        ("valid ?token=", {}, f"?token={w.secret}"),
+        ("valid secret header", {"X-Sonoseg-Webhook-Secret": w.secret}, ""),
+        ("?token= twice, wrong first", {}, f"?token=wrong&token={w.secret}"),
+    ]
     for what, headers, query in hook:
         body = w.webhook_body()
-        yield Case(f"POST /webhook: {what}", "POST", "/webhook" + query, to_json(body),
-                   headers={"Content-Type": "application/json", **headers}, webhook=body)
+        yield Case(
+            f"POST /webhook: {what}",
+            "POST",
+            "/webhook" + query,
+            to_json(body),
+            headers={"Content-Type": "application/json", **headers},
+            webhook=body,
+        )
 
 
 def class_methods_routes(w: World) -> Iterator[Case]:
     for route in ("/setup", "/predict", "/webhook", "/health", "/versions", "/metrics"):
         for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "FOO"):
-            if (method, route) in {("GET", "/health"), ("GET", "/versions"), ("GET", "/metrics"), ("HEAD", "/health"),
-                                   ("HEAD", "/versions"), ("HEAD", "/metrics")}:
+            if (method, route) in {
+                ("GET", "/health"),
+                ("GET", "/versions"),
+                ("GET", "/metrics"),
+                ("HEAD", "/health"),
+                ("HEAD", "/versions"),
+                ("HEAD", "/metrics"),
+            }:
                 continue
             yield Case(f"{method} {route}", method, route, b"{}" if method in ("PUT", "PATCH", "DELETE") else None)
-    for target in ("/admin", "/predict/", "/setup/x", "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/%00",
-                   "/" + "a" * 10_000, "/predict?" + "x" * 100_000, "/webhook?token=" + "t" * 10_000, "//predict",
-                   "/PREDICT", "/metrics/../predict", "/train", "/api/projects/1/", "/static/../../etc/passwd"):
+    for target in (
+        "/admin",
+        "/predict/",
+        "/setup/x",
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/%00",
+        "/" + "a" * 10_000,
+        "/predict?" + "x" * 100_000,
+        "/webhook?token=" + "t" * 10_000,
+        "//predict",
+        "/PREDICT",
+        "/metrics/../predict",
+        "/train",
+        "/api/projects/1/",
+        "/static/../../etc/passwd",
+    ):
         yield Case(f"POST {target[:50]}", "POST", target, to_json(w.predict_body()))
     yield Case("OPTIONS *", "OPTIONS", "*")
     yield Case("absolute-form target to the evil host", "GET", f"http://{w.evil}/health")
@@ -866,31 +1183,66 @@ def class_methods_routes(w: World) -> Iterator[Case]:
 
 CLASSES: list[tuple[str, str]] = [
     ("valid requests (control)", "well-formed calls Label Studio makes: the baseline must be 200"),
-    ("malformed JSON", "truncated, invalid tokens, NaN/Infinity, BOMs, invalid UTF-8, scalars and arrays, "
-                       "random bytes, on /setup /predict /webhook"),
-    ("deeply nested JSON", "arrays and objects 1,000, 10,000 and 100,000 levels deep, as the whole body and inside "
-                           "a field, on /setup /predict /webhook"),
-    ("wrong types for every field", "each field of the /setup, /predict and /webhook bodies set to null, bool, "
-                                    "numbers, 2**70, strings (up to 100 KB), lists, objects, or removed"),
-    ("ids beyond 64 bits, <= 0, bool, float", "project/task/annotation/user ids: 0, negative, 2**31..10**5000, "
-                                              "true/false, 1.0, 1e400, strings"),
-    ("oversized bodies", "40 MB with Content-Length and chunked, Content-Length lies (40 MB, 10**12, -1, 'abc'), "
-                         "31 MB (under the limit)"),
-    ("huge annotation results", "RLEs of 1-7 million integers, 1,000-20,000 regions, 1,000 annotations, "
-                                "/predict with 100 and 1,000 tasks, a 65535x65535 region"),
-    ("unknown labels and label configs", "brush labels the config does not have, empty/non-string labels; "
-                                         "configs with reserved, duplicate, 256 or no labels, a DOCTYPE"),
-    ("bad RLE", "truncated, forged headers, wrong sizes, word sizes above 8, out-of-range and non-integer "
-                "values, random and mutated bytes (webhook regions)"),
-    ("hostile image URLs", "userinfo, backslash, fragment and scheme-relative tricks toward the evil listener, "
-                           "redirects to it, IP spellings, non-http schemes, local-files traversal, NUL bytes, "
-                           "symlink loops, a FIFO, /dev/zero, long paths"),
-    ("image bombs and broken images", "8192x8192 16-bit RGB PNG, header bombs (PNG 30000^2, JPEG 65500^2), truncated, "
-                                      "text/HTML/empty as .png, 404/500 from Label Studio, the fuzz corpus reproducers"),
-    ("missing/wrong auth and webhook secret", "no/invalid basic auth on every route; missing, wrong, partial "
-                                              "webhook secrets (and the valid forms, which must pass)"),
-    ("wrong methods and unknown routes", "GET/PUT/DELETE/PATCH/OPTIONS/HEAD/TRACE/FOO on every route, unknown "
-                                         "and traversal paths, 100 KB query strings, HTTP/0.9, TLS bytes"),
+    (
+        "malformed JSON",
+        "truncated, invalid tokens, NaN/Infinity, BOMs, invalid UTF-8, scalars and arrays, "
+        "random bytes, on /setup /predict /webhook",
+    ),
+    (
+        "deeply nested JSON",
+        "arrays and objects 1,000, 10,000 and 100,000 levels deep, as the whole body and inside "
+        "a field, on /setup /predict /webhook",
+    ),
+    (
+        "wrong types for every field",
+        "each field of the /setup, /predict and /webhook bodies set to null, bool, "
+        "numbers, 2**70, strings (up to 100 KB), lists, objects, or removed",
+    ),
+    (
+        "ids beyond 64 bits, <= 0, bool, float",
+        "project/task/annotation/user ids: 0, negative, 2**31..10**5000, true/false, 1.0, 1e400, strings",
+    ),
+    (
+        "oversized bodies",
+        "40 MB with Content-Length and chunked, Content-Length lies (40 MB, 10**12, -1, 'abc'), "
+        "31 MB (under the limit)",
+    ),
+    (
+        "huge annotation results",
+        "RLEs of 1-7 million integers, 1,000-20,000 regions, 1,000 annotations, "
+        "/predict with 100 and 1,000 tasks, a 65535x65535 region",
+    ),
+    (
+        "unknown labels and label configs",
+        "brush labels the config does not have, empty/non-string labels; "
+        "configs with reserved, duplicate, 256 or no labels, a DOCTYPE",
+    ),
+    (
+        "bad RLE",
+        "truncated, forged headers, wrong sizes, word sizes above 8, out-of-range and non-integer "
+        "values, random and mutated bytes (webhook regions)",
+    ),
+    (
+        "hostile image URLs",
+        "userinfo, backslash, fragment and scheme-relative tricks toward the evil listener, "
+        "redirects to it, IP spellings, non-http schemes, local-files traversal, NUL bytes, "
+        "symlink loops, a FIFO, /dev/zero, long paths",
+    ),
+    (
+        "image bombs and broken images",
+        "8192x8192 16-bit RGB PNG, header bombs (PNG 30000^2, JPEG 65500^2), truncated, "
+        "text/HTML/empty as .png, 404/500 from Label Studio, the fuzz corpus reproducers",
+    ),
+    (
+        "missing/wrong auth and webhook secret",
+        "no/invalid basic auth on every route; missing, wrong, partial "
+        "webhook secrets (and the valid forms, which must pass)",
+    ),
+    (
+        "wrong methods and unknown routes",
+        "GET/PUT/DELETE/PATCH/OPTIONS/HEAD/TRACE/FOO on every route, unknown "
+        "and traversal paths, 100 KB query strings, HTTP/0.9, TLS bytes",
+    ),
 ]
 
 
@@ -922,14 +1274,23 @@ class Bench:
 
     # set-up
     def files(self) -> tuple[dict[str, bytes], list[str]]:
-        files = {"ok.png": grey_png(), "one-pixel.png": grey_png(1), "bomb-rgb16-8192.png": bomb_png_rgb16(),
-                 "bomb-header-30000.png": header_bomb_png(), "truncated.png": grey_png()[:-30],
-                 "text.png": b"this is a text file, not a PNG\n" * 4, "empty.png": b"",
-                 "tiff-mixed-subfiles.tif": multipage_tiff([0, 2, 2]), "tiff-thumbnail-first.tif": multipage_tiff([1, 2, 2])}
+        files = {
+            "ok.png": grey_png(),
+            "one-pixel.png": grey_png(1),
+            "bomb-rgb16-8192.png": bomb_png_rgb16(),
+            "bomb-header-30000.png": header_bomb_png(),
+            "truncated.png": grey_png()[:-30],
+            "text.png": b"this is a text file, not a PNG\n" * 4,
+            "empty.png": b"",
+            "tiff-mixed-subfiles.tif": multipage_tiff([0, 2, 2]),
+            "tiff-thumbnail-first.tif": multipage_tiff([1, 2, 2]),
+        }
         jpeg = jpeg_header_bomb()
         if jpeg is not None:
             files["bomb-jpeg-65500.jpg"] = jpeg
-        corpus = sorted(p for p in (ROOT / "fuzz" / "corpus" / "image_readers").glob("*") if not p.name.startswith("seed-"))
+        corpus = sorted(
+            p for p in (ROOT / "fuzz" / "corpus" / "image_readers").glob("*") if not p.name.startswith("seed-")
+        )
         for path in corpus:
             files[path.name] = path.read_bytes()
         return files, [p.name for p in corpus]
@@ -958,13 +1319,22 @@ class Bench:
         self.make_local_root()
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SONOSEG_", "LABEL_STUDIO_"))}
-        env.update({
-            "SONOSEG_DATA_DIR": str(self.data_dir), "SONOSEG_HOST": "127.0.0.1", "SONOSEG_PORT": str(port),
-            "SONOSEG_BASIC_AUTH_USER": "bench", "SONOSEG_BASIC_AUTH_PASSWORD": self.password,
-            "SONOSEG_WEBHOOK_SECRET": self.secret, "LABEL_STUDIO_URL": f"http://127.0.0.1:{self.ls.server_address[1]}",
-            "LABEL_STUDIO_API_KEY": self.api_key, "SONOSEG_LOCAL_FILES_ROOT": str(self.local_root),
-            "SONOSEG_DEVICE": "cpu", "SONOSEG_LOG_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
-        })
+        env.update(
+            {
+                "SONOSEG_DATA_DIR": str(self.data_dir),
+                "SONOSEG_HOST": "127.0.0.1",
+                "SONOSEG_PORT": str(port),
+                "SONOSEG_BASIC_AUTH_USER": "bench",
+                "SONOSEG_BASIC_AUTH_PASSWORD": self.password,
+                "SONOSEG_WEBHOOK_SECRET": self.secret,
+                "LABEL_STUDIO_URL": f"http://127.0.0.1:{self.ls.server_address[1]}",
+                "LABEL_STUDIO_API_KEY": self.api_key,
+                "SONOSEG_LOCAL_FILES_ROOT": str(self.local_root),
+                "SONOSEG_DEVICE": "cpu",
+                "SONOSEG_LOG_LEVEL": "WARNING",
+                "OMP_WAIT_POLICY": "PASSIVE",
+            }
+        )
         self.data_dir.mkdir(parents=True)
         command = _sonoseg()
         subprocess.run([*command, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=300)
@@ -978,7 +1348,9 @@ class Bench:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
-                raise SystemExit(f"sonoseg serve exited ({self.server.returncode}):\n{self.log_path.read_text()[-3000:]}")
+                raise SystemExit(
+                    f"sonoseg serve exited ({self.server.returncode}):\n{self.log_path.read_text()[-3000:]}"
+                )
             answer = http_call(port, "GET", "/health", {"Authorization": auth}, timeout=2)
             if answer.status == 200:
                 return world
@@ -1000,7 +1372,9 @@ class Bench:
     # the run
     def stored_task(self, task_id: int) -> bool:
         with self.db() as db:
-            return db.execute("SELECT 1 FROM image_source WHERE ls_task_id = ? LIMIT 1", (task_id,)).fetchone() is not None
+            return (
+                db.execute("SELECT 1 FROM image_source WHERE ls_task_id = ? LIMIT 1", (task_id,)).fetchone() is not None
+            )
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.data_dir / 'sonoseg.db'}?mode=ro", uri=True, timeout=30)
@@ -1021,7 +1395,11 @@ class Bench:
             if case.method == "HEAD":
                 return "clean_4xx"
             body = answer.json()
-            return "clean_4xx" if isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"] else "other"
+            return (
+                "clean_4xx"
+                if isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"]
+                else "other"
+            )
         if answer.status != 200:
             return "other"
         if case.target.startswith("/predict") and case.tasks is not None:
@@ -1042,8 +1420,16 @@ class Bench:
         headers = dict(case.headers) if case.headers is not None else world.default_headers(case)
         headers.update(case.extra_headers)
         limit = PREDICT_HANG_SECONDS if case.target.startswith("/predict") else HANG_SECONDS
-        answer = http_call(self.port, case.method, case.target, headers, case.body,
-                           chunks=case.chunks() if case.chunks else None, raw_head=case.raw_head, timeout=limit)
+        answer = http_call(
+            self.port,
+            case.method,
+            case.target,
+            headers,
+            case.body,
+            chunks=case.chunks() if case.chunks else None,
+            raw_head=case.raw_head,
+            timeout=limit,
+        )
         outcome = self.classify(case, answer)
         if case.webhook is not None and not (answer.status is not None and 200 <= answer.status < 300):
             with _suppress():
@@ -1060,8 +1446,10 @@ class Bench:
             before = _cpu_ticks(self.server.pid)
             time.sleep(1)
             busy = _cpu_ticks(self.server.pid) - before
-            if busy < 0.1 * ticks and http_call(self.port, "GET", "/health", {"Authorization": self._auth()},
-                                                timeout=2).status == 200:
+            if (
+                busy < 0.1 * ticks
+                and http_call(self.port, "GET", "/health", {"Authorization": self._auth()}, timeout=2).status == 200
+            ):
                 return
 
     def _auth(self) -> str:
@@ -1095,7 +1483,10 @@ class Bench:
                     continue
                 outcome, answer = self.run_case(world, case)
                 if self.verbose:
-                    print(f"    {HEADINGS[outcome]:>16} {answer.status} {answer.seconds:6.2f}s {case.label[:100]}", flush=True)
+                    print(
+                        f"    {HEADINGS[outcome]:>16} {answer.status} {answer.seconds:6.2f}s {case.label[:100]}",
+                        flush=True,
+                    )
                 tally.cases += 1
                 tally.counts[outcome] += 1
                 if outcome in ("5xx", "hang", "conn", "other") and outcome not in tally.examples:
@@ -1105,8 +1496,11 @@ class Bench:
                     self.wait_responsive()
             tally.seconds = time.monotonic() - started
             row = ", ".join(f"{HEADINGS[o]} {tally.counts[o]}" for o in OUTCOMES if tally.counts[o])
-            print(f"  {name}: {tally.cases} cases in {tally.seconds:.0f} s ({row})"
-                  + (f", {tally.skipped} skipped" if tally.skipped else ""), flush=True)
+            print(
+                f"  {name}: {tally.cases} cases in {tally.seconds:.0f} s ({row})"
+                + (f", {tally.skipped} skipped" if tally.skipped else ""),
+                flush=True,
+            )
 
     # the checks afterwards
     def checks(self) -> list[tuple[str, bool | None, str]]:
@@ -1122,34 +1516,79 @@ class Bench:
         with self.db() as db:
             keys = {row[0] for row in db.execute("SELECT event_key FROM webhook_event")}
             statuses = dict(db.execute("SELECT status, COUNT(*) FROM webhook_event GROUP BY status").fetchall())
-            stored_hostile = sorted({label for task_id, label in self.hostile_tasks.items()
-                                     if db.execute("SELECT 1 FROM image_source WHERE ls_task_id = ?",
-                                                   (task_id,)).fetchone()})
+            stored_hostile = sorted(
+                {
+                    label
+                    for task_id, label in self.hostile_tasks.items()
+                    if db.execute("SELECT 1 FROM image_source WHERE ls_task_id = ?", (task_id,)).fetchone()
+                }
+            )
         leaked = [label for key, label in self.refused_webhooks if key in keys]
-        out.append(("no webhook_event row for a refused (non-2xx) webhook", not leaked,
-                    f"{len(self.refused_webhooks)} refused, {len(leaked)} stored" + (f" (e.g. {leaked[0]})" if leaked else "")))
-        out.append(("webhook events after processing", None,
-                    ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + f" (pending left: {pending})"))
-        out.append(("no image stored from a hostile URL", not stored_hostile,
-                    f"{len(self.hostile_tasks)} hostile tasks, {len(stored_hostile)} stored"
-                    + (": " + "; ".join(stored_hostile[:4]) if stored_hostile else "")))
-        secrets_ = (self.api_key, self.password, self.secret, base64.b64encode(f"bench:{self.password}".encode()).decode())
-        evil_creds = [s for s in self.evil_seen.seen
-                      if any(k.lower() in ("authorization", "cookie", "x-sonoseg-webhook-secret") for k in s.headers)
-                      or any(secret in v for v in s.headers.values() for secret in secrets_)]
-        out.append(("the evil listener never saw a credential", not evil_creds,
-                    f"{len(self.evil_seen.seen)} requests reached it, {len(evil_creds)} with credentials"
-                    + (f" (e.g. {evil_creds[0].path[:60]} {sorted(evil_creds[0].headers)})" if evil_creds else "")))
+        out.append(
+            (
+                "no webhook_event row for a refused (non-2xx) webhook",
+                not leaked,
+                f"{len(self.refused_webhooks)} refused, {len(leaked)} stored"
+                + (f" (e.g. {leaked[0]})" if leaked else ""),
+            )
+        )
+        out.append(
+            (
+                "webhook events after processing",
+                None,
+                ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + f" (pending left: {pending})",
+            )
+        )
+        out.append(
+            (
+                "no image stored from a hostile URL",
+                not stored_hostile,
+                f"{len(self.hostile_tasks)} hostile tasks, {len(stored_hostile)} stored"
+                + (": " + "; ".join(stored_hostile[:4]) if stored_hostile else ""),
+            )
+        )
+        secrets_ = (
+            self.api_key,
+            self.password,
+            self.secret,
+            base64.b64encode(f"bench:{self.password}".encode()).decode(),
+        )
+        evil_creds = [
+            s
+            for s in self.evil_seen.seen
+            if any(k.lower() in ("authorization", "cookie", "x-sonoseg-webhook-secret") for k in s.headers)
+            or any(secret in v for v in s.headers.values() for secret in secrets_)
+        ]
+        out.append(
+            (
+                "the evil listener never saw a credential",
+                not evil_creds,
+                f"{len(self.evil_seen.seen)} requests reached it, {len(evil_creds)} with credentials"
+                + (f" (e.g. {evil_creds[0].path[:60]} {sorted(evil_creds[0].headers)})" if evil_creds else ""),
+            )
+        )
         ls_auth = [s.headers.get("Authorization", "") for s in self.ls_seen.seen]
         wrong = [a for a in ls_auth if a and a != f"Token {self.api_key}"]
         leaked_to_ls = [s for s in self.ls_seen.seen if any(x in v for v in s.headers.values() for x in secrets_[1:])]
-        out.append(("Label Studio received only its API token", not wrong and not leaked_to_ls,
-                    f"{len(self.ls_seen.seen)} requests, {sum(1 for a in ls_auth if a)} with Authorization, "
-                    f"{len(wrong)} other credentials, {len(leaked_to_ls)} carrying sonoseg's own secrets"))
+        out.append(
+            (
+                "Label Studio received only its API token",
+                not wrong and not leaked_to_ls,
+                f"{len(self.ls_seen.seen)} requests, {sum(1 for a in ls_auth if a)} with Authorization, "
+                f"{len(wrong)} other credentials, {len(leaked_to_ls)} carrying sonoseg's own secrets",
+            )
+        )
         alive = self.server is not None and self.server.poll() is None
         peak = _peak_rss_mb(self.server.pid) if alive and self.server is not None else None
-        out.append(("the server is still alive", alive,
-                    "yes" + (f", peak RSS {peak} MB" if peak else "") if alive else f"exited {self.server.returncode if self.server else '?'}"))
+        out.append(
+            (
+                "the server is still alive",
+                alive,
+                "yes" + (f", peak RSS {peak} MB" if peak else "")
+                if alive
+                else f"exited {self.server.returncode if self.server else '?'}",
+            )
+        )
         log = self.log_path.read_text(errors="replace")
         out.append(("tracebacks in the server log", None, str(log.count("Traceback (most recent call last)"))))
         return out
@@ -1168,7 +1607,7 @@ def _free_port() -> int:
 
 def _sonoseg() -> list[str]:
     script = Path(sys.executable).with_name("sonoseg")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "backend.cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -1199,9 +1638,17 @@ class _suppress:
 
 def _git_commit() -> str:
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return done.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -1220,7 +1667,7 @@ def report(bench: Bench, checks: list[tuple[str, bool | None, str]], command: st
         f"- machine: {cores} cores, {platform.machine()}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}; code at {_git_commit()}",
         f"- server: `sonoseg serve` (development server, threaded), SQLite, no trained model (predictions are "
-        f"empty \"untrained\" items, but images are still fetched, decoded and stored), basic auth and webhook "
+        f'empty "untrained" items, but images are still fetched, decoded and stored), basic auth and webhook '
         f"secret on; stand-in Label Studio and evil listener on 127.0.0.1; a hang is no answer in {HANG_SECONDS:.0f} s "
         f"({PREDICT_HANG_SECONDS:.0f} s for /predict: Label Studio's own timeout there)",
         "",
@@ -1242,7 +1689,11 @@ def report(bench: Bench, checks: list[tuple[str, bool | None, str]], command: st
     for what, ok, detail in checks:
         mark = "n/a" if ok is None else ("PASS" if ok else "FAIL")
         lines.append(f"- {mark}: {what}: {detail}")
-    examples = [(name, outcome, text) for name, _ in CLASSES for outcome, text in bench.results.get(name, Tally()).examples.items()]
+    examples = [
+        (name, outcome, text)
+        for name, _ in CLASSES
+        for outcome, text in bench.results.get(name, Tally()).examples.items()
+    ]
     lines += ["", "## One example per class and bad outcome", ""]
     if examples:
         for name, outcome, text in examples:
@@ -1271,11 +1722,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown report here (e.g. docs/reliability.md)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every case and its outcome")
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="run only the classes whose name contains TEXT (repeatable; the control always runs)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the classes whose name contains TEXT (repeatable; the control always runs)",
+    )
     args = parser.parse_args()
-    command = "python bench/adversarial_inputs.py" + (f" --out {args.out}" if args.out else "") + "".join(
-        f" --only {text!r}" for text in args.only)
+    command = (
+        "python bench/adversarial_inputs.py"
+        + (f" --out {args.out}" if args.out else "")
+        + "".join(f" --only {text!r}" for text in args.only)
+    )
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="sonoseg-adversarial-"))
     bench = Bench(tmp, args.keep)

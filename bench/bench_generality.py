@@ -58,32 +58,41 @@ SUBJECT_BLOCK = 5
 
 def load(data_dir: Path) -> tuple[TrainData, TrainData, str]:
     if (data_dir / "images").is_dir() and (data_dir / "test" / "images").is_dir():
-        return (load_pairs_from_dirs(data_dir / "images", data_dir / "masks", CLASSES),
-                load_pairs_from_dirs(data_dir / "test" / "images", data_dir / "test" / "masks", CLASSES),
-                f"usgra-seg ({data_dir})")
+        return (
+            load_pairs_from_dirs(data_dir / "images", data_dir / "masks", CLASSES),
+            load_pairs_from_dirs(data_dir / "test" / "images", data_dir / "test" / "masks", CLASSES),
+            f"usgra-seg ({data_dir})",
+        )
     print(f"NOTE: {data_dir} not found, using generated frames; numbers only prove the pipeline runs")
-    return (TrainData(make_blob_pairs(40, (256, 256), 2, seed=1), CLASSES),
-            TrainData(make_blob_pairs(10, (256, 256), 2, seed=2), CLASSES), "synthetic")
+    return (
+        TrainData(make_blob_pairs(40, (256, 256), 2, seed=1), CLASSES),
+        TrainData(make_blob_pairs(10, (256, 256), 2, seed=2), CLASSES),
+        "synthetic",
+    )
 
 
 def transform(data: TrainData, size: tuple[int, int] | None) -> TrainData:
     if size is None:
         return data
-    pairs = [(np.clip(np.rint(resize_image(im, size)), 0, 255).astype(np.uint8), resize_mask(m, size, len(CLASSES) + 1))
-             for im, m in data.pairs]
+    pairs = [
+        (np.clip(np.rint(resize_image(im, size)), 0, 255).astype(np.uint8), resize_mask(m, size, len(CLASSES) + 1))
+        for im, m in data.pairs
+    ]
     return dataclasses.replace(data, pairs=pairs)
 
 
-def run(name: str, model: str, train_data: TrainData, test: TrainData, minutes: float, threads: int,
-        seed: int) -> dict[str, Any]:
+def run(
+    name: str, model: str, train_data: TrainData, test: TrainData, minutes: float, threads: int, seed: int
+) -> dict[str, Any]:
     config = training_preset(model).replace(max_minutes=minutes, seed=seed, num_threads=threads, device="cpu")
-    print(f"\n== {name} / {model}: {minutes:g} min on {threads} threads, {len(train_data.pairs)} training frames",
-          flush=True)
+    print(
+        f"\n== {name} / {model}: {minutes:g} min on {threads} threads, {len(train_data.pairs)} training frames",
+        flush=True,
+    )
 
     def report(p: Progress) -> None:
         val = "" if p.val_dice is None else f" val {p.val_dice:.3f} (ema {p.val_smoothed:.3f})"
-        print(f"  epoch {p.epoch:3d} {p.elapsed_s:6.0f}s loss {p.loss:.3f}{val}{' *' if p.is_best else ''}",
-              flush=True)
+        print(f"  epoch {p.epoch:3d} {p.elapsed_s:6.0f}s loss {p.loss:.3f}{val}{' *' if p.is_best else ''}", flush=True)
 
     t0 = time.perf_counter()
     result: TrainResult = train(config, train_data, on_progress=report)
@@ -94,15 +103,29 @@ def run(name: str, model: str, train_data: TrainData, test: TrainData, minutes: 
     preds = [predictor.predict([im])[0].mask for im, _ in test.pairs]  # the only use of test/
     rep = evaluate_masks(preds, [m for _, m in test.pairs], predictor.spec.class_names)
     return {
-        "geometry": name, "model": model, "minutes": minutes, "threads": threads, "seed": seed,
-        "fg_mDice": rep.mDice, "fg_mIoU": rep.mIoU, "accuracy": rep.accuracy,
+        "geometry": name,
+        "model": model,
+        "minutes": minutes,
+        "threads": threads,
+        "seed": seed,
+        "fg_mDice": rep.mDice,
+        "fg_mIoU": rep.mIoU,
+        "accuracy": rep.accuracy,
         "per_class": {c.name: {"dice": c.dice, "iou": c.iou} for c in rep.per_class},
-        "images_per_second": result.images_per_second, "val_fraction": result.val_fraction,
-        "val_seconds": result.val_seconds, "wall_seconds": wall, "epochs": result.epochs, "steps": result.steps,
-        "best_val_dice": result.best_val_dice, "n_train": result.n_train, "n_val": result.n_val,
+        "images_per_second": result.images_per_second,
+        "val_fraction": result.val_fraction,
+        "val_seconds": result.val_seconds,
+        "wall_seconds": wall,
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "best_val_dice": result.best_val_dice,
+        "n_train": result.n_train,
+        "n_val": result.n_val,
         "plan": result.plan,
-        "history": [{"elapsed_s": p.elapsed_s, "loss": p.loss, "val_dice": p.val_dice, "val_smoothed": p.val_smoothed}
-                    for p in result.history],
+        "history": [
+            {"elapsed_s": p.elapsed_s, "loss": p.loss, "val_dice": p.val_dice, "val_smoothed": p.val_smoothed}
+            for p in result.history
+        ],
     }
 
 
@@ -112,9 +135,11 @@ def table(out: Path) -> str:
         return "no runs saved yet"
     native = {r["model"]: r["fg_mDice"] for r in runs.values() if r["geometry"] == "native"}
     unet = {r["geometry"]: r["fg_mDice"] for r in runs.values() if r["model"] == "cpu_small_unet"}
-    lines = ["| geometry | model | fg mDice | vs native | vs U-Net | Nerve Dice / IoU | Vessel Dice / IoU | "
-             "images/s | validation share | scale, patch, batch | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| geometry | model | fg mDice | vs native | vs U-Net | Nerve Dice / IoU | Vessel Dice / IoU | "
+        "images/s | validation share | scale, patch, batch | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs.values():
         nat = native.get(r["model"])
         ref = unet.get(r["geometry"])
@@ -127,7 +152,8 @@ def table(out: Path) -> str:
             f"| {r['geometry']} | {r['model']} | {r['fg_mDice']:.3f} | {vs_native} | {vs_unet} | "
             f"{pc['Nerve']['dice']:.3f} / {pc['Nerve']['iou']:.3f} | {pc['Vessel']['dice']:.3f} / {pc['Vessel']['iou']:.3f} | "
             f"{r['images_per_second']:.1f} | {100 * r['val_fraction']:.1f}% | "
-            f"{plan.get('input_scale', '?')}, {geom[1]}x{geom[0]}, {plan.get('batch_size', '?')} | {r['minutes']:g} |")
+            f"{plan.get('input_scale', '?')}, {geom[1]}x{geom[0]}, {plan.get('batch_size', '?')} | {r['minutes']:g} |"
+        )
     return "\n".join(lines)
 
 
@@ -147,9 +173,9 @@ def curves(out: Path, figures: Path) -> list[str]:
             pts = [(h["elapsed_s"] / 60, h["val_dice"]) for h in r["history"] if h["val_dice"] is not None]
             ema = [(h["elapsed_s"] / 60, h["val_smoothed"]) for h in r["history"] if h["val_smoothed"] is not None]
             if pts:
-                ax.plot(*zip(*pts), "o", ms=3, alpha=0.5, label=f"{r['model']} val (sample)")
+                ax.plot(*zip(*pts, strict=False), "o", ms=3, alpha=0.5, label=f"{r['model']} val (sample)")
             if ema:
-                ax.plot(*zip(*ema), "-", label=f"{r['model']} EMA")
+                ax.plot(*zip(*ema, strict=False), "-", label=f"{r['model']} EMA")
         ax.set(xlabel="minutes", ylabel="validation foreground Dice", ylim=(0, 1), title=f"usgra-seg at {geometry}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -184,7 +210,8 @@ def main() -> None:
             train_g, test_g = transform(train_data, size), transform(test_data, size)
             if subjects:
                 train_g = dataclasses.replace(
-                    train_g, subjects=[f"block{i // SUBJECT_BLOCK}" for i in range(len(train_g.pairs))])
+                    train_g, subjects=[f"block{i // SUBJECT_BLOCK}" for i in range(len(train_g.pairs))]
+                )
             for model in args.models.split(","):
                 if subjects and model != MODELS[0]:
                     continue
@@ -194,8 +221,10 @@ def main() -> None:
                     continue
                 result = run(name, model, train_g, test_g, args.minutes, args.threads, args.seed)
                 path.write_text(json.dumps(result, indent=1))
-                print(f"  test fg mDice {result['fg_mDice']:.4f}, {result['images_per_second']:.1f} images/s, "
-                      f"validation {100 * result['val_fraction']:.1f}% of the run")
+                print(
+                    f"  test fg mDice {result['fg_mDice']:.4f}, {result['images_per_second']:.1f} images/s, "
+                    f"validation {100 * result['val_fraction']:.1f}% of the run"
+                )
     print("\n" + table(args.out))
     args.figures.mkdir(parents=True, exist_ok=True)
     for path in curves(args.out, args.figures):

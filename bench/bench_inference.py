@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT))
 from backend.model.checkpoint import Checkpoint
 from backend.model.device import autocast, mixed_precision_dtype
 from backend.model.losses import DeepSupervisionLoss, DiceCELoss
+from backend.model.networks import build_model
 from backend.model.predict import PredictOptions, Predictor
 from backend.model.resample import scaled_size
-from backend.model.spec import accepts_any_size, build_model, preset_spec
+from backend.model.spec import accepts_any_size, preset_spec
 
 CLASSES = ("Nerve", "Vessel")
 

@@ -50,7 +50,8 @@ from backend.imaging.io import encode_png, read_image
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.model.checkpoint import Checkpoint, save_checkpoint
 from backend.model.data import prepare_image
-from backend.model.spec import build_model, preset_spec
+from backend.model.networks import build_model
+from backend.model.spec import preset_spec
 from backend.settings import Settings
 
 SHARED = ROOT.parent / "shared" / "data" / "usgra-seg" / "images" / "0000.png"
@@ -111,8 +112,9 @@ def main() -> None:
     ckpt = tmp / "model.safetensors"
     save_checkpoint(ckpt, Checkpoint(spec=spec, state_dict=build_model(spec).state_dict()))
 
-    settings = Settings(data_dir=tmp / "data", database_url=url, local_files_root=root, device="cpu",
-                        model_poll_seconds=3600)
+    settings = Settings(
+        data_dir=tmp / "data", database_url=url, local_files_root=root, device="cpu", model_poll_seconds=3600
+    )
     app = create_app(settings, start_background=False)
     state: AppState = app.extensions["sonoseg"]
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -122,8 +124,11 @@ def main() -> None:
     http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=args.concurrent))
 
     def post(task_id: int, session: requests.Session = http) -> float:
-        body = {"tasks": [{"id": task_id, "data": {"image": image_url}}], "project": PROJECT,
-                "label_config": DEFAULT_LABEL_CONFIG}
+        body = {
+            "tasks": [{"id": task_id, "data": {"image": image_url}}],
+            "project": PROJECT,
+            "label_config": DEFAULT_LABEL_CONFIG,
+        }
         t0 = time.perf_counter()
         resp = session.post(f"{base}/predict", json=body, timeout=120)
         elapsed = time.perf_counter() - t0
@@ -138,8 +143,16 @@ def main() -> None:
         blob = state.store.put_file("checkpoints", ckpt, ".safetensors")
         with unit_of_work(state.factory) as session:
             project = session.query(Project).one()
-            session.add(ModelVersion(project_id=project.id, uid="bench-v1", status="serving", arch=spec.arch,
-                                     checkpoint_key=blob.key, checkpoint_sha256=blob.sha256))
+            session.add(
+                ModelVersion(
+                    project_id=project.id,
+                    uid="bench-v1",
+                    status="serving",
+                    arch=spec.arch,
+                    checkpoint_key=blob.key,
+                    checkpoint_sha256=blob.sha256,
+                )
+            )
         state.holder.refresh()
         served = state.holder.get(project.id)
         if served is None:
@@ -183,8 +196,10 @@ def main() -> None:
         state.close()
 
     b = median_ms(bare)
-    print(f"preset {args.preset} ({spec.arch}), frame {pixels.shape[1]}x{pixels.shape[0]} ({source}), "
-          f"torch threads {args.threads}, {args.repeats} repeats, medians")
+    print(
+        f"preset {args.preset} ({spec.arch}), frame {pixels.shape[1]}x{pixels.shape[0]} ({source}), "
+        f"torch threads {args.threads}, {args.repeats} repeats, medians"
+    )
     print(f"  network forward      {median_ms(net):8.1f} ms")
     print(f"  predictor (baseline) {b:8.1f} ms   1.00x")
     for name, samples in (("server warm", warm), ("server cold", cold)):
@@ -193,8 +208,10 @@ def main() -> None:
         verdict = "within 15%" if m <= 1.15 * b else "OVER 15%"
         print(f"  /predict {name:11s} {m:8.1f} ms   {m / b:.2f}x  ({verdict}; median paired overhead {paired:+.1f} ms)")
     ok = [x for x in latencies if not math.isnan(x)]
-    print(f"{args.concurrent} concurrent single-task /predict: {len(failures)} failed, "
-          f"latency median {median_ms(ok):.0f} ms, max {max(ok) * 1e3:.0f} ms, all done in {burst:.1f} s")
+    print(
+        f"{args.concurrent} concurrent single-task /predict: {len(failures)} failed, "
+        f"latency median {median_ms(ok):.0f} ms, max {max(ok) * 1e3:.0f} ms, all done in {burst:.1f} s"
+    )
     for failure in failures[:5]:
         print(f"  failure: {failure}")
 

@@ -176,5 +176,6 @@ def main() -> None:
         print(line)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -39,7 +39,15 @@ from backend.model import scan
 D_STATE = 16
 # (L, d_inner, batch): stages of the 512x512, 8-stage U-Mamba. (cpu_small, 256x256 with features
 # 16..256, has d_inner 32..512 at the same L: cheaper than these rows.)
-SHAPES = [(16, 1024, 2), (64, 1024, 2), (256, 1024, 2), (1024, 1024, 2), (4096, 512, 1), (16384, 256, 1), (65536, 128, 1)]
+SHAPES = [
+    (16, 1024, 2),
+    (64, 1024, 2),
+    (256, 1024, 2),
+    (1024, 1024, 2),
+    (4096, 512, 1),
+    (16384, 256, 1),
+    (65536, 128, 1),
+]
 QUICK_SHAPES = [(64, 1024, 2), (256, 1024, 2), (4096, 512, 1)]
 REF_MAX_SECONDS = 30.0
 REF_ALWAYS_UP_TO = 256  # L=256 (d_inner 1024, batch 2) is where the 20x requirement is checked

@@ -19,7 +19,7 @@ from pathlib import Path
 if os.environ.get("SONOSEG_FUZZ_JIT") != "1":
     os.environ["NUMBA_DISABLE_JIT"] = "1"
 
-import atheris  # noqa: E402
+import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["backend", "fuzz"]):
     from backend.labelstudio import rle_kernels  # noqa: F401  (instrumented too, when not compiled)
     from fuzz.harness import check_rle
 
-from backend.labelstudio.rle import warmup  # noqa: E402
+from backend.labelstudio.rle import warmup
 
 warmup()  # load the numba kernels once, before the first input is timed
 

@@ -38,8 +38,9 @@ class Finding(AssertionError):
 def check_image(data: bytes) -> str:
     """Read ``data`` as an uploaded image; returns "frames" or the SonosegError class name."""
     try:
-        frames = read_image_bytes(data, "fuzz-input", max_side=MAX_SIDE, max_bytes=MAX_BYTES,
-                                  max_decoded_bytes=MAX_DECODED_BYTES)
+        frames = read_image_bytes(
+            data, "fuzz-input", max_side=MAX_SIDE, max_bytes=MAX_BYTES, max_decoded_bytes=MAX_DECODED_BYTES
+        )
     except SonosegError as exc:
         _check_message(exc)
         outcome = type(exc).__name__
@@ -48,8 +49,7 @@ def check_image(data: bytes) -> str:
         outcome = "frames"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         try:
-            pixels = decode_png_bytes(data, max_side=MAX_SIDE, max_bytes=MAX_BYTES,
-                                      max_decoded_bytes=MAX_DECODED_BYTES)
+            pixels = decode_png_bytes(data, max_side=MAX_SIDE, max_bytes=MAX_BYTES, max_decoded_bytes=MAX_DECODED_BYTES)
         except SonosegError as exc:
             _check_message(exc)
         else:
@@ -64,8 +64,10 @@ def _check_frames(frames: object) -> None:
     for k, frame in enumerate(frames):
         pixels = frame.pixels
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
-            raise Finding(f"frame {k}: pixels are {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
-                          f"{getattr(pixels, 'shape', '')}, not uint8 (H, W)")
+            raise Finding(
+                f"frame {k}: pixels are {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
+                f"{getattr(pixels, 'shape', '')}, not uint8 (H, W)"
+            )
         if pixels.size == 0 or max(pixels.shape) > MAX_SIDE:
             raise Finding(f"frame {k}: shape {pixels.shape} is empty or beyond the {MAX_SIDE}-pixel limit")
         if frame.frame_index != k:

@@ -20,7 +20,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import SimpleITK as sitk  # noqa: E402
 
 from backend.labelstudio.rle import mask_to_rle  # noqa: E402
 from fuzz.harness import rle_input  # noqa: E402
@@ -29,8 +28,14 @@ from tests import imaging_samples as samples  # noqa: E402
 CORPUS = ROOT / "fuzz" / "corpus"
 
 
-def _sitk_bytes(suffix: str, array: np.ndarray, *, vector: bool = False, compress: bool = False,
-                spacing: tuple[float, ...] | None = None) -> bytes:
+def _sitk_bytes(
+    suffix: str,
+    array: np.ndarray,
+    *,
+    vector: bool = False,
+    compress: bool = False,
+    spacing: tuple[float, ...] | None = None,
+) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"seed{suffix}"
         samples.write_sitk(path, array, vector=vector, compress=compress, spacing=spacing)
@@ -65,9 +70,10 @@ def image_seeds() -> dict[str, bytes]:
         "png-rgb.png": lambda: _sitk_bytes(".png", rgb, vector=True),
         "png-rgba.png": lambda: _sitk_bytes(".png", rgba, vector=True),
         "png-grey16.png": lambda: _sitk_bytes(".png", grey16),
-        "png-palette.png": lambda: samples.palette_png(np.array([[0, 1, 2], [2, 1, 0]], np.uint8),
-                                                       [(0, 0, 0), (255, 0, 0), (0, 255, 0)]),
-        "png-grey-alpha.png": lambda: samples.grey_alpha_png(),
+        "png-palette.png": lambda: samples.palette_png(
+            np.array([[0, 1, 2], [2, 1, 0]], np.uint8), [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+        ),
+        "png-grey-alpha.png": samples.grey_alpha_png,
         "png-bomb-30000.png": lambda: samples.bomb_png(30000),
         "png-truncated.png": lambda: _sitk_bytes(".png", grey)[:-20],
         "jpeg-grey.jpg": lambda: jpeg,
@@ -86,7 +92,8 @@ def image_seeds() -> dict[str, bytes]:
         "dicom-rgb.dcm": lambda: _dicom_bytes(rgb, photometric="RGB"),
         "dicom-implicit.dcm": lambda: _dicom_bytes(grey, implicit=True),
         "dicom-regions-undefined-lengths.dcm": lambda: _dicom_bytes(
-            grey, regions=[samples.us_region(0.01, 0.01)], undefined_lengths=True),
+            grey, regions=[samples.us_region(0.01, 0.01)], undefined_lengths=True
+        ),
         "dicom-no-pixels.dcm": lambda: _dicom_bytes(grey, pixel_data=False),
         "nifti-grey.nii": lambda: _sitk_bytes(".nii", grey, spacing=(0.1, 0.2)),
         "nifti-volume.nii.gz": lambda: _sitk_bytes(".nii.gz", cine.astype(np.int16), compress=True),

@@ -45,8 +45,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             if "[postgres" in rep.nodeid or "-postgres" in rep.nodeid:
                 counts[key] = counts.get(key, 0) + 1
     terminalreporter.write_line(
-        "sonoseg: PostgreSQL database tests: "
-        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        "sonoseg: PostgreSQL database tests: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         if counts
         else "sonoseg: PostgreSQL database tests: none ran"
     )
@@ -116,8 +115,10 @@ def postgres_url(postgres_migrated_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(
-    params=[pytest.param("sqlite_url", marks=pytest.mark.sqlite, id="sqlite"),
-            pytest.param("postgres_url", marks=pytest.mark.postgres, id="postgres")]
+    params=[
+        pytest.param("sqlite_url", marks=pytest.mark.sqlite, id="sqlite"),
+        pytest.param("postgres_url", marks=pytest.mark.postgres, id="postgres"),
+    ]
 )
 def db_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty database URL: SQLite, and PostgreSQL when configured."""

@@ -33,8 +33,14 @@ def random_grey(shape: Sequence[int], seed: int = 0, dtype: type = np.uint8) -> 
     return rng.integers(info.min, int(info.max) + 1, size=tuple(shape), dtype=dtype)
 
 
-def write_sitk(path: Path, array: np.ndarray, *, vector: bool = False,
-               spacing: Sequence[float] | None = None, compress: bool = False) -> Path:
+def write_sitk(
+    path: Path,
+    array: np.ndarray,
+    *,
+    vector: bool = False,
+    spacing: Sequence[float] | None = None,
+    compress: bool = False,
+) -> Path:
     image = sitk.GetImageFromArray(array, isVector=vector)
     if spacing is not None:
         image.SetSpacing(tuple(spacing))
@@ -46,8 +52,9 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def png_bytes(ihdr: tuple[int, int, int, int], raw_rows: bytes,
-              extra_chunks: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+def png_bytes(
+    ihdr: tuple[int, int, int, int], raw_rows: bytes, extra_chunks: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
     """A PNG from (width, height, bit depth, colour type) and already-filtered rows."""
     width, height, depth, colour = ihdr
     out = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
@@ -76,15 +83,28 @@ def bomb_png(side: int = 30000) -> bytes:
     Decoding it would need side**2 bytes; a reader that trusts the header must refuse it first.
     """
     idat = zlib.compress(b"\x00" * (side + 1) * 4, 9)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def tiff_ifd_first(grey: np.ndarray) -> bytes:
     """An uncompressed grey TIFF with its IFD before the pixels (SimpleITK writes it after)."""
     h, w = grey.shape
-    entries = [(256, 3, w), (257, 3, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
-               (277, 3, 1), (278, 3, h), (279, 4, w * h)]
+    entries = [
+        (256, 3, w),
+        (257, 3, h),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 0),
+        (277, 3, 1),
+        (278, 3, h),
+        (279, 4, w * h),
+    ]
     strip_offset = 8 + 2 + 12 * len(entries) + 4
     out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
     for tag, kind, value in entries:
@@ -94,9 +114,18 @@ def tiff_ifd_first(grey: np.ndarray) -> bytes:
     return out + struct.pack("<I", 0) + np.ascontiguousarray(grey, dtype=np.uint8).tobytes()
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", frames: int | None = None,
-                extra: Mapping[str, object] | None = None, pixel_data: bool = True, implicit: bool = False,
-                regions: Sequence[Mapping[str, object]] = (), undefined_lengths: bool = False) -> Path:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    frames: int | None = None,
+    extra: Mapping[str, object] | None = None,
+    pixel_data: bool = True,
+    implicit: bool = False,
+    regions: Sequence[Mapping[str, object]] = (),
+    undefined_lengths: bool = False,
+) -> Path:
     """An uncompressed ultrasound DICOM, with identifying tags set, written by pydicom.
 
     ``undefined_lengths`` also adds a nested code sequence and writes every sequence and item
@@ -159,10 +188,17 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
 
 def us_region(delta_x_cm: float, delta_y_cm: float, *, spatial_format: int = 1, units: int = 3) -> dict[str, object]:
     return {
-        "RegionSpatialFormat": spatial_format, "RegionDataType": 1, "RegionFlags": 0,
-        "RegionLocationMinX0": 0, "RegionLocationMinY0": 0, "RegionLocationMaxX1": 5, "RegionLocationMaxY1": 3,
-        "PhysicalUnitsXDirection": units, "PhysicalUnitsYDirection": units,
-        "PhysicalDeltaX": delta_x_cm, "PhysicalDeltaY": delta_y_cm,
+        "RegionSpatialFormat": spatial_format,
+        "RegionDataType": 1,
+        "RegionFlags": 0,
+        "RegionLocationMinX0": 0,
+        "RegionLocationMinY0": 0,
+        "RegionLocationMaxX1": 5,
+        "RegionLocationMaxY1": 3,
+        "PhysicalUnitsXDirection": units,
+        "PhysicalUnitsYDirection": units,
+        "PhysicalDeltaX": delta_x_cm,
+        "PhysicalDeltaY": delta_y_cm,
     }
 
 

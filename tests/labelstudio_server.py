@@ -42,9 +42,9 @@ from flask import Flask, Response, abort, jsonify, redirect, request
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Response as BaseResponse
 
-from backend.services.serving import ServedModel, ServingRow
 from backend.errors import CheckpointError
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.services.serving import ServedModel, ServingRow
 from backend.settings import Settings
 from tests.synthetic_data import synthetic_frame
 
@@ -88,6 +88,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def fake_jwt(payload: str = "x") -> str:
     """Something shaped like a JWT (header names an alg), as Label Studio's PATs are."""
+
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -129,11 +130,12 @@ class FakeLabelStudio:
                 return None
             auth = request.headers.get("Authorization", "")
             ok = auth == f"Token {self.legacy_token}" or (
-                auth.startswith("Bearer ") and auth[len("Bearer "):] in self.valid_access
+                auth.startswith("Bearer ") and auth[len("Bearer ") :] in self.valid_access
             )
             if not ok:
-                return Response('{"detail": "Authentication credentials were not provided."}', 401,
-                                mimetype="application/json")
+                return Response(
+                    '{"detail": "Authentication credentials were not provided."}', 401, mimetype="application/json"
+                )
             return None
 
         @app.post("/api/token/refresh/")
@@ -279,7 +281,7 @@ def save_tiny_checkpoint(path: Path, classes: tuple[str, ...] = ("Nerve", "Vesse
     import torch
 
     from backend.model.checkpoint import Checkpoint, save_checkpoint
-    from backend.model.spec import build_model
+    from backend.model.networks import build_model
 
     torch.manual_seed(seed)
     spec = tiny_spec(classes)
@@ -300,9 +302,19 @@ def train_tiny_model(pairs: list[tuple[np.ndarray, np.ndarray]], path: Path, *, 
     init = path.with_suffix(".init.safetensors")
     save_tiny_checkpoint(init)
     config = TrainConfig(
-        preset="cpu_small_unet", epochs=10_000, iterations_per_epoch=10, batch_size=min(6, len(pairs)),
-        optimizer="adamw", learning_rate=1e-2, weight_decay=0.0, max_minutes=seconds / 60, device="cpu",
-        val_fraction=0.0, num_threads=2, deep_supervision=False, oversample_foreground=0.0,
+        preset="cpu_small_unet",
+        epochs=10_000,
+        iterations_per_epoch=10,
+        batch_size=min(6, len(pairs)),
+        optimizer="adamw",
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        max_minutes=seconds / 60,
+        device="cpu",
+        val_fraction=0.0,
+        num_threads=2,
+        deep_supervision=False,
+        oversample_foreground=0.0,
         augment=AugmentConfig(enabled=False),
     )
     result = train(config, TrainData(pairs=pairs, classes=("Nerve", "Vessel")), init_checkpoint=init)
@@ -324,8 +336,14 @@ def register_model(factory: Any, store: Any, project_id: int, checkpoint: Path, 
                 .where(ModelVersion.project_id == project_id, ModelVersion.status == "serving")
                 .values(status="retired")
             )
-        mv = ModelVersion(project_id=project_id, uid=uid, status="serving" if serve else "candidate",
-                          arch="resunet_2d", checkpoint_key=blob.key, checkpoint_sha256=blob.sha256)
+        mv = ModelVersion(
+            project_id=project_id,
+            uid=uid,
+            status="serving" if serve else "candidate",
+            arch="resunet_2d",
+            checkpoint_key=blob.key,
+            checkpoint_sha256=blob.sha256,
+        )
         session.add(mv)
         session.flush()
         return int(mv.id)
@@ -355,8 +373,12 @@ LABELS = ("Nerve", "Vessel")
 
 
 def project_payload(ls_project_id: int, label_config: str = DEFAULT_LABEL_CONFIG) -> dict[str, Any]:
-    return {"id": ls_project_id, "title": f"project {ls_project_id}", "label_config": label_config,
-            "created_at": "2026-11-25T10:00:00.000000Z"}
+    return {
+        "id": ls_project_id,
+        "title": f"project {ls_project_id}",
+        "label_config": label_config,
+        "created_at": "2026-11-25T10:00:00.000000Z",
+    }
 
 
 def brush_results(mask: np.ndarray) -> list[dict[str, Any]]:
@@ -368,24 +390,58 @@ def brush_results(mask: np.ndarray) -> list[dict[str, Any]]:
     for index, label in enumerate(LABELS, start=1):
         region = mask == index
         if region.any():
-            results.append({
-                "id": f"r{index}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-                "original_width": w, "original_height": h, "image_rotation": 0,
-                "value": {"format": "rle", "rle": mask2rle((region * 255).astype(np.uint8)), "brushlabels": [label]},
-            })
+            results.append(
+                {
+                    "id": f"r{index}",
+                    "from_name": "tag",
+                    "to_name": "image",
+                    "type": "brushlabels",
+                    "original_width": w,
+                    "original_height": h,
+                    "image_rotation": 0,
+                    "value": {
+                        "format": "rle",
+                        "rle": mask2rle((region * 255).astype(np.uint8)),
+                        "brushlabels": [label],
+                    },
+                }
+            )
     return results
 
 
-def annotation(ann_id: int, task_id: int, mask: np.ndarray | None, *, cancelled: bool = False,
-               updated_at: str = "2026-11-25T10:00:00Z") -> dict[str, Any]:
-    return {"id": ann_id, "result": [] if mask is None else brush_results(mask), "was_cancelled": cancelled,
-            "ground_truth": False, "completed_by": 1, "task": task_id, "project": None, "lead_time": 12.5,
-            "created_at": "2026-11-25T10:00:00Z", "updated_at": updated_at}
+def annotation(
+    ann_id: int,
+    task_id: int,
+    mask: np.ndarray | None,
+    *,
+    cancelled: bool = False,
+    updated_at: str = "2026-11-25T10:00:00Z",
+) -> dict[str, Any]:
+    return {
+        "id": ann_id,
+        "result": [] if mask is None else brush_results(mask),
+        "was_cancelled": cancelled,
+        "ground_truth": False,
+        "completed_by": 1,
+        "task": task_id,
+        "project": None,
+        "lead_time": 12.5,
+        "created_at": "2026-11-25T10:00:00Z",
+        "updated_at": updated_at,
+    }
 
 
-def annotation_event(action: str, ann_id: int, task_id: int, image_url: str, mask: np.ndarray | None, *,
-                     ls_project_id: int = 3, cancelled: bool = False,
-                     updated_at: str = "2026-11-25T10:00:00Z") -> dict[str, Any]:
+def annotation_event(
+    action: str,
+    ann_id: int,
+    task_id: int,
+    image_url: str,
+    mask: np.ndarray | None,
+    *,
+    ls_project_id: int = 3,
+    cancelled: bool = False,
+    updated_at: str = "2026-11-25T10:00:00Z",
+) -> dict[str, Any]:
     return {
         "action": action,
         "annotation": annotation(ann_id, task_id, mask, cancelled=cancelled, updated_at=updated_at),
@@ -454,27 +510,42 @@ def start_label_studio(tmp: Path, *, wait: bool = True, timeout: float = 300.0) 
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "label-studio.log"
     env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("LABEL_STUDIO_", "SONOSEG_", "DJANGO_", "DATABASE_"))
+        k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "SONOSEG_", "DJANGO_", "DATABASE_"))
     }
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
-        "COLLECT_ANALYTICS": "false",
-        "LATEST_VERSION_CHECK": "false",
-        "HOME": str(tmp),  # keep ~/.local/share/label-studio out of the real home
-        "PATH": f"{LS_VENV / 'bin'}:{env.get('PATH', '')}",
-        "VIRTUAL_ENV": str(LS_VENV),
-    })
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+            "COLLECT_ANALYTICS": "false",
+            "LATEST_VERSION_CHECK": "false",
+            "HOME": str(tmp),  # keep ~/.local/share/label-studio out of the real home
+            "PATH": f"{LS_VENV / 'bin'}:{env.get('PATH', '')}",
+            "VIRTUAL_ENV": str(LS_VENV),
+        }
+    )
     cmd = [
-        str(LS_VENV / "bin" / "label-studio"), "start",
-        "--no-browser", "--host", f"http://127.0.0.1:{port}", "--internal-host", "127.0.0.1", "--port", str(port),
-        "--data-dir", str(data_dir), "--username", "admin@example.com", "--password", secrets.token_hex(12),
-        "--user-token", LEGACY_TOKEN, "--enable-legacy-api-token",
+        str(LS_VENV / "bin" / "label-studio"),
+        "start",
+        "--no-browser",
+        "--host",
+        f"http://127.0.0.1:{port}",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--username",
+        "admin@example.com",
+        "--password",
+        secrets.token_hex(12),
+        "--user-token",
+        LEGACY_TOKEN,
+        "--enable-legacy-api-token",
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -523,13 +594,20 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 # -- a real worker process ----------------------------------------------------------------------------
 WORKER_PRESET = "test_tiny"
-WORKER_SPEC = {"arch": "resunet_2d", "features": (4, 8, 16), "encoder_blocks": (1, 1, 1), "decoder_blocks": (1, 1),
-               "patch_size": (32, 32), "input_scale": 0.25, "full_resolution_skip": True}
+WORKER_SPEC = {
+    "arch": "resunet_2d",
+    "features": (4, 8, 16),
+    "encoder_blocks": (1, 1, 1),
+    "decoder_blocks": (1, 1),
+    "patch_size": (32, 32),
+    "input_scale": 0.25,
+    "full_resolution_skip": True,
+}
 # `sonoseg` with one more network preset, so a worker trains in seconds on a CPU (as tests/test_workers_e2e.py).
 WORKER_BOOT = textwrap.dedent(f"""
     from backend.model.spec import PRESETS, ModelSpec
     PRESETS[{WORKER_PRESET!r}] = lambda classes: ModelSpec(classes=tuple(classes), **{WORKER_SPEC!r})
-    from backend.cli.main import main
+    from cli.main import main
     main()
 """)
 
@@ -538,30 +616,32 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     """The environment that makes ``Settings.from_env()`` in a worker equal ``settings`` (the parts a
     worker reads), so the server under test and its worker cannot disagree."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SONOSEG_", "LABEL_STUDIO_"))}
-    env.update({
-        "SONOSEG_DATA_DIR": str(settings.data_dir),
-        "SONOSEG_DATABASE_URL": settings.database_url,
-        "SONOSEG_BROKER_URL": settings.broker_url,
-        "SONOSEG_RESULT_BACKEND": settings.result_backend,
-        "LABEL_STUDIO_URL": settings.label_studio_url,
-        "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
-        "SONOSEG_MODEL_PRESET": settings.model_preset,
-        "SONOSEG_DEVICE": settings.device,
-        "SONOSEG_TRAIN_MAX_MINUTES": repr(settings.train_max_minutes),
-        "SONOSEG_RETRAIN_AFTER": str(settings.retrain_after),
-        "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": repr(settings.retrain_debounce_seconds),
-        "SONOSEG_DISPATCH_INTERVAL_SECONDS": repr(settings.dispatch_interval_seconds),
-        "SONOSEG_TRAIN_HEARTBEAT_SECONDS": repr(settings.train_heartbeat_seconds),
-        "SONOSEG_TRAIN_STALE_AFTER_SECONDS": repr(settings.train_stale_after_seconds),
-        "SONOSEG_TRAIN_MAX_ATTEMPTS": str(settings.train_max_attempts),
-        "SONOSEG_GATE_METRIC": settings.gate_metric,
-        "SONOSEG_GATE_MARGIN": repr(settings.gate_margin),
-        "SONOSEG_REPREDICT_AFTER_PROMOTION": "true" if settings.repredict_after_promotion else "false",
-        "SONOSEG_RETRAIN_CRON": settings.retrain_cron or "off",
-        "SONOSEG_MODEL_POLL_SECONDS": repr(settings.model_poll_seconds),
-        "SONOSEG_LOG_LEVEL": "INFO",
-        "OMP_NUM_THREADS": "1",  # leave the other core to the server, Label Studio and the test
-    })
+    env.update(
+        {
+            "SONOSEG_DATA_DIR": str(settings.data_dir),
+            "SONOSEG_DATABASE_URL": settings.database_url,
+            "SONOSEG_BROKER_URL": settings.broker_url,
+            "SONOSEG_RESULT_BACKEND": settings.result_backend,
+            "LABEL_STUDIO_URL": settings.label_studio_url,
+            "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
+            "SONOSEG_MODEL_PRESET": settings.model_preset,
+            "SONOSEG_DEVICE": settings.device,
+            "SONOSEG_TRAIN_MAX_MINUTES": repr(settings.train_max_minutes),
+            "SONOSEG_RETRAIN_AFTER": str(settings.retrain_after),
+            "SONOSEG_RETRAIN_DEBOUNCE_SECONDS": repr(settings.retrain_debounce_seconds),
+            "SONOSEG_DISPATCH_INTERVAL_SECONDS": repr(settings.dispatch_interval_seconds),
+            "SONOSEG_TRAIN_HEARTBEAT_SECONDS": repr(settings.train_heartbeat_seconds),
+            "SONOSEG_TRAIN_STALE_AFTER_SECONDS": repr(settings.train_stale_after_seconds),
+            "SONOSEG_TRAIN_MAX_ATTEMPTS": str(settings.train_max_attempts),
+            "SONOSEG_GATE_METRIC": settings.gate_metric,
+            "SONOSEG_GATE_MARGIN": repr(settings.gate_margin),
+            "SONOSEG_REPREDICT_AFTER_PROMOTION": "true" if settings.repredict_after_promotion else "false",
+            "SONOSEG_RETRAIN_CRON": settings.retrain_cron or "off",
+            "SONOSEG_MODEL_POLL_SECONDS": repr(settings.model_poll_seconds),
+            "SONOSEG_LOG_LEVEL": "INFO",
+            "OMP_NUM_THREADS": "1",  # leave the other core to the server, Label Studio and the test
+        }
+    )
     if settings.local_files_root is not None:
         env["SONOSEG_LOCAL_FILES_ROOT"] = str(settings.local_files_root)
     return env
@@ -577,8 +657,9 @@ class WorkerProcess:
     def check_alive(self, what: str) -> None:
         """Fail at once, with the worker's log, if it exited while the test waits for ``what``."""
         if self.process.poll() is not None:
-            raise AssertionError(f"the worker exited ({self.process.returncode}) while waiting for {what}:\n"
-                                 f"{self.tail()}")
+            raise AssertionError(
+                f"the worker exited ({self.process.returncode}) while waiting for {what}:\n{self.tail()}"
+            )
 
     def tail(self, n: int = 4000) -> str:
         return _tail(self.log_path, n)
@@ -592,7 +673,9 @@ class WorkerProcess:
                 return value
             self.check_alive(what)
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; the worker's log ends:\n{self.tail()}")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {what}; the worker's log ends:\n{self.tail()}"
+        )
 
 
 @contextmanager
@@ -601,7 +684,11 @@ def start_worker(settings: Settings, log_path: Path) -> Iterator[WorkerProcess]:
     log = open(log_path, "ab")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
         [sys.executable, "-c", WORKER_BOOT, "worker", "--pool", "solo", "--beat"],
-        cwd=REPO, env=worker_environment(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=worker_environment(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         yield WorkerProcess(process, log_path)

@@ -52,30 +52,64 @@ def client(settings: Settings) -> Iterator[tuple[FlaskClient, AppState]]:
         ("/predict", b'{"tasks": [1], "project": "3.1"}', 400, "task #0: a task must be a JSON object"),
         ("/predict", b'{"tasks": []}', 400, "'project' is missing"),
         ("/predict", b'{"tasks": [], "project": "abc"}', 400, "project id"),
-        ("/predict", b'{"tasks": [{"id": 1, "data": {}}], "project": "3.1", "label_config": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
-         400, "no <BrushLabels>"),
+        (
+            "/predict",
+            b'{"tasks": [{"id": 1, "data": {}}], "project": "3.1", "label_config": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
+            400,
+            "no <BrushLabels>",
+        ),
         ("/predict", b'{"tasks": [], "project": "3.1", "label_config": "<View><oops"}', 400, "not valid XML"),
         ("/predict", b'{"tasks": [], "project": "3.1", "label_config": 5}', 400, "label config XML"),
         ("/predict", b'{"tasks": [], "project": "99.1"}', 404, "has not been set up"),
-        ("/setup", b'{"project": "3.1", "schema": "<View><Brush name=\\"b\\" toName=\\"i\\"/><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
-         400, "<Brush>"),
+        (
+            "/setup",
+            b'{"project": "3.1", "schema": "<View><Brush name=\\"b\\" toName=\\"i\\"/><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
+            400,
+            "<Brush>",
+        ),
         ("/setup", b'{"schema": "x"}', 400, "project id"),
         ("/webhook", b"{broken", 400, "not valid JSON"),
         ("/webhook", b'"ANNOTATION_CREATED"', 400, "expected a JSON object"),
         ("/webhook", b'{"no_action": 1}', 400, "'action'"),
         ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}}', 400, "no 'annotation'"),
-        ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": "x"}}', 400,
-         "integer 'id'"),
-        ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1, "result": []}}',
-         400, "no task id"),
-        ("/webhook", (b'{"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "annotation": {"id": 1, "result": "x"}, '
-                      b'"task": {"id": 2}}'), 400, "'result' must be a list"),
-        ("/webhook", b'{"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": [{"id": "1"}]}', 400,
-         "'annotations'"),
+        (
+            "/webhook",
+            b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": "x"}}',
+            400,
+            "integer 'id'",
+        ),
+        (
+            "/webhook",
+            b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1, "result": []}}',
+            400,
+            "no task id",
+        ),
+        (
+            "/webhook",
+            (
+                b'{"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "annotation": {"id": 1, "result": "x"}, '
+                b'"task": {"id": 2}}'
+            ),
+            400,
+            "'result' must be a list",
+        ),
+        (
+            "/webhook",
+            b'{"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": [{"id": "1"}]}',
+            400,
+            "'annotations'",
+        ),
         ("/webhook", b'{"action": "TASKS_DELETED", "project": {"id": 3}, "tasks": 5}', 400, "'tasks'"),
         ("/webhook", b'{"action": "START_TRAINING"}', 400, "project id"),
-        ("/webhook", (b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1, "result": [], '
-                      b'"task": 2, "x": NaN}}'), 400, "not valid JSON"),
+        (
+            "/webhook",
+            (
+                b'{"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1, "result": [], '
+                b'"task": 2, "x": NaN}}'
+            ),
+            400,
+            "not valid JSON",
+        ),
     ],
 )
 def test_bad_input_is_a_4xx_with_a_message_and_changes_nothing(
@@ -124,8 +158,13 @@ def basic(user: str, password: str) -> dict[str, str]:
 @pytest.fixture
 def secured(settings: Settings) -> Iterator[tuple[FlaskClient, AppState]]:
     app = create_app(
-        settings.replace(basic_auth_user=USER, basic_auth_password=PASSWORD, webhook_secret=SECRET,
-                         label_studio_url="http://127.0.0.1:9", label_studio_api_key=API_KEY),
+        settings.replace(
+            basic_auth_user=USER,
+            basic_auth_password=PASSWORD,
+            webhook_secret=SECRET,
+            label_studio_url="http://127.0.0.1:9",
+            label_studio_api_key=API_KEY,
+        ),
         start_background=False,
     )
     state: AppState = app.extensions["sonoseg"]
@@ -137,13 +176,21 @@ def test_basic_auth_guards_every_route(secured: tuple[FlaskClient, AppState]) ->
     c, _ = secured
     ok = basic(USER, PASSWORD)
     calls: list[tuple[str, str, dict[str, Any] | None]] = [
-        ("GET", "/", None), ("GET", "/health", None), ("GET", "/versions", None), ("GET", "/metrics", None),
+        ("GET", "/", None),
+        ("GET", "/health", None),
+        ("GET", "/versions", None),
+        ("GET", "/metrics", None),
         ("POST", "/setup", {"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG}),
         ("POST", "/predict", {"tasks": [], "project": PROJECT, "label_config": DEFAULT_LABEL_CONFIG}),
     ]
     for method, path, body in calls:
-        for headers in ({}, basic(USER, "wrong"), basic("other", PASSWORD), {"Authorization": "Basic !!!"},
-                        {"Authorization": f"Token {PASSWORD}"}):
+        for headers in (
+            {},
+            basic(USER, "wrong"),
+            basic("other", PASSWORD),
+            {"Authorization": "Basic !!!"},
+            {"Authorization": f"Token {PASSWORD}"},
+        ):
             resp = c.open(path, method=method, json=body, headers=headers)
             assert resp.status_code == 401, (path, headers)
             assert resp.headers["WWW-Authenticate"].startswith("Basic")
@@ -173,8 +220,11 @@ def test_no_credential_is_ever_written_to_the_log(
     c.get("/health", headers=basic(USER, "guess-" + PASSWORD))
     c.post("/webhook?token=" + SECRET + "x", json={"action": "START_TRAINING", "project": {"id": 3}})
     c.post(f"/webhook?token={SECRET}", json={"action": "START_TRAINING", "project": {"id": 3}})
-    body = {"tasks": [{"id": 1, "data": {"image": "/data/upload/3/a.png"}}], "project": PROJECT,
-            "label_config": DEFAULT_LABEL_CONFIG}
+    body = {
+        "tasks": [{"id": 1, "data": {"image": "/data/upload/3/a.png"}}],
+        "project": PROJECT,
+        "label_config": DEFAULT_LABEL_CONFIG,
+    }
     assert c.post("/predict", json=body, headers=basic(USER, PASSWORD)).status_code == 200  # LS unreachable: empty
     from backend.api.app import EventDrainer
 

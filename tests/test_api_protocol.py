@@ -54,8 +54,9 @@ def env(settings: Settings, tmp_path: Path) -> Iterator[Env]:
     root = tmp_path / "docroot"
     root.mkdir()
     model, loads = ThresholdModel(), []
-    app = create_app(settings.replace(local_files_root=root), start_background=False,
-                     loader=fake_loader(model, loads, {"broken"}))
+    app = create_app(
+        settings.replace(local_files_root=root), start_background=False, loader=fake_loader(model, loads, {"broken"})
+    )
     state: AppState = app.extensions["sonoseg"]
     yield Env(app, app.test_client(), state, root, model, loads)
     state.close()
@@ -104,8 +105,16 @@ def test_health_answers_without_the_database(env: Env) -> None:
 
 
 def test_setup_records_the_project_and_answers_from_memory_afterwards(env: Env) -> None:
-    resp = env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG,
-                                           "hostname": "http://ls", "access_token": "t", "extra_params": None})
+    resp = env.client.post(
+        "/setup",
+        json={
+            "project": PROJECT,
+            "schema": DEFAULT_LABEL_CONFIG,
+            "hostname": "http://ls",
+            "access_token": "t",
+            "extra_params": None,
+        },
+    )
     assert resp.status_code == 200
     assert resp.get_json() == {"model_version": "untrained"}
     with unit_of_work(env.state.factory) as session:
@@ -131,7 +140,9 @@ def test_predict_before_any_model_answers_empty_untrained_items_and_records_them
     with unit_of_work(env.state.factory) as session:
         rows = session.scalars(select(Prediction).order_by(Prediction.ls_task_id)).all()
         assert [(r.ls_task_id, r.model_version_uid, r.model_version_id) for r in rows] == [
-            (10, "untrained", None), (11, "untrained", None)]
+            (10, "untrained", None),
+            (11, "untrained", None),
+        ]
 
 
 def test_predict_returns_one_valid_brush_result_per_label_per_task_in_order(env: Env) -> None:
@@ -211,8 +222,11 @@ def test_twenty_concurrent_single_task_requests_all_succeed(env: Env) -> None:
 
     def one(i: int) -> tuple[int, Any]:
         barrier.wait()
-        body = {"tasks": [{"id": 500 + i, "data": {"image": url}}], "project": PROJECT,
-                "label_config": DEFAULT_LABEL_CONFIG}
+        body = {
+            "tasks": [{"id": 500 + i, "data": {"image": url}}],
+            "project": PROJECT,
+            "label_config": DEFAULT_LABEL_CONFIG,
+        }
         resp = requests.post(f"{served.url}/predict", json=body, timeout=60)
         return resp.status_code, resp.json()
 
@@ -256,8 +270,14 @@ def test_a_real_checkpoint_is_loaded_once_and_serves(settings: Settings, tmp_pat
         name, img, _ = dataset_pairs(1)[0]
         (root / name).write_bytes(png_bytes(img))
         for _ in range(2):
-            body = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={name}"}}],
-                                                 "project": PROJECT, "label_config": DEFAULT_LABEL_CONFIG}).get_json()
+            body = client.post(
+                "/predict",
+                json={
+                    "tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={name}"}}],
+                    "project": PROJECT,
+                    "label_config": DEFAULT_LABEL_CONFIG,
+                },
+            ).get_json()
             (item,) = body["results"]
             assert item["model_version"] == "p7-tiny" and 0.0 <= item["score"] <= 1.0
             for region in item["result"]:

@@ -8,8 +8,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from backend.cli.main import cli
 from backend.db.migrate import head_revision
+from cli.main import cli
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -29,10 +29,25 @@ def env(tmp_path: Path) -> dict[str, str]:
 def test_every_command_has_help(env: dict[str, str]) -> None:
     runner = CliRunner()
     commands = _all_commands(cli)
-    for required in [("db", "upgrade"), ("import",), ("export",), ("models", "list"), ("models", "promote"),
-                     ("models", "rollback"), ("status",), ("worker",), ("beat",), ("train",), ("evaluate",),
-                     ("predict",), ("serve",), ("sync",), ("model", "train"), ("model", "evaluate"),
-                     ("model", "predict")]:
+    for required in [
+        ("db", "upgrade"),
+        ("import",),
+        ("export",),
+        ("models", "list"),
+        ("models", "promote"),
+        ("models", "rollback"),
+        ("status",),
+        ("worker",),
+        ("beat",),
+        ("train",),
+        ("evaluate",),
+        ("predict",),
+        ("serve",),
+        ("sync",),
+        ("model", "train"),
+        ("model", "evaluate"),
+        ("model", "predict"),
+    ]:
         assert required in commands
     for path in [(), *commands]:
         result = runner.invoke(cli, [*path, "--help"], env=env)

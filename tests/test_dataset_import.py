@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from backend.cli.main import cli
 from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import InvalidInput, UnknownLabel
@@ -31,6 +30,7 @@ from backend.services.masks import (
 )
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from cli.main import cli
 from tests.synthetic_data import synthetic_frame
 
 CLASSES = ("Nerve", "Vessel")
@@ -44,16 +44,20 @@ def _write(path: Path, array: np.ndarray) -> Path:
 
 def _counts(factory: SessionFactory) -> tuple[int, int, int]:
     with factory() as s:
-        return (s.scalar(select(func.count(Image.id))) or 0, s.scalar(select(func.count(MaskVersion.id))) or 0,
-                s.scalar(select(func.count(ImageSource.id))) or 0)
+        return (
+            s.scalar(select(func.count(Image.id))) or 0,
+            s.scalar(select(func.count(MaskVersion.id))) or 0,
+            s.scalar(select(func.count(ImageSource.id))) or 0,
+        )
 
 
 def _files_in(store: LocalBlobStore) -> list[Path]:
     return sorted(p for p in store.root.rglob("*") if p.is_file()) if store.root.exists() else []
 
 
-def test_same_image_twice_is_one_row(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore,
-                                     settings: Settings) -> None:
+def test_same_image_twice_is_one_row(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     img, _ = synthetic_frame(1)
     a = _write(tmp_path / "in" / "a.png", img)
     b = _write(tmp_path / "in" / "copy-of-a.png", img)
@@ -68,19 +72,29 @@ def test_same_image_twice_is_one_row(tmp_path: Path, factory: SessionFactory, st
         assert image.subject.startswith("subj-") and str(tmp_path) not in image.subject
 
 
-def test_second_mask_is_a_second_version(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore,
-                                         settings: Settings) -> None:
+def test_second_mask_is_a_second_version(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     img, mask = synthetic_frame(2)
     _write(tmp_path / "images" / "f.png", img)
     _write(tmp_path / "masks" / "f.png", mask)
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES,
-                 paths=[tmp_path / "images"], mask_dir=tmp_path / "masks")
+    import_files(
+        factory,
+        store,
+        settings,
+        project_name="p",
+        class_names=CLASSES,
+        paths=[tmp_path / "images"],
+        mask_dir=tmp_path / "masks",
+    )
     corrected = mask.copy()
     corrected[:10] = 1
     with unit_of_work(factory) as s:
         project = s.scalars(select(Project)).one()
         image = s.scalars(select(Image)).one()
-        v2 = add_mask_version(s, store, project, image, corrected, source="annotation", author="sono", ls_annotation_id=7)
+        v2 = add_mask_version(
+            s, store, project, image, corrected, source="annotation", author="sono", ls_annotation_id=7
+        )
         assert v2.mask_version.version == 2 and v2.created and v2.current
     with factory() as s:
         image = s.scalars(select(Image)).one()
@@ -96,20 +110,34 @@ def test_second_mask_is_a_second_version(tmp_path: Path, factory: SessionFactory
         assert current is not None and current.version == 1
 
 
-def test_mask_must_match_image_and_classes(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore,
-                                          settings: Settings) -> None:
+def test_mask_must_match_image_and_classes(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     img, mask = synthetic_frame(3)
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES,
-                 paths=[_write(tmp_path / "x.png", img)])
+    import_files(
+        factory, store, settings, project_name="p", class_names=CLASSES, paths=[_write(tmp_path / "x.png", img)]
+    )
     before = _files_in(store)
     with pytest.raises(UnknownLabel):
         with unit_of_work(factory) as s:
-            add_mask_version(s, store, s.scalars(select(Project)).one(), s.scalars(select(Image)).one(),
-                             np.full_like(mask, 5), source="annotation")
+            add_mask_version(
+                s,
+                store,
+                s.scalars(select(Project)).one(),
+                s.scalars(select(Image)).one(),
+                np.full_like(mask, 5),
+                source="annotation",
+            )
     with pytest.raises(InvalidInput, match="mask is"):
         with unit_of_work(factory) as s:
-            add_mask_version(s, store, s.scalars(select(Project)).one(), s.scalars(select(Image)).one(),
-                             mask[:10], source="annotation")
+            add_mask_version(
+                s,
+                store,
+                s.scalars(select(Project)).one(),
+                s.scalars(select(Image)).one(),
+                mask[:10],
+                source="annotation",
+            )
     assert _counts(factory)[1] == 0 and _files_in(store) == before
 
 
@@ -138,8 +166,9 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-def test_bad_files_are_rejected_and_leave_nothing(tmp_path: Path, factory: SessionFactory,
-                                                  store: LocalBlobStore, settings: Settings) -> None:
+def test_bad_files_are_rejected_and_leave_nothing(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     img, _ = synthetic_frame(5)
     good = _write(tmp_path / "good.png", img)
     import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[good])
@@ -155,8 +184,9 @@ def test_bad_files_are_rejected_and_leave_nothing(tmp_path: Path, factory: Sessi
     assert store.leftover_temp_files() == []
 
 
-def test_dicom_without_pixel_data_is_rejected(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore,
-                                               settings: Settings) -> None:
+def test_dicom_without_pixel_data_is_rejected(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     pytest.importorskip("pydicom")
     from tests.imaging_samples import write_dicom
 
@@ -174,7 +204,9 @@ def test_cli_import_export_round_trip(tmp_path: Path, db_url: str) -> None:
         _write(tmp_path / "images" / f"{i:02d}.png", img)
         _write(tmp_path / "masks" / f"{i:02d}.png", mask)
     runner = CliRunner()
-    out = runner.invoke(cli, ["import", "--project", "demo", "--masks", str(tmp_path / "masks"), str(tmp_path / "images")], env=env)
+    out = runner.invoke(
+        cli, ["import", "--project", "demo", "--masks", str(tmp_path / "masks"), str(tmp_path / "images")], env=env
+    )
     assert out.exit_code == 0, out.output
     assert "6 new image(s)" in out.output and "6 mask(s)" in out.output
     out = runner.invoke(cli, ["export", "--project", "demo", "--out", str(tmp_path / "export")], env=env)
@@ -191,14 +223,15 @@ def test_cli_import_export_round_trip(tmp_path: Path, db_url: str) -> None:
     assert bad.exit_code == 1 and "notes.png" in bad.output
 
 
-def test_shared_dataset_imports_with_palette_masks(tmp_path: Path, factory: SessionFactory,
-                                                   store: LocalBlobStore, settings: Settings,
-                                                   shared_data: Path | None) -> None:
+def test_shared_dataset_imports_with_palette_masks(
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, shared_data: Path | None
+) -> None:
     if shared_data is None:
         pytest.skip("../shared/data/usgra-seg is absent (generated data covers the other tests)")
     paths = sorted((shared_data / "images").glob("*.png"))[:3]
-    report = import_files(factory, store, settings, project_name="usgra", class_names=CLASSES, paths=paths,
-                          mask_dir=shared_data / "masks")
+    report = import_files(
+        factory, store, settings, project_name="usgra", class_names=CLASSES, paths=paths, mask_dir=shared_data / "masks"
+    )
     assert (report.images_added, report.masks_added, report.errors) == (3, 3, [])
     with factory() as s:
         for mv in s.scalars(select(MaskVersion)):

@@ -20,8 +20,16 @@ def _project(factory: SessionFactory, name: str = "p") -> int:
 
 def _image(factory: SessionFactory, pid: int, sha: str = "a" * 64) -> int:
     with unit_of_work(factory) as s:
-        img = Image(project_id=pid, sha256=sha, blob_key="images/aa/x.png", width=4, height=3,
-                    subject="subj-1", split="train", source_format="png")
+        img = Image(
+            project_id=pid,
+            sha256=sha,
+            blob_key="images/aa/x.png",
+            width=4,
+            height=3,
+            subject="subj-1",
+            split="train",
+            source_format="png",
+        )
         s.add(img)
         s.flush()
         return img.id
@@ -52,8 +60,9 @@ def test_one_current_mask_per_image_and_predictions_never_current(factory: Sessi
     iid = _image(factory, pid)
 
     def mask(version: int, source: str, current: bool) -> MaskVersion:
-        return MaskVersion(image_id=iid, version=version, source=source, blob_key="masks/aa/x.png",
-                           sha256="b" * 64, is_current=current)
+        return MaskVersion(
+            image_id=iid, version=version, source=source, blob_key="masks/aa/x.png", sha256="b" * 64, is_current=current
+        )
 
     with unit_of_work(factory) as s:
         s.add(mask(1, "annotation", True))
@@ -90,8 +99,18 @@ def test_check_constraints_reject_unknown_values(factory: SessionFactory) -> Non
             s.add(ModelVersion(project_id=pid, uid="x", status="shiny"))
     with pytest.raises(IntegrityError):
         with unit_of_work(factory) as s:
-            s.add(Image(project_id=pid, sha256="c" * 64, blob_key="k", width=1, height=1, subject="s",
-                        split="holdout", source_format="png"))
+            s.add(
+                Image(
+                    project_id=pid,
+                    sha256="c" * 64,
+                    blob_key="k",
+                    width=1,
+                    height=1,
+                    subject="s",
+                    split="holdout",
+                    source_format="png",
+                )
+            )
 
 
 def test_webhook_event_recorded_once(factory: SessionFactory) -> None:
@@ -105,8 +124,18 @@ def test_webhook_event_recorded_once(factory: SessionFactory) -> None:
 def test_foreign_keys_enforced(factory: SessionFactory) -> None:
     with pytest.raises(IntegrityError):
         with unit_of_work(factory) as s:
-            s.add(Image(project_id=999, sha256="d" * 64, blob_key="k", width=1, height=1, subject="s",
-                        split="train", source_format="png"))
+            s.add(
+                Image(
+                    project_id=999,
+                    sha256="d" * 64,
+                    blob_key="k",
+                    width=1,
+                    height=1,
+                    subject="s",
+                    split="train",
+                    source_format="png",
+                )
+            )
 
 
 def test_datetimes_come_back_timezone_aware(factory: SessionFactory) -> None:

@@ -6,7 +6,6 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from tests import imaging_samples as samples
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -22,9 +21,11 @@ from backend.imaging.io import (
     read_mask,
     xy_to_rowcol,
 )
+from tests import imaging_samples as samples
 
-needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
-                                   reason="pydicom (test-only dependency) writes the sample DICOMs")
+needs_pydicom = pytest.mark.skipif(
+    importlib.util.find_spec("pydicom") is None, reason="pydicom (test-only dependency) writes the sample DICOMs"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,7 @@ def only(path: Path, **kw: object) -> np.ndarray:
 
 # -- round trips -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp", ".nii", ".nii.gz", ".mha", ".mhd"])
 def test_lossless_round_trip(tmp_path: Path, suffix: str) -> None:
     grey = samples.random_grey((37, 53))
@@ -62,8 +64,15 @@ def test_lossless_round_trip(tmp_path: Path, suffix: str) -> None:
     frames = read_image(path)
     assert len(frames) == 1 and frames[0].frame_index == 0
     assert np.array_equal(frames[0].pixels, grey)
-    formats = {".png": "png", ".tif": "tiff", ".bmp": "bmp", ".nii": "nifti", ".nii.gz": "nifti",
-               ".mha": "metaimage", ".mhd": "metaimage"}
+    formats = {
+        ".png": "png",
+        ".tif": "tiff",
+        ".bmp": "bmp",
+        ".nii": "nifti",
+        ".nii.gz": "nifti",
+        ".mha": "metaimage",
+        ".mhd": "metaimage",
+    }
     assert frames[0].source_format == formats[suffix]
     assert frames[0].metadata == {}
 
@@ -116,8 +125,9 @@ def test_dicom_without_extension_or_with_uid_name_is_read(tmp_path: Path) -> Non
 def test_dicom_ultrasound_region_calibration(tmp_path: Path, implicit: bool, undefined_lengths: bool) -> None:
     grey = samples.random_grey((4, 6), seed=4)
     regions = [samples.us_region(0.01, 0.02), samples.us_region(0.5, 0.5, spatial_format=3)]  # 2D + doppler
-    path = samples.write_dicom(tmp_path / "r.dcm", grey, implicit=implicit, regions=regions,
-                               undefined_lengths=undefined_lengths)
+    path = samples.write_dicom(
+        tmp_path / "r.dcm", grey, implicit=implicit, regions=regions, undefined_lengths=undefined_lengths
+    )
     assert (b"\xfe\xff\xdd\xe0" in path.read_bytes()) == undefined_lengths  # sequence delimiters
     frame = read_image(path)[0]
     assert np.array_equal(frame.pixels, grey)
@@ -169,6 +179,7 @@ def test_xy_to_rowcol_is_its_own_inverse() -> None:
 
 # -- colour and intensity ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("channels", [3, 4])
 def test_colour_png_becomes_bt601_luma(tmp_path: Path, channels: int) -> None:
     rgb = samples.random_grey((9, 11, channels), seed=7)
@@ -217,8 +228,11 @@ def test_float_with_nan_and_constant_images(tmp_path: Path) -> None:
 @needs_pydicom
 def test_16bit_dicom_uses_its_window(tmp_path: Path) -> None:
     stored = np.array([[0, 1000, 1500], [2000, 2500, 4000]], dtype=np.uint16)
-    path = samples.write_dicom(tmp_path / "w.dcm", stored, extra={
-        "WindowCenter": 1000, "WindowWidth": 1001, "RescaleSlope": 1, "RescaleIntercept": -1000})
+    path = samples.write_dicom(
+        tmp_path / "w.dcm",
+        stored,
+        extra={"WindowCenter": 1000, "WindowWidth": 1001, "RescaleSlope": 1, "RescaleIntercept": -1000},
+    )
     values = stored.astype(np.float64) - 1000  # modality values after the rescale
     expected = np.clip(np.rint(((values - 999.5) / 1000.0 + 0.5) * 255), 0, 255).astype(np.uint8)
     pixels = only(path)
@@ -244,10 +258,12 @@ def test_jpeg_exif_orientation_matches_pillow(tmp_path: Path, orientation: int) 
 
 # -- de-identification -----------------------------------------------------------------------------
 
+
 @needs_pydicom
 def test_dicom_identifying_tags_never_come_back(tmp_path: Path) -> None:
-    path = samples.write_dicom(tmp_path / "phi.dcm", samples.random_grey((4, 6)), frames=None,
-                               regions=[samples.us_region(0.01, 0.01)])
+    path = samples.write_dicom(
+        tmp_path / "phi.dcm", samples.random_grey((4, 6)), frames=None, regions=[samples.us_region(0.01, 0.01)]
+    )
     frames = read_image(path) + read_image_bytes(path.read_bytes(), "phi.dcm")
     text = repr(frames) + repr([f.metadata for f in frames])
     for value in samples.IDENTIFYING.values():
@@ -264,6 +280,7 @@ def test_kept_metadata_filters_by_allow_list() -> None:
 
 
 # -- masks ---------------------------------------------------------------------------------------
+
 
 def test_palette_png_mask_gives_palette_indices(tmp_path: Path) -> None:
     indices = np.random.default_rng(10).integers(0, 4, (16, 12), dtype=np.uint8)
@@ -337,6 +354,7 @@ def test_mask_rejections(tmp_path: Path) -> None:
 
 # -- PNG codec -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(7, 9), (7, 9, 3), (7, 9, 4)])
 def test_encode_png_round_trips_through_simpleitk(tmp_path: Path, shape: tuple[int, ...]) -> None:
     array = samples.random_grey(shape, seed=13)
@@ -359,6 +377,7 @@ def test_decode_png_bytes_refuses_other_formats() -> None:
 
 
 # -- bytes from HTTP -----------------------------------------------------------------------------
+
 
 def test_read_image_bytes_sniffs_content_not_name(tmp_path: Path) -> None:
     yy, xx = np.mgrid[0:16, 0:16]
@@ -385,6 +404,7 @@ def test_read_image_bytes_refuses_detached_metaimage(tmp_path: Path) -> None:
 
 
 # -- bad inputs ------------------------------------------------------------------------------------
+
 
 def test_text_file_named_png(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
@@ -428,8 +448,11 @@ def test_png_truncated_just_before_iend_is_rejected(tmp_path: Path) -> None:
 @needs_pydicom
 def test_truncated_dicom_is_rejected(tmp_path: Path, compressed: bool) -> None:
     rgb = samples.random_grey((32, 32, 3), seed=15)
-    full = (samples.write_compressed_dicom(tmp_path / "a.dcm", rgb) if compressed
-            else samples.write_dicom(tmp_path / "a.dcm", rgb, photometric="RGB")).read_bytes()
+    full = (
+        samples.write_compressed_dicom(tmp_path / "a.dcm", rgb)
+        if compressed
+        else samples.write_dicom(tmp_path / "a.dcm", rgb, photometric="RGB")
+    ).read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(full[: len(full) - 200])
     with pytest.raises(InvalidImage, match="cut.dcm: invalid DICOM: the file is truncated"):

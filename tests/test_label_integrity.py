@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from backend.db.models import Image, ImageSource, LabelIssue, MaskVersion, Project
@@ -20,8 +22,8 @@ from backend.services.label_issues import choose_version
 from backend.services.masks import current_mask_version, read_mask
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.synthetic_data import synthetic_frame
 from tests.labelstudio_server import annotation_event
+from tests.synthetic_data import synthetic_frame
 from tests.test_webhooks import Hooks, hooks  # noqa: F401  (the fixture)
 
 
@@ -51,8 +53,11 @@ def test_an_older_update_arriving_last_is_history_not_the_label(hooks: Hooks) ->
 
 @hsettings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(order=st.permutations(range(4)), replays=st.lists(st.integers(0, 3), max_size=3))
-def test_whatever_the_arrival_order_the_newest_edit_is_current(hooks: Hooks, order: list[int],  # noqa: F811
-                                                                replays: list[int]) -> None:
+def test_whatever_the_arrival_order_the_newest_edit_is_current(
+    hooks: Hooks,  # noqa: F811  (the fixture imported above)
+    order: list[int],
+    replays: list[int],
+) -> None:
     """Four edits of one annotation (and of a second annotator's) delivered in any order, some twice."""
     task = 40 + len(hooks.versions())  # a fresh task per example: the fixture's database is shared
     anns = (1000 + task * 10, 1000 + task * 10 + 1)
@@ -95,7 +100,7 @@ def test_an_annotation_whose_labels_are_all_unknown_is_refused_with_a_reason(hoo
     with unit_of_work(hooks.state.factory) as session:
         issue = session.scalars(select(LabelIssue)).one()
         assert (issue.kind, issue.status, issue.ls_annotation_id) == ("unknown_labels", "open", 5)
-    from backend.cli.main import cli
+    from cli.main import cli
 
     out = CliRunner().invoke(cli, ["status"], env=_env(hooks.state.settings))
     assert out.exit_code == 0, out.output
@@ -134,8 +139,11 @@ def test_subject_is_read_the_same_as_string_or_integer(subject: object) -> None:
 def test_webhook_and_predict_give_a_task_the_same_subject(hooks: Hooks) -> None:  # noqa: F811
     """Frames of one patient, one arriving by /predict with an integer subject, one by webhook with
     the same subject as a string, land in the same subject (and so the same split)."""
-    body = {"project": "3.1", "label_config": DEFAULT_LABEL_CONFIG,
-            "tasks": [{"id": 21, "data": {"image": hooks.urls[0], "subject": 4711}}]}
+    body = {
+        "project": "3.1",
+        "label_config": DEFAULT_LABEL_CONFIG,
+        "tasks": [{"id": 21, "data": {"image": hooks.urls[0], "subject": 4711}}],
+    }
     assert hooks.client.post("/predict", json=body).status_code == 200
     event = annotation_event("ANNOTATION_CREATED", 8, 22, hooks.urls[1], hooks.masks[1])
     event["task"]["data"]["subject"] = "4711"
@@ -147,8 +155,16 @@ def test_webhook_and_predict_give_a_task_the_same_subject(hooks: Hooks) -> None:
 
 
 def test_annotation_parse_keeps_label_studios_clock_and_user_id_only() -> None:
-    ann = LsAnnotation.parse({"id": 3, "task": {"id": 9}, "result": [], "updated_at": "2026-11-25T10:00:00.5Z",
-                              "completed_by": {"id": 4, "email": "doe@hospital.example"}, "lead_time": 3.5})
+    ann = LsAnnotation.parse(
+        {
+            "id": 3,
+            "task": {"id": 9},
+            "result": [],
+            "updated_at": "2026-11-25T10:00:00.5Z",
+            "completed_by": {"id": 4, "email": "doe@hospital.example"},
+            "lead_time": 3.5,
+        }
+    )
     assert (ann.task_id, ann.completed_by, ann.lead_time) == (9, 4, 3.5)
     assert ann.updated_at is not None and ann.updated_at.isoformat() == "2026-11-25T10:00:00.500000+00:00"
 
@@ -173,32 +189,37 @@ def _dataset(tmp: Path, n: int = 4) -> tuple[Path, Path]:
 
 def _versions(factory: SessionFactory) -> list[tuple[int, int, bool, str]]:
     with factory() as s:
-        return [(mv.image_id, mv.version, mv.is_current, mv.sha256)
-                for mv in s.scalars(select(MaskVersion).order_by(MaskVersion.id))]
+        return [
+            (mv.image_id, mv.version, mv.is_current, mv.sha256)
+            for mv in s.scalars(select(MaskVersion).order_by(MaskVersion.id))
+        ]
 
 
 def test_reimporting_identical_masks_creates_no_versions_and_no_retrain_count(
     tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
 ) -> None:
     images, masks = _dataset(tmp_path)
-    first = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                         paths=[images], mask_dir=masks)
+    first = import_files(
+        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
+    )
     assert (first.masks_added, first.masks_unchanged) == (4, 0)
     before = _versions(factory)
     with factory() as s:
         snapshot = {mv.id for mv in s.scalars(select(MaskVersion).where(MaskVersion.is_current))}
-    again = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                         paths=[images], mask_dir=masks)
+    again = import_files(
+        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
+    )
     assert (again.masks_added, again.masks_unchanged, again.conflicts) == (0, 4, [])
     assert _versions(factory) == before
     with factory() as s:  # what the retrain trigger counts: current labels outside the last snapshot
         assert {mv.id for mv in s.scalars(select(MaskVersion).where(MaskVersion.is_current))} == snapshot
     # a real change of one mask is one new version, and it is current
-    img, mask = synthetic_frame(0)
+    _img, mask = synthetic_frame(0)
     mask[:20, :20] = 2
     _write_png(masks / "0000.png", mask)
-    third = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                         paths=[images], mask_dir=masks)
+    third = import_files(
+        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
+    )
     assert (third.masks_added, third.masks_unchanged) == (1, 3)
 
 
@@ -212,8 +233,15 @@ def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
     _write_png(tmp_path / "images" / "0077.png", img)  # identical pixels
     _write_png(tmp_path / "masks" / "0043.png", mask)
     _write_png(tmp_path / "masks" / "0077.png", other)  # a different mask
-    report = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                          paths=[tmp_path / "images"], mask_dir=tmp_path / "masks")
+    report = import_files(
+        factory,
+        store,
+        settings,
+        project_name="p",
+        class_names=("Nerve", "Vessel"),
+        paths=[tmp_path / "images"],
+        mask_dir=tmp_path / "masks",
+    )
     assert report.images_added == 1 and len(report.conflicts) == 1
     assert "0077.png" in report.conflicts[0][0] and "sonoseg masks choose" in report.conflicts[0][1]
     with factory() as s:
@@ -222,17 +250,27 @@ def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
         assert len(versions) == 2 and not any(v.is_current for v in versions)  # out of training
         issue = s.scalars(select(LabelIssue)).one()
         assert (issue.kind, issue.status, sorted(issue.mask_version_ids)) == (
-            "conflicting_duplicate", "open", sorted(v.id for v in versions))
+            "conflicting_duplicate",
+            "open",
+            sorted(v.id for v in versions),
+        )
         image_id = image.id
     # re-importing changes nothing: no new version, no second issue
-    again = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                         paths=[tmp_path / "images"], mask_dir=tmp_path / "masks")
+    again = import_files(
+        factory,
+        store,
+        settings,
+        project_name="p",
+        class_names=("Nerve", "Vessel"),
+        paths=[tmp_path / "images"],
+        mask_dir=tmp_path / "masks",
+    )
     assert again.masks_added == 0
     with factory() as s:
         assert len(s.scalars(select(MaskVersion)).all()) == 2
         assert len(s.scalars(select(LabelIssue)).all()) == 1
     # the curator chooses, on the command line
-    from backend.cli.main import cli
+    from cli.main import cli
 
     env = _env(settings)
     out = CliRunner().invoke(cli, ["masks", "issues"], env=env)
@@ -248,8 +286,9 @@ def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
     assert out.exit_code != 0 and "no mask version 9" in out.output
 
 
-def test_usgra_seg_duplicate_pair_is_reported(shared_data: Path | None, tmp_path: Path, factory: SessionFactory,
-                                              store: LocalBlobStore, settings: Settings) -> None:
+def test_usgra_seg_duplicate_pair_is_reported(
+    shared_data: Path | None, tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+) -> None:
     if shared_data is None:
         pytest.skip("usgra-seg is not present")
     names = ("0043.png", "0077.png")
@@ -259,21 +298,35 @@ def test_usgra_seg_duplicate_pair_is_reported(shared_data: Path | None, tmp_path
     for p in images:
         (tmp_path / "i").mkdir(exist_ok=True)
         (tmp_path / "i" / p.name).write_bytes(p.read_bytes())
-    report = import_files(factory, store, settings, project_name="u", class_names=("Nerve", "Vessel"),
-                          paths=[tmp_path / "i"], mask_dir=shared_data / "masks")
+    report = import_files(
+        factory,
+        store,
+        settings,
+        project_name="u",
+        class_names=("Nerve", "Vessel"),
+        paths=[tmp_path / "i"],
+        mask_dir=shared_data / "masks",
+    )
     assert report.images_added == 1 and len(report.conflicts) == 1
 
 
-def test_choose_refuses_a_prediction_version(factory: SessionFactory, store: LocalBlobStore, settings: Settings,
-                                             tmp_path: Path) -> None:
+def test_choose_refuses_a_prediction_version(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+) -> None:
     from backend.services.masks import add_mask_version
 
-    images, masks = _dataset(tmp_path, 1)
+    images, _masks = _dataset(tmp_path, 1)
     import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images])
     with unit_of_work(factory) as s:
         image = s.scalars(select(Image)).one()
-        add_mask_version(s, store, s.scalars(select(Project)).one(), image, np.zeros((image.height, image.width),
-                         np.uint8), source="prediction")
+        add_mask_version(
+            s,
+            store,
+            s.scalars(select(Project)).one(),
+            image,
+            np.zeros((image.height, image.width), np.uint8),
+            source="prediction",
+        )
     from backend.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="prediction"):

@@ -142,8 +142,12 @@ def test_a_backslash_or_user_info_trick_cannot_borrow_the_label_studio_origin(
     client = LabelStudioClient(served.url, LEGACY_TOKEN)
     other = f"{cloud_served.host}:{cloud_served.port}"
     here = f"127.0.0.1:{served.port}"
-    for url in (f"http://{other}\\@{here}/data/upload/1/a.png", f"http://{other}%5C@{here}/data/upload/1/a.png",
-                f"http://{here}@{other}/data/upload/1/a.png", f"http://{other}\t@{here}/data/upload/1/a.png"):
+    for url in (
+        f"http://{other}\\@{here}/data/upload/1/a.png",
+        f"http://{other}%5C@{here}/data/upload/1/a.png",
+        f"http://{here}@{other}/data/upload/1/a.png",
+        f"http://{other}\t@{here}/data/upload/1/a.png",
+    ):
         assert not client.is_label_studio_url(url)
         with pytest.raises(InvalidInput):
             client.download(url, max_bytes=1024)

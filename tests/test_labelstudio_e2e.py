@@ -63,7 +63,9 @@ USER, PASSWORD, SECRET = "label-studio", "basic-pass-2931", "webhook-secret-8812
 
 
 def _ok(resp: requests.Response, *codes: int) -> Any:
-    assert resp.status_code in (codes or (200,)), f"{resp.request.method} {resp.url}: {resp.status_code} {resp.text[:500]}"
+    assert resp.status_code in (codes or (200,)), (
+        f"{resp.request.method} {resp.url}: {resp.status_code} {resp.text[:500]}"
+    )
     return resp.json() if resp.content else None
 
 
@@ -81,7 +83,11 @@ def _predictions(ls: LabelStudio, api: requests.Session, task_id: int) -> list[d
 def _retrieve_predictions(ls: LabelStudio, api: requests.Session, pid: int, task_ids: list[int]) -> None:
     """The Data Manager's "Retrieve Predictions" action on the selected tasks."""
     params: dict[str, str | int] = {"id": "retrieve_tasks_predictions", "project": pid}
-    _ok(api.post(f"{ls.url}/api/dm/actions", params=params, json={"selectedItems": {"all": False, "included": task_ids}}))
+    _ok(
+        api.post(
+            f"{ls.url}/api/dm/actions", params=params, json={"selectedItems": {"all": False, "included": task_ids}}
+        )
+    )
 
 
 def _decode(region: dict[str, Any]) -> np.ndarray:
@@ -98,8 +104,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _labels(state: AppState, ann_ids: list[int]) -> dict[int, list[MaskVersion]]:
     with unit_of_work(state.factory) as session:
-        rows = session.scalars(select(MaskVersion).where(MaskVersion.ls_annotation_id.in_(ann_ids))
-                               .order_by(MaskVersion.version)).all()
+        rows = session.scalars(
+            select(MaskVersion).where(MaskVersion.ls_annotation_id.in_(ann_ids)).order_by(MaskVersion.version)
+        ).all()
     out: dict[int, list[MaskVersion]] = {}
     for mv in rows:
         out.setdefault(int(mv.ls_annotation_id or 0), []).append(mv)
@@ -126,8 +133,14 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
     pat = ls.personal_access_token()  # what a user creates under Account & Settings
 
     settings = Settings(
-        data_dir=tmp_path / "sonoseg", database_url=sqlite_url, label_studio_url=ls.url, label_studio_api_key=pat,
-        basic_auth_user=USER, basic_auth_password=PASSWORD, webhook_secret=SECRET, model_poll_seconds=0.2,
+        data_dir=tmp_path / "sonoseg",
+        database_url=sqlite_url,
+        label_studio_url=ls.url,
+        label_studio_api_key=pat,
+        basic_auth_user=USER,
+        basic_auth_password=PASSWORD,
+        webhook_secret=SECRET,
+        model_poll_seconds=0.2,
         device="cpu",
     )
     app = create_app(settings)
@@ -135,21 +148,34 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
     backend = ServedApp(app)
     try:
         # -- a project with the default label config, and real ultrasound images ------------------------
-        pid = _ok(api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg e2e", "label_config": DEFAULT_LABEL_CONFIG}),
-                  201)["id"]
+        pid = _ok(
+            api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg e2e", "label_config": DEFAULT_LABEL_CONFIG}),
+            201,
+        )["id"]
         files = [(f"file{i}", (name, png_bytes(img), "image/png")) for i, (name, img, _) in enumerate(pairs)]
         _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
         tasks = _tasks(ls, api, pid)
         assert len(tasks) == N_IMAGES
         truth = {}
         for task in tasks:
-            (_name, img, mask), = [p for p in pairs if task["data"]["image"].endswith(p[0])]
+            ((_name, img, mask),) = [p for p in pairs if task["data"]["image"].endswith(p[0])]
             truth[task["id"]] = (img, mask)
 
         # -- connect the backend (basic auth) and give the auto-created webhook the secret -------------------
-        ml = _ok(api.post(f"{ls.url}/api/ml/", json={
-            "project": pid, "url": backend.url, "title": "sonoseg", "auth_method": "BASIC_AUTH",
-            "basic_auth_user": USER, "basic_auth_pass": PASSWORD}), 201)
+        ml = _ok(
+            api.post(
+                f"{ls.url}/api/ml/",
+                json={
+                    "project": pid,
+                    "url": backend.url,
+                    "title": "sonoseg",
+                    "auth_method": "BASIC_AUTH",
+                    "basic_auth_user": USER,
+                    "basic_auth_pass": PASSWORD,
+                },
+            ),
+            201,
+        )
         assert ml["state"] == "CO", ml
         hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
         (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
@@ -188,9 +214,15 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
         ann_ids = []
         for task in tasks[:3]:
             _, mask = truth[task["id"]]
-            ann = _ok(api.post(f"{ls.url}/api/tasks/{task['id']}/annotations/",
-                               json={"result": brush_results(mask), "was_cancelled": False, "lead_time": 3.2}), 201)
+            ann = _ok(
+                api.post(
+                    f"{ls.url}/api/tasks/{task['id']}/annotations/",
+                    json={"result": brush_results(mask), "was_cancelled": False, "lead_time": 3.2},
+                ),
+                201,
+            )
             ann_ids.append(ann["id"])
+
         def all_arrived() -> dict[int, list[MaskVersion]] | None:
             got = _labels(state, ann_ids)
             return got if len(got) == 3 else None
@@ -201,14 +233,18 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
             assert mv.is_current and mv.active and mv.source == "annotation"
             np.testing.assert_array_equal(read_mask(state.store, mv), truth[task["id"]][1])
         with unit_of_work(state.factory) as session:
-            dices = session.scalars(select(Prediction.correction_dice).where(Prediction.model_version_uid == "e2e-v1",
-                                                                             Prediction.ls_task_id.in_([t["id"] for t in tasks[:3]]))).all()
+            dices = session.scalars(
+                select(Prediction.correction_dice).where(
+                    Prediction.model_version_uid == "e2e-v1", Prediction.ls_task_id.in_([t["id"] for t in tasks[:3]])
+                )
+            ).all()
         assert len(dices) == 3 and all(d is not None and 0.0 <= d <= 1.0 for d in dices)
 
         # -- one is updated (a new version), one is deleted (inactive) ---------------------------------------
         corrected = truth[tasks[0]["id"]][1].copy()
         corrected[:64, :64] = 2
         _ok(api.patch(f"{ls.url}/api/annotations/{ann_ids[0]}/", json={"result": brush_results(corrected)}))
+
         def two_versions() -> list[MaskVersion] | None:
             versions = _labels(state, [ann_ids[0]]).get(ann_ids[0], [])
             return versions if len(versions) == 2 else None
@@ -217,13 +253,21 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
         assert (v1.is_current, v2.is_current, v2.version > v1.version) == (False, True, True)
         np.testing.assert_array_equal(read_mask(state.store, v2), corrected)
         _ok(api.delete(f"{ls.url}/api/annotations/{ann_ids[1]}/"), 204)
-        wait_for(lambda: not any(mv.active for mv in _labels(state, [ann_ids[1]])[ann_ids[1]]), 60,
-                 "the deleted annotation to become inactive")
+        wait_for(
+            lambda: not any(mv.active for mv in _labels(state, [ann_ids[1]])[ann_ids[1]]),
+            60,
+            "the deleted annotation to become inactive",
+        )
 
         # -- a webhook that never arrives is recovered by reconciliation before training ---------------------
         _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"is_active": False}))
-        missed = _ok(api.post(f"{ls.url}/api/tasks/{tasks[3]['id']}/annotations/",
-                              json={"result": brush_results(truth[tasks[3]["id"]][1]), "was_cancelled": False}), 201)
+        missed = _ok(
+            api.post(
+                f"{ls.url}/api/tasks/{tasks[3]['id']}/annotations/",
+                json={"result": brush_results(truth[tasks[3]["id"]][1]), "was_cancelled": False},
+            ),
+            201,
+        )
         assert _labels(state, [missed["id"]]) == {}
 
         # -- Start Training: Label Studio posts START_TRAINING; sonoseg reconciles and queues a run ---------
@@ -294,11 +338,22 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
     ls.wait_ready()
     api = ls.api()
     settings = Settings(
-        data_dir=tmp_path / "sonoseg", database_url=sqlite_url, label_studio_url=ls.url,
-        label_studio_api_key=ls.personal_access_token(), basic_auth_user=USER, basic_auth_password=PASSWORD,
-        webhook_secret=SECRET, model_poll_seconds=0.2, device="cpu", model_preset=WORKER_PRESET,
-        train_max_minutes=0.05, retrain_after=RETRAIN_AFTER, retrain_debounce_seconds=1.0,
-        dispatch_interval_seconds=1.0, train_heartbeat_seconds=1.0, repredict_after_promotion=True,
+        data_dir=tmp_path / "sonoseg",
+        database_url=sqlite_url,
+        label_studio_url=ls.url,
+        label_studio_api_key=ls.personal_access_token(),
+        basic_auth_user=USER,
+        basic_auth_password=PASSWORD,
+        webhook_secret=SECRET,
+        model_poll_seconds=0.2,
+        device="cpu",
+        model_preset=WORKER_PRESET,
+        train_max_minutes=0.05,
+        retrain_after=RETRAIN_AFTER,
+        retrain_debounce_seconds=1.0,
+        dispatch_interval_seconds=1.0,
+        train_heartbeat_seconds=1.0,
+        repredict_after_promotion=True,
         retrain_cron="off",
     )
     app = create_app(settings)
@@ -309,20 +364,42 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
     try:
         with start_worker(settings, tmp_path / "worker.log") as worker:  # it boots while Label Studio is set up
             # -- a project with images; the model connected; the webhook given the secret ----------------
-            pid = _ok(api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg loop e2e",
-                                                               "label_config": DEFAULT_LABEL_CONFIG}), 201)["id"]
+            pid = _ok(
+                api.post(
+                    f"{ls.url}/api/projects/", json={"title": "sonoseg loop e2e", "label_config": DEFAULT_LABEL_CONFIG}
+                ),
+                201,
+            )["id"]
             files = [(f"file{i}", (f"loop{i}.png", png_bytes(img), "image/png")) for i, (img, _) in enumerate(frames)]
             _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
             tasks = _tasks(ls, api, pid)
             assert len(tasks) == len(frames)
             truth = {t["id"]: frames[int(t["data"]["image"].rsplit("loop", 1)[1].split(".")[0])][1] for t in tasks}
-            ml = _ok(api.post(f"{ls.url}/api/ml/", json={
-                "project": pid, "url": backend.url, "title": "sonoseg", "auth_method": "BASIC_AUTH",
-                "basic_auth_user": USER, "basic_auth_pass": PASSWORD}), 201)
+            ml = _ok(
+                api.post(
+                    f"{ls.url}/api/ml/",
+                    json={
+                        "project": pid,
+                        "url": backend.url,
+                        "title": "sonoseg",
+                        "auth_method": "BASIC_AUTH",
+                        "basic_auth_user": USER,
+                        "basic_auth_pass": PASSWORD,
+                    },
+                ),
+                201,
+            )
             assert ml["state"] == "CO", ml
-            (hook,) = [h for h in _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
-                       if h["url"] == f"{backend.url}/webhook"]
-            _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+            (hook,) = [
+                h
+                for h in _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
+                if h["url"] == f"{backend.url}/webhook"
+            ]
+            _ok(
+                api.patch(
+                    f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}
+                )
+            )
             with unit_of_work(state.factory) as session:
                 project_id = session.scalars(select(Project.id).where(Project.ls_project_id == pid)).one()
 
@@ -335,22 +412,33 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
             # -- sonographers save their annotations; nothing else is done by anyone ---------------------
             ann_ids = []
             for task in labelled:
-                ann = _ok(api.post(f"{ls.url}/api/tasks/{task['id']}/annotations/",
-                                   json={"result": brush_results(truth[task["id"]]), "was_cancelled": False,
-                                         "lead_time": 4.0}), 201)
+                ann = _ok(
+                    api.post(
+                        f"{ls.url}/api/tasks/{task['id']}/annotations/",
+                        json={"result": brush_results(truth[task["id"]]), "was_cancelled": False, "lead_time": 4.0},
+                    ),
+                    201,
+                )
                 ann_ids.append(ann["id"])
 
             def serving() -> ModelVersion | None:
                 with unit_of_work(state.factory) as session:
-                    return session.scalars(select(ModelVersion).where(ModelVersion.project_id == project_id,
-                                                                      ModelVersion.status == "serving")).one_or_none()
+                    return session.scalars(
+                        select(ModelVersion).where(
+                            ModelVersion.project_id == project_id, ModelVersion.status == "serving"
+                        )
+                    ).one_or_none()
 
             version = worker.wait_for(serving, LOOP_WAIT_SECONDS, "a new serving model version")
             uid = version.uid
 
             def setup_reports_it() -> bool:
-                resp = requests.post(f"{backend.url}/setup", json={"project": pid, "schema": DEFAULT_LABEL_CONFIG},
-                                     auth=(USER, PASSWORD), timeout=10)
+                resp = requests.post(
+                    f"{backend.url}/setup",
+                    json={"project": pid, "schema": DEFAULT_LABEL_CONFIG},
+                    auth=(USER, PASSWORD),
+                    timeout=10,
+                )
                 return resp.status_code == 200 and resp.json()["model_version"] == uid
 
             worker.wait_for(setup_reports_it, 30, f"/setup to report {uid}")
@@ -365,8 +453,9 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
                     found[task["id"]] = mine[0]
                 return found
 
-            predictions = worker.wait_for(refreshed, LOOP_WAIT_SECONDS, f"predictions of {uid} in Label Studio",
-                                          interval=1.0)
+            predictions = worker.wait_for(
+                refreshed, LOOP_WAIT_SECONDS, f"predictions of {uid} in Label Studio", interval=1.0
+            )
             for task_id, prediction in predictions.items():
                 assert prediction["result"], f"task {task_id}: an empty prediction was written"
                 for region in prediction["result"]:
@@ -384,7 +473,9 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
                 trained_on = session.get_one(ModelVersion, version.id).training_masks
                 snapshot = sorted((mv.ls_annotation_id, session.get_one(Image, mv.image_id).split) for mv in trained_on)
             assert [(r.trigger, r.status, r.attempts) for r in all_runs] == [("annotations", "succeeded", 1)], (
-                [r.error for r in all_runs], worker.tail())
+                [r.error for r in all_runs],
+                worker.tail(),
+            )
             assert all_runs[0].model_version_id == version.id
             assert [(v.uid, v.status) for v in versions] == [(uid, "serving")]
             train_anns = [a for a, (_subject, split) in zip(ann_ids, plan, strict=True) if split == "train"]

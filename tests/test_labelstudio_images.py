@@ -118,7 +118,10 @@ def test_size_limit_applies_to_downloads_and_local_files(servers, tmp_path: Path
 
 def test_unusable_urls_are_refused_with_a_reason(tmp_path: Path) -> None:
     fetcher = make_fetcher(tmp_path, None)
-    for url, reason in (("", "no image URL"), ("data:image/png;base64,AAAA", "inline data"),
-                        ("relative/path.png", "absolute path")):
+    for url, reason in (
+        ("", "no image URL"),
+        ("data:image/png;base64,AAAA", "inline data"),
+        ("relative/path.png", "absolute path"),
+    ):
         with pytest.raises(InvalidInput, match=reason):
             fetcher.fetch(url)

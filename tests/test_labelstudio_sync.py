@@ -33,7 +33,9 @@ class World:
     def labels(self) -> dict[int, tuple[bool, bool]]:
         """ls_annotation_id -> (active, current) of its newest version."""
         with unit_of_work(self.mirror.factory) as session:
-            rows = session.scalars(select(MaskVersion).where(MaskVersion.source == "annotation").order_by(MaskVersion.id))
+            rows = session.scalars(
+                select(MaskVersion).where(MaskVersion.source == "annotation").order_by(MaskVersion.id)
+            )
             return {mv.ls_annotation_id: (mv.active, mv.is_current) for mv in rows if mv.ls_annotation_id is not None}
 
 
@@ -65,8 +67,13 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
             from backend.db.models import Project
             from backend.labelstudio.payloads import LsAnnotation
 
-            mirror.apply_annotation(session, session.get(Project, project_id), config, image.image_id,
-                                    LsAnnotation.parse(annotation(ann_id, task_id, mask)))
+            mirror.apply_annotation(
+                session,
+                session.get(Project, project_id),
+                config,
+                image.image_id,
+                LsAnnotation.parse(annotation(ann_id, task_id, mask)),
+            )
     downloads = sum(1 for s in ls.seen if s.path.startswith("/data/upload/"))
     # Label Studio now: 11 was corrected, 12 is new (missed webhook), 14 is a skip, 13 is gone.
     ls.tasks[1]["annotations"] = [annotation(11, 1, masks[0])]
@@ -77,8 +84,9 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
     assert report.errors == []
     assert world.labels() == {11: (True, True), 12: (True, True), 13: (False, False)}
     with unit_of_work(mirror.factory) as session:
-        newest = session.scalars(select(MaskVersion).where(MaskVersion.ls_annotation_id == 11)
-                                 .order_by(MaskVersion.version.desc())).first()
+        newest = session.scalars(
+            select(MaskVersion).where(MaskVersion.ls_annotation_id == 11).order_by(MaskVersion.version.desc())
+        ).first()
         assert newest is not None
         np.testing.assert_array_equal(read_mask(mirror.store, newest), masks[0])
     # Only task 2's image was new: stored images are not downloaded again.
@@ -110,11 +118,15 @@ def test_a_bad_annotation_is_reported_and_the_rest_sync(world: World) -> None:
 
 
 def test_sync_command(world: World, settings: Settings) -> None:
-    from backend.cli.main import cli
+    from cli.main import cli
 
     world.ls.tasks[1]["annotations"] = [annotation(31, 1, world.masks[0])]
-    env = {"SONOSEG_DATA_DIR": str(settings.data_dir), "SONOSEG_DATABASE_URL": settings.database_url,
-           "LABEL_STUDIO_URL": world.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN}
+    env = {
+        "SONOSEG_DATA_DIR": str(settings.data_dir),
+        "SONOSEG_DATABASE_URL": settings.database_url,
+        "LABEL_STUDIO_URL": world.url,
+        "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+    }
     result = CliRunner().invoke(cli, ["sync", "--project", "4"], env=env)
     assert result.exit_code == 0, result.output
     assert "project 4: 3 tasks, 1 annotations: 1 created" in result.output
@@ -124,7 +136,7 @@ def test_sync_command(world: World, settings: Settings) -> None:
 
 
 def test_sync_refuses_an_unmigrated_database(tmp_path: Path) -> None:
-    from backend.cli.main import cli
+    from cli.main import cli
 
     env = {"SONOSEG_DATA_DIR": str(tmp_path / "d"), "SONOSEG_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
     for args in (["sync", "--project", "1"], ["serve"]):

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from backend.errors import CheckpointError
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from backend.model.spec import ModelSpec, Normalization, build_model
+from backend.model.networks import build_model
+from backend.model.spec import ModelSpec, Normalization
 from tests.model_samples import tiny_spec as shared_tiny_spec
 
 torch.set_num_threads(1)

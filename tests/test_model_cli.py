@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from backend.cli.model_cmd import model
 from backend.model import spec as spec_module
 from backend.model.image_files import read_image, read_mask, write_png
 from backend.model.spec import ModelSpec
 from backend.model.synthetic import make_blob_pairs
+from cli.model_cmd import model
 
 torch.set_num_threads(1)
 

@@ -10,11 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from backend.model import spec as spec_module
 from backend.model.checkpoint import load_checkpoint
-from backend.model.data import PatchSampler, TrainData, prepare_case, prepare_image, split_validation, subjects_from_names
+from backend.model.data import (
+    PatchSampler,
+    TrainData,
+    prepare_case,
+    prepare_image,
+    split_validation,
+    subjects_from_names,
+)
 from backend.model.fingerprint import ClassObjects, DatasetFingerprint, fingerprint
 from backend.model.inference import pad_to_multiple
 from backend.model.planner import MIN_OBJECT_DIAMETER, plan_network
@@ -33,13 +42,16 @@ def fp(h: int, w: int, *, p10_area: float = 3000.0, n: int = 50) -> DatasetFinge
     return DatasetFingerprint(n, (h, w), (h, w), (h, w), 1, w / h, None, 40.0, 20.0, 0.0, 250.0, 10.0, objects)
 
 
-@pytest.mark.parametrize(("h", "w", "scale", "patch"), [
-    (512, 512, 0.5, (256, 256)),      # the preset's own geometry
-    (256, 256, 1.0, (256, 256)),      # small frames: never resampled down, never padded 4x
-    (1024, 1024, 0.25, (256, 256)),   # large frames: the same grid as native
-    (420, 580, 0.5187, (224, 320)),   # anisotropic scanner frame: the aspect is kept
-    (128, 160, 1.0, (128, 160)),      # tiny frames: never upsampled
-])
+@pytest.mark.parametrize(
+    ("h", "w", "scale", "patch"),
+    [
+        (512, 512, 0.5, (256, 256)),  # the preset's own geometry
+        (256, 256, 1.0, (256, 256)),  # small frames: never resampled down, never padded 4x
+        (1024, 1024, 0.25, (256, 256)),  # large frames: the same grid as native
+        (420, 580, 0.5187, (224, 320)),  # anisotropic scanner frame: the aspect is kept
+        (128, 160, 1.0, (128, 160)),  # tiny frames: never upsampled
+    ],
+)
 def test_plan_for_several_frame_sizes(h: int, w: int, scale: float, patch: tuple[int, int]) -> None:
     plan = plan_network(fp(h, w, p10_area=3000 * (h * w) / 262144), "cpu_small", CLASSES, 4)
     assert plan.spec.input_scale == pytest.approx(scale, abs=1e-3)
@@ -102,8 +114,11 @@ def test_training_patches_match_the_inference_input_of_whole_frames() -> None:
 
 # -- subject-aware validation -----------------------------------------------------------------------------------
 @hsettings(max_examples=80, deadline=None)
-@given(subjects=st.lists(st.integers(0, 12), min_size=2, max_size=80), fraction=st.floats(0.05, 0.5),
-       seed=st.integers(0, 100))
+@given(
+    subjects=st.lists(st.integers(0, 12), min_size=2, max_size=80),
+    fraction=st.floats(0.05, 0.5),
+    seed=st.integers(0, 100),
+)
 def test_subject_split_never_shares_a_subject(subjects: list[int], fraction: float, seed: int) -> None:
     names = [f"s{s}" for s in subjects]
     train_idx, val_idx = split_validation(len(names), fraction, seed, names)
@@ -173,12 +188,31 @@ def test_a_run_spends_at_most_its_validation_share(monkeypatch: pytest.MonkeyPat
         return v
 
     monkeypatch.setattr("backend.model.train.Validator", slow)
-    monkeypatch.setitem(spec_module.PRESETS, "tiny_plan", lambda classes: ModelSpec(
-        arch="resunet_2d", classes=classes, features=(4, 8, 16), encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1),
-        patch_size=(32, 32), full_resolution_skip=True))
+    monkeypatch.setitem(
+        spec_module.PRESETS,
+        "tiny_plan",
+        lambda classes: ModelSpec(
+            arch="resunet_2d",
+            classes=classes,
+            features=(4, 8, 16),
+            encoder_blocks=(1, 1, 1),
+            decoder_blocks=(1, 1),
+            patch_size=(32, 32),
+            full_resolution_skip=True,
+        ),
+    )
     data = TrainData(make_blob_pairs(12, (32, 32), 2, seed=1), CLASSES)
-    config = TrainConfig(preset="tiny_plan", epochs=10_000, iterations_per_epoch=2, batch_size=2, optimizer="adamw",
-                         learning_rate=3e-3, device="cpu", val_fraction=0.25, max_minutes=0.1)
+    config = TrainConfig(
+        preset="tiny_plan",
+        epochs=10_000,
+        iterations_per_epoch=2,
+        batch_size=2,
+        optimizer="adamw",
+        learning_rate=3e-3,
+        device="cpu",
+        val_fraction=0.25,
+        max_minutes=0.1,
+    )
     result = train(config, data)
     per_epoch = calls[0].calls  # the sampled validator (calls[1] is the final full re-score)
     assert result.epochs > 3 * per_epoch, (result.epochs, per_epoch)  # not every epoch
@@ -190,16 +224,34 @@ def test_a_run_spends_at_most_its_validation_share(monkeypatch: pytest.MonkeyPat
 # -- the plan travels in the checkpoint ---------------------------------------------------------------------------
 @pytest.fixture
 def tiny_planned(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setitem(spec_module.PRESETS, "tiny_plan", lambda classes: ModelSpec(
-        arch="umamba_bot_2d", classes=classes, features=(4, 8, 16, 16), encoder_blocks=(1, 1, 1, 1),
-        decoder_blocks=(1, 1, 1), patch_size=(32, 32), full_resolution_skip=True))
+    monkeypatch.setitem(
+        spec_module.PRESETS,
+        "tiny_plan",
+        lambda classes: ModelSpec(
+            arch="umamba_bot_2d",
+            classes=classes,
+            features=(4, 8, 16, 16),
+            encoder_blocks=(1, 1, 1, 1),
+            decoder_blocks=(1, 1, 1),
+            patch_size=(32, 32),
+            full_resolution_skip=True,
+        ),
+    )
     yield
 
 
 def test_the_plan_is_stored_in_and_restored_from_the_checkpoint(tiny_planned: None, tmp_path: Path) -> None:
     data = TrainData(make_blob_pairs(8, (48, 80), 2, seed=2), CLASSES)
-    config = TrainConfig(preset="tiny_plan", epochs=1, iterations_per_epoch=2, batch_size=2, optimizer="adamw",
-                         learning_rate=3e-3, device="cpu", val_fraction=0.25)
+    config = TrainConfig(
+        preset="tiny_plan",
+        epochs=1,
+        iterations_per_epoch=2,
+        batch_size=2,
+        optimizer="adamw",
+        learning_rate=3e-3,
+        device="cpu",
+        val_fraction=0.25,
+    )
     result = train(config, data)
     assert result.plan is not None and result.plan["decisions"]
     assert tuple(result.plan["patch_size"]) == result.spec.patch_size
@@ -216,9 +268,15 @@ def test_the_plan_is_stored_in_and_restored_from_the_checkpoint(tiny_planned: No
 
 def test_validator_on_cases_is_deterministic() -> None:
     pairs = make_blob_pairs(3, (32, 32), 2, seed=9)
-    spec = ModelSpec(arch="resunet_2d", classes=CLASSES, features=(4, 8), encoder_blocks=(1, 1), decoder_blocks=(1,),
-                     patch_size=(32, 32))
-    from backend.model.spec import build_model
+    spec = ModelSpec(
+        arch="resunet_2d",
+        classes=CLASSES,
+        features=(4, 8),
+        encoder_blocks=(1, 1),
+        decoder_blocks=(1,),
+        patch_size=(32, 32),
+    )
+    from backend.model.networks import build_model
 
     model = build_model(spec)
     v = Validator([prepare_case(p, spec) for p in pairs], spec, torch.device("cpu"), mixed_precision=False)
@@ -230,14 +288,22 @@ def test_model_plan_command_prints_its_decisions(tmp_path: Path) -> None:
 
     from click.testing import CliRunner
 
-    from backend.cli.main import cli
     from backend.model.image_files import write_png
+    from cli.main import cli
 
     for i, (img, mask) in enumerate(make_blob_pairs(4, (420, 580), 2, seed=4)):
         write_png(tmp_path / "images" / f"{i}_a.png", img)
         write_png(tmp_path / "masks" / f"{i}_a.png", mask.astype(np.uint8))
-    args = ["model", "plan", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
-            "--labels", "Nerve,Vessel"]
+    args = [
+        "model",
+        "plan",
+        "--images",
+        str(tmp_path / "images"),
+        "--masks",
+        str(tmp_path / "masks"),
+        "--labels",
+        "Nerve,Vessel",
+    ]
     out = CliRunner().invoke(cli, args)
     assert out.exit_code == 0, out.output
     assert "input scale" in out.output and "patch 320x224" in out.output and "=> scale" in out.output

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from backend.errors import InvalidInput
+from backend.model.networks import build_model
 from backend.model.spec import (
     PRESETS,
     MambaOptions,
     ModelSpec,
     Normalization,
     accepts_any_size,
-    build_model,
     channel_token_stages,
     encoder_mamba_stages,
     preset_spec,

@@ -23,11 +23,20 @@ S = dt.timedelta(seconds=1)
 def _label(session, store, project: Project, image: Image, value: int, ann: int | None = None) -> int:  # type: ignore[no-untyped-def]
     mask = np.zeros((image.height, image.width), np.uint8)
     mask[2 : 2 + value, 2:6] = 1
-    return add_mask_version(session, store, project, image, mask, source="annotation", ls_annotation_id=ann).mask_version.id
+    return add_mask_version(
+        session, store, project, image, mask, source="annotation", ls_annotation_id=ann
+    ).mask_version.id
 
 
-def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int, n_val: int = 0, *, labelled: bool = True,
-             **overrides: object) -> int:
+def _project(
+    factory: SessionFactory,
+    store: LocalBlobStore,
+    n_train: int,
+    n_val: int = 0,
+    *,
+    labelled: bool = True,
+    **overrides: object,
+) -> int:
     """A project with n_train training and n_val validation images (labelled unless told not to)."""
     with unit_of_work(factory) as s:
         p = Project(name="p", class_names=["Nerve"], **overrides)
@@ -55,8 +64,9 @@ def _register_version(factory: SessionFactory, pid: int, status: str = "serving"
         from backend.db.models import MaskVersion
 
         masks = list(s.scalars(select(MaskVersion).where(MaskVersion.id.in_([m.mask_version_id for m in plan_masks]))))
-        mv = ModelVersion(project_id=pid, uid=f"v{utcnow().timestamp()}", status=status, checkpoint_key="k",
-                          training_masks=masks)
+        mv = ModelVersion(
+            project_id=pid, uid=f"v{utcnow().timestamp()}", status=status, checkpoint_key="k", training_masks=masks
+        )
         s.add(mv)
         s.flush()
         return mv.id
@@ -94,17 +104,16 @@ def test_project_overrides_win_over_settings(
 
 
 # -- what changed ---------------------------------------------------------------------------------
-def test_changes_are_counted_against_the_last_trained_snapshot(
-    factory: SessionFactory, store: LocalBlobStore
-) -> None:
+def test_changes_are_counted_against_the_last_trained_snapshot(factory: SessionFactory, store: LocalBlobStore) -> None:
     pid = _project(factory, store, 5, 2)
 
     def sql_and_reference() -> tuple[int, int]:
         with factory() as s:
             project = s.get_one(Project, pid)
             last = retrain.last_trained_version(s, pid)
-            reference = retrain.count_changes(retrain.current_labels(s, pid, "train"),
-                                              retrain.training_snapshot(last) if last else {})
+            reference = retrain.count_changes(
+                retrain.current_labels(s, pid, "train"), retrain.training_snapshot(last) if last else {}
+            )
             return retrain.changed_since_last_version(s, project), reference
 
     assert sql_and_reference() == (5, 5)  # no model yet: every training label counts, val never does

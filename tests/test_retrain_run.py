@@ -30,8 +30,16 @@ def tiny_spec(classes: tuple[str, ...]) -> Any:
     """Three stages, 4-16 channels, frames scaled by 1/4: a training step takes milliseconds."""
     from backend.model.spec import ModelSpec
 
-    return ModelSpec(arch="resunet_2d", classes=tuple(classes), features=(4, 8, 16), encoder_blocks=(1, 1, 1),
-                     decoder_blocks=(1, 1), patch_size=(32, 32), input_scale=0.25, full_resolution_skip=True)
+    return ModelSpec(
+        arch="resunet_2d",
+        classes=tuple(classes),
+        features=(4, 8, 16),
+        encoder_blocks=(1, 1, 1),
+        decoder_blocks=(1, 1),
+        patch_size=(32, 32),
+        input_scale=0.25,
+        full_resolution_skip=True,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +53,9 @@ def tiny_preset() -> Iterator[None]:
 
 @pytest.fixture
 def run_settings(settings: Settings) -> Settings:
-    return settings.replace(model_preset=TINY, train_max_minutes=0.04, train_heartbeat_seconds=0.2, device="cpu",
-                            retrain_after=1000)
+    return settings.replace(
+        model_preset=TINY, train_max_minutes=0.04, train_heartbeat_seconds=0.2, device="cpu", retrain_after=1000
+    )
 
 
 def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int = 5, n_val: int = 2) -> int:
@@ -112,7 +121,7 @@ def test_a_run_registers_an_immutable_version_with_its_snapshot_and_serves_it(
 def test_a_worse_candidate_is_not_promoted_and_rollback_restores_the_previous_version(
     factory: SessionFactory, store: LocalBlobStore, run_settings: Settings, db_url: str
 ) -> None:
-    from backend.cli.main import cli
+    from cli.main import cli
 
     pid = _project(factory, store)
     first = _run(factory, store, run_settings, pid)
@@ -134,8 +143,11 @@ def test_a_worse_candidate_is_not_promoted_and_rollback_restores_the_previous_ve
     assert first.model_version_uid in result.output
     with factory() as s:
         statuses = {v.uid: v.status for v in s.scalars(select(ModelVersion))}
-    assert statuses == {first.model_version_uid: "serving", worse.model_version_uid: "candidate",
-                        better.model_version_uid: "retired"}
+    assert statuses == {
+        first.model_version_uid: "serving",
+        worse.model_version_uid: "candidate",
+        better.model_version_uid: "retired",
+    }
 
 
 def test_a_failure_after_the_checkpoint_was_stored_leaves_no_orphan(
@@ -249,14 +261,20 @@ def test_sweep_removes_scratch_dirs_of_dead_runs(tmp_path: Path) -> None:
 def test_cli_policy_inline_training_and_evaluation(
     factory: SessionFactory, store: LocalBlobStore, run_settings: Settings, db_url: str
 ) -> None:
-    from backend.cli.main import cli
+    from cli.main import cli
 
     pid = _project(factory, store)
-    env = {"SONOSEG_DATA_DIR": str(run_settings.data_dir), "SONOSEG_DATABASE_URL": db_url,
-           "SONOSEG_MODEL_PRESET": TINY, "SONOSEG_TRAIN_MAX_MINUTES": "0.04", "SONOSEG_DEVICE": "cpu"}
+    env = {
+        "SONOSEG_DATA_DIR": str(run_settings.data_dir),
+        "SONOSEG_DATABASE_URL": db_url,
+        "SONOSEG_MODEL_PRESET": TINY,
+        "SONOSEG_TRAIN_MAX_MINUTES": "0.04",
+        "SONOSEG_DEVICE": "cpu",
+    }
     runner = CliRunner()
-    policy = runner.invoke(cli, ["retrain-policy", "--project", "nerves", "--after", "3", "--max-minutes", "0.04",
-                                 "--no-auto"], env=env)
+    policy = runner.invoke(
+        cli, ["retrain-policy", "--project", "nerves", "--after", "3", "--max-minutes", "0.04", "--no-auto"], env=env
+    )
     assert policy.exit_code == 0, policy.output
     assert "auto=False retrain_after=3" in policy.output and "changed_training_labels=5" in policy.output
     trained = runner.invoke(cli, ["train", "--project", "nerves", "--inline"], env=env)
@@ -284,7 +302,9 @@ def test_a_first_model_below_the_floor_stays_a_candidate_with_the_reason(
     pid = _project(factory, store)
     outcome = _run(factory, store, run_settings.replace(gate_min_dice=1.0), pid)
     assert outcome.status == "succeeded" and not outcome.promoted
-    assert "first model not promoted" in (outcome.gate_reason or "") and "below the floor" in (outcome.gate_reason or "")
+    assert "first model not promoted" in (outcome.gate_reason or "") and "below the floor" in (
+        outcome.gate_reason or ""
+    )
     with factory() as s:
         assert serving_version(s, pid) is None
         (version,) = s.scalars(select(ModelVersion)).all()

@@ -106,7 +106,9 @@ def _call_args(x: dict[str, torch.Tensor | None], dtype: torch.dtype, grad: bool
 
 @pytest.mark.parametrize("length", [1, 7, 64, 300])
 @pytest.mark.parametrize(("with_optional", "softplus"), OPTION_SETS)
-def test_torch_backend_matches_oracle_outputs_and_all_gradients(length: int, with_optional: bool, softplus: bool) -> None:
+def test_torch_backend_matches_oracle_outputs_and_all_gradients(
+    length: int, with_optional: bool, softplus: bool
+) -> None:
     x = make_inputs(2, 18, length, 5, seed=length, with_optional=with_optional)
     if not softplus:
         positive_dt(x)
@@ -120,8 +122,8 @@ def test_torch_backend_matches_oracle_outputs_and_all_gradients(length: int, wit
     assert actual.dtype == torch.float32 and actual.shape == expected.shape
     grads = torch.autograd.grad(actual, [t for t in args if t is not None], grad_out.float())
     assert_close(actual.detach(), expected.detach(), "out")
-    present = [n for n, t in zip(NAMES, args) if t is not None]
-    for name, got, want in zip(present, grads, ref_grads):
+    present = [n for n, t in zip(NAMES, args, strict=False) if t is not None]
+    for name, got, want in zip(present, grads, ref_grads, strict=False):
         assert_close(got, want, f"d{name}")
 
 
@@ -154,7 +156,7 @@ def test_torch_backend_across_many_chunks(monkeypatch: pytest.MonkeyPatch, max_c
     actual = selective_scan(*args, delta_softplus=True, backend="torch")
     grads = torch.autograd.grad(actual.sum(), args)  # type: ignore[arg-type]
     assert_close(actual.detach(), expected.detach(), "out")
-    for name, got, want in zip(NAMES, grads, ref_grads):
+    for name, got, want in zip(NAMES, grads, ref_grads, strict=False):
         assert_close(got, want, f"d{name}")
 
 
@@ -224,7 +226,15 @@ def test_forced_backends_refuse_what_they_cannot_do() -> None:
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("delta", (1, 3, 5)), ("A", (4, 2)), ("B", (1, 2, 5)), ("C", (1, 3, 4)), ("D", (2,)), ("z", (1, 3, 5)), ("delta_bias", (4,))],
+    [
+        ("delta", (1, 3, 5)),
+        ("A", (4, 2)),
+        ("B", (1, 2, 5)),
+        ("C", (1, 3, 4)),
+        ("D", (2,)),
+        ("z", (1, 3, 5)),
+        ("delta_bias", (4,)),
+    ],
 )
 def test_shape_mismatches_are_rejected(name: str, shape: tuple[int, ...]) -> None:
     x = make_inputs(1, 3, 4, 2)
@@ -310,5 +320,5 @@ def test_cuda_kernel_matches_pure_torch_path(length: int) -> None:
         outs[backend] = out.detach().double()
         grads[backend] = [t.grad.double() for t in args if t is not None]  # type: ignore[union-attr]
     assert_close(outs["cuda"], outs["torch"], "out", rtol=1e-3)
-    for name, got, want in zip(NAMES, grads["cuda"], grads["torch"]):
+    for name, got, want in zip(NAMES, grads["cuda"], grads["torch"], strict=False):
         assert_close(got, want, f"d{name}", rtol=1e-3)

@@ -50,16 +50,29 @@ def heartbeat_row(factory: SessionFactory, name: str = "beat") -> tuple[str | No
         return (row.host, row.pid, row.beat_at) if row is not None else None
 
 
-def add_run(factory: SessionFactory, *, status: str = "queued", created: dt.datetime, not_before: dt.datetime | None,
-            dispatched: dt.datetime | None = None, name: str = "p") -> int:
+def add_run(
+    factory: SessionFactory,
+    *,
+    status: str = "queued",
+    created: dt.datetime,
+    not_before: dt.datetime | None,
+    dispatched: dt.datetime | None = None,
+    name: str = "p",
+) -> int:
     with unit_of_work(factory) as s:
         project = Project(name=name, class_names=["Nerve"])
         s.add(project)
         s.flush()
-        run = TrainingRun(project_id=project.id, trigger="start_training", status=status, created_at=created,
-                          not_before=not_before, dispatched_at=dispatched,
-                          started_at=created if status == "running" else None,
-                          heartbeat_at=created if status == "running" else None)
+        run = TrainingRun(
+            project_id=project.id,
+            trigger="start_training",
+            status=status,
+            created_at=created,
+            not_before=not_before,
+            dispatched_at=dispatched,
+            started_at=created if status == "running" else None,
+            heartbeat_at=created if status == "running" else None,
+        )
         s.add(run)
         s.flush()
         return run.id
@@ -158,7 +171,8 @@ def test_with_a_live_scheduler_the_reason_points_at_the_workers(factory: Session
 
 # -- the dispatch tick records it ---------------------------------------------------------------------------
 def test_the_dispatch_tick_records_the_heartbeat_with_the_sender(factory: SessionFactory, settings: Settings) -> None:
-    from workers.celery_app import TASK_DISPATCH, make_celery
+    from workers.celery_app import make_celery
+    from workers.names import TASK_DISPATCH
     from workers.tasks.housekeeping import sender_identity
 
     app = make_celery(settings)
@@ -201,7 +215,7 @@ def test_beat_writes_its_own_heartbeat_after_sending_a_tick(factory: SessionFact
 def test_status_shows_the_scheduler_and_flags_stalled_runs(
     engine: Engine, factory: SessionFactory, settings: Settings, store: LocalBlobStore
 ) -> None:
-    from backend.cli.main import report_text
+    from cli.main import report_text
 
     run_id = add_run(factory, created=utcnow() - dt.timedelta(hours=1), not_before=None)
     report = collect_status(engine, store, settings=settings)
@@ -221,7 +235,7 @@ def test_status_shows_the_scheduler_and_flags_stalled_runs(
 
 
 def test_sonoseg_status_on_the_command_line(tmp_path: Path) -> None:
-    from backend.cli.main import cli
+    from cli.main import cli
 
     env = {"SONOSEG_DATA_DIR": str(tmp_path / "data")}
     runner = CliRunner()
@@ -317,14 +331,23 @@ def test_a_worker_started_without_beat_logs_a_warning_naming_the_fix(tmp_path: P
     from tests.labelstudio_server import WORKER_BOOT, worker_environment
     from tests.test_worker_shutdown import group_processes, migrated_factory
 
-    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}",
-                        dispatch_interval_seconds=1.0, retrain_cron="off")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}",
+        dispatch_interval_seconds=1.0,
+        retrain_cron="off",
+    )
     migrated_factory(settings)
     log_path = tmp_path / "worker.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-c", WORKER_BOOT, "worker", "-Q", "train"],
-                                   cwd=Path(__file__).resolve().parents[1], env=worker_environment(settings),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", WORKER_BOOT, "worker", "-Q", "train"],
+            cwd=Path(__file__).resolve().parents[1],
+            env=worker_environment(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + allowance_seconds(settings) + 40
             text = ""
@@ -350,14 +373,23 @@ def test_beat_is_seen_even_when_no_worker_runs_its_ticks(tmp_path: Path) -> None
     from tests.labelstudio_server import WORKER_BOOT, worker_environment
     from tests.test_worker_shutdown import group_processes, migrated_factory
 
-    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}",
-                        dispatch_interval_seconds=1.0, retrain_cron="off")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}",
+        dispatch_interval_seconds=1.0,
+        retrain_cron="off",
+    )
     factory = migrated_factory(settings)
     log_path = tmp_path / "worker.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-c", WORKER_BOOT, "worker", "-Q", "train", "--beat"],
-                                   cwd=Path(__file__).resolve().parents[1], env=worker_environment(settings),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", WORKER_BOOT, "worker", "-Q", "train", "--beat"],
+            cwd=Path(__file__).resolve().parents[1],
+            env=worker_environment(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 40
             while heartbeat_row(factory) is None and time.monotonic() < deadline:

@@ -18,8 +18,14 @@ def test_defaults_are_the_embedded_setup() -> None:
 
 
 def test_env_overrides_and_errors() -> None:
-    s = Settings.from_env({"SONOSEG_PORT": "9191", "SONOSEG_DATABASE_URL": "postgresql+psycopg://x/y",
-                           "LABEL_STUDIO_URL": "http://ls:8080/", "SONOSEG_ALLOWED_IMAGE_HOSTS": "a.org, b.org"})
+    s = Settings.from_env(
+        {
+            "SONOSEG_PORT": "9191",
+            "SONOSEG_DATABASE_URL": "postgresql+psycopg://x/y",
+            "LABEL_STUDIO_URL": "http://ls:8080/",
+            "SONOSEG_ALLOWED_IMAGE_HOSTS": "a.org, b.org",
+        }
+    )
     assert s.port == 9191 and s.database_url == "postgresql+psycopg://x/y"
     assert s.label_studio_url == "http://ls:8080" and s.allowed_image_hosts == ("a.org", "b.org")
     with pytest.raises(InvalidInput, match="SONOSEG_PORT"):
@@ -29,8 +35,9 @@ def test_env_overrides_and_errors() -> None:
 
 
 def test_secrets_are_not_in_repr() -> None:
-    s = Settings(label_studio_api_key="sekrit-key", basic_auth_user="u", basic_auth_password="pw-123",
-                 webhook_secret="hook-456")
+    s = Settings(
+        label_studio_api_key="sekrit-key", basic_auth_user="u", basic_auth_password="pw-123", webhook_secret="hook-456"
+    )
     assert "sekrit-key" not in repr(s) and "pw-123" not in repr(s) and "hook-456" not in repr(s)
 
 

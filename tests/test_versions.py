@@ -28,7 +28,7 @@ def _serving_uid(factory: SessionFactory, pid: int) -> str | None:
 
 
 def test_promote_retires_previous(factory: SessionFactory) -> None:
-    pid, ids = _versions(factory, 2)
+    _pid, ids = _versions(factory, 2)
     for vid in ids:
         with unit_of_work(factory) as s:
             promote(s, s.get_one(ModelVersion, vid))

@@ -67,11 +67,17 @@ def hooks(settings: Settings, tmp_path: Path) -> Iterator[Hooks]:
     pairs = dataset_pairs(3)
     for name, img, _ in pairs:
         (root / name).write_bytes(png_bytes(img))
-    app = create_app(settings.replace(local_files_root=root), start_background=False,
-                     loader=fake_loader(ThresholdModel(), [], set()))
+    app = create_app(
+        settings.replace(local_files_root=root), start_background=False, loader=fake_loader(ThresholdModel(), [], set())
+    )
     state: AppState = app.extensions["sonoseg"]
-    yield Hooks(app.test_client(), state, [f"/data/local-files/?d={n}" for n, _, _ in pairs],
-                [m for _, _, m in pairs], [i for _, i, _ in pairs])
+    yield Hooks(
+        app.test_client(),
+        state,
+        [f"/data/local-files/?d={n}" for n, _, _ in pairs],
+        [m for _, _, m in pairs],
+        [i for _, i, _ in pairs],
+    )
     state.close()
 
 
@@ -99,7 +105,10 @@ def test_created_annotation_becomes_the_current_label(hooks: Hooks) -> None:
         source = session.scalars(select(ImageSource)).one()
         # The URL is stored only as a keyed pseudonym (upload URLs carry the original file name).
         assert (source.ls_task_id, source.source_ref, source.kind) == (
-            10, hooks.state.mirror.source_ref(hooks.urls[0]), "labelstudio")
+            10,
+            hooks.state.mirror.source_ref(hooks.urls[0]),
+            "labelstudio",
+        )
         assert source.source_ref.startswith("src-") and hooks.urls[0] not in source.source_ref
     assert hooks.process().total == 0  # nothing left
 
@@ -144,8 +153,11 @@ def test_deleted_tasks_retire_their_source_and_labels(hooks: Hooks) -> None:
 def test_bulk_created_annotations(hooks: Hooks) -> None:
     payload = {
         "action": "ANNOTATIONS_CREATED",
-        "annotation": [annotation(5, 20, hooks.masks[0]), annotation(6, 21, hooks.masks[1]),
-                       annotation(7, 21, None, cancelled=True)],
+        "annotation": [
+            annotation(5, 20, hooks.masks[0]),
+            annotation(6, 21, hooks.masks[1]),
+            annotation(7, 21, None, cancelled=True),
+        ],
         "task": [{"id": 20, "data": {"image": hooks.urls[0]}}, {"id": 21, "data": {"image": hooks.urls[1]}}],
         "project": {"id": 3, "label_config": DEFAULT_LABEL_CONFIG},
     }
@@ -172,8 +184,14 @@ def test_correction_dice_is_stored_against_the_served_prediction(hooks: Hooks) -
         project = session.scalars(select(Project)).one()
         session.add(ModelVersion(project_id=project.id, uid="p3-v1", status="serving", checkpoint_key="x/y"))
     hooks.state.holder.refresh()
-    body = client.post("/predict", json={"tasks": [{"id": 10, "data": {"image": hooks.urls[0]}}],
-                                         "project": "3.17", "label_config": DEFAULT_LABEL_CONFIG}).get_json()
+    body = client.post(
+        "/predict",
+        json={
+            "tasks": [{"id": 10, "data": {"image": hooks.urls[0]}}],
+            "project": "3.17",
+            "label_config": DEFAULT_LABEL_CONFIG,
+        },
+    ).get_json()
     assert body["results"][0]["model_version"] == "p3-v1"
     hooks.post(annotation_event("ANNOTATION_CREATED", 1, 10, hooks.urls[0], hooks.masks[0]))
     hooks.process()
@@ -218,4 +236,3 @@ def test_a_failing_event_is_marked_with_its_reason_and_the_rest_go_on(hooks: Hoo
     assert [e.status for e in events] == ["failed", "failed", "processed"]
     assert "does not exist" in (events[0].error or "") and "brush regions must cover" in (events[1].error or "")
     assert [v.ls_annotation_id for v in hooks.versions()] == [3]
-

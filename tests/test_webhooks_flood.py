@@ -36,8 +36,13 @@ def test_a_flood_of_webhooks_loses_nothing(settings: Settings, tmp_path: Path) -
         (root / f"t{t}.png").write_bytes(png_bytes(image))
         masks[t] = mask
     payloads = [
-        annotation_event("ANNOTATION_CREATED", 10_000 + i, 500 + i % TASKS, f"/data/local-files/?d=t{i % TASKS}.png",
-                         masks[i % TASKS])
+        annotation_event(
+            "ANNOTATION_CREATED",
+            10_000 + i,
+            500 + i % TASKS,
+            f"/data/local-files/?d=t{i % TASKS}.png",
+            masks[i % TASKS],
+        )
         for i in range(EVENTS)
     ]
     deliveries = payloads + random.Random(0).sample(payloads, REDELIVERED)
@@ -49,6 +54,7 @@ def test_a_flood_of_webhooks_loses_nothing(settings: Settings, tmp_path: Path) -
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
     try:
+
         def deliver(payload: dict[str, object]) -> tuple[int, str]:
             resp = session.post(f"{served.url}/webhook", json=payload, timeout=30)
             return resp.status_code, resp.json().get("status", "")

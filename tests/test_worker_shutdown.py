@@ -40,14 +40,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.sqlite, pytest.mark.xdist_group("son
 REPO = Path(__file__).resolve().parents[1]
 SHUTDOWN_TIMEOUT = 3.0
 # A beat that does not act on SIGTERM: the state an orphaned beat is in when its worker exits.
-DEAF_BEAT = textwrap.dedent("""
+DEAF_BEAT = (
+    textwrap.dedent("""
     import signal
     from celery.signals import beat_embedded_init
 
     @beat_embedded_init.connect(weak=False)
     def _deaf(**_kwargs):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-""") + WORKER_BOOT
+""")
+    + WORKER_BOOT
+)
 
 
 def make_settings(tmp_path: Path) -> Settings:
@@ -84,7 +87,7 @@ def group_processes(pgid: int) -> list[tuple[int, str, str]]:
             cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             found.append((int(name), fields[0], cmdline[-80:]))
     return found
@@ -96,7 +99,10 @@ class Worker:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
             [sys.executable, "-c", boot, "worker", "--beat", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
-            cwd=REPO, env=worker_environment(settings), stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=worker_environment(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: the worker leads its own process group
         )
 
@@ -114,7 +120,9 @@ class Worker:
             if value:
                 return value
             if self.process.poll() is not None:
-                raise AssertionError(f"worker exited ({self.process.returncode}) waiting for {what}:\n{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"worker exited ({self.process.returncode}) waiting for {what}:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.25)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.log()[-3000:]}")
 
@@ -187,12 +195,15 @@ def assert_group_gone_after(worker: Worker, sig: int, *, exit_within: float = 40
     try:
         worker.process.wait(exit_within)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the worker did not exit within {exit_within:.0f} s of {signal.Signals(sig).name}:\n"
-                             f"{worker.log()[-3000:]}") from None
+        raise AssertionError(
+            f"the worker did not exit within {exit_within:.0f} s of {signal.Signals(sig).name}:\n{worker.log()[-3000:]}"
+        ) from None
     took = time.monotonic() - t0
     left = group_processes(worker.pgid)
-    assert not left, (f"{signal.Signals(sig).name}: the worker exited after {took:.1f} s and left {left} running "
-                      f"(parent 1: orphaned)\n{worker.log()[-3000:]}")
+    assert not left, (
+        f"{signal.Signals(sig).name}: the worker exited after {took:.1f} s and left {left} running "
+        f"(parent 1: orphaned)\n{worker.log()[-3000:]}"
+    )
     return took
 
 

@@ -19,15 +19,8 @@ from backend.db.session import make_engine, make_session_factory, unit_of_work
 from backend.errors import InvalidInput
 from backend.services import retrain
 from backend.settings import Settings
-from workers.celery_app import (
-    QUEUES,
-    TASK_DISPATCH,
-    TASK_PREDICT_PROJECT,
-    TASK_ROUTES,
-    TASK_TRAIN,
-    make_celery,
-    runtime_of,
-)
+from workers.celery_app import make_celery, runtime_of
+from workers.names import QUEUES, TASK_DISPATCH, TASK_PREDICT_PROJECT, TASK_ROUTES, TASK_TRAIN
 from workers.schedules import beat_schedule, parse_cron
 
 
@@ -44,8 +37,12 @@ def test_delivery_is_late_acked_one_at_a_time_and_requeued_on_worker_loss(tmp_pa
 
 
 def test_redis_never_redelivers_a_run_that_is_still_within_its_budget(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0",
-                        result_backend="redis://127.0.0.1:6379/1", train_max_minutes=90)
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url="redis://127.0.0.1:6379/0",
+        result_backend="redis://127.0.0.1:6379/1",
+        train_max_minutes=90,
+    )
     conf = make_celery(settings).conf
     assert conf.broker_transport_options["visibility_timeout"] > 90 * 60
     assert conf.result_backend_transport_options["visibility_timeout"] > 90 * 60
@@ -101,8 +98,7 @@ def test_a_worker_thread_dispatches_runs_and_a_duplicate_message_is_a_no_op(embe
         with factory() as s:
             return s.scalars(select(TrainingRun.status).where(TrainingRun.id == run_id)).one()
 
-    with start_worker(embedded_app, pool="solo", perform_ping_check=False, shutdown_timeout=30,
-                      queues=list(QUEUES)):
+    with start_worker(embedded_app, pool="solo", perform_ping_check=False, shutdown_timeout=30, queues=list(QUEUES)):
         embedded_app.send_task(TASK_DISPATCH)  # what beat sends every few seconds
         deadline = time.monotonic() + 60
         while status() not in ("failed", "succeeded") and time.monotonic() < deadline:

@@ -39,12 +39,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sonoseg-workers")]
 
 REPO = Path(__file__).resolve().parents[1]
 LS_PROJECT = 3
-TINY_SPEC = {"arch": "resunet_2d", "features": (4, 8, 16), "encoder_blocks": (1, 1, 1), "decoder_blocks": (1, 1),
-             "patch_size": (32, 32), "input_scale": 0.25, "full_resolution_skip": True}
+TINY_SPEC = {
+    "arch": "resunet_2d",
+    "features": (4, 8, 16),
+    "encoder_blocks": (1, 1, 1),
+    "decoder_blocks": (1, 1),
+    "patch_size": (32, 32),
+    "input_scale": 0.25,
+    "full_resolution_skip": True,
+}
 BOOT = textwrap.dedent(f"""
     from backend.model.spec import PRESETS, ModelSpec
     PRESETS["test_tiny"] = lambda classes: ModelSpec(classes=tuple(classes), **{TINY_SPEC!r})
-    from backend.cli.main import main
+    from cli.main import main
     main()
 """)
 
@@ -57,8 +64,12 @@ class Backend:
     result_backend: str = ""
 
 
-@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.sqlite, id="sqlite"),
-                        pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis], id="postgres-redis")])
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.sqlite, id="sqlite"),
+        pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis], id="postgres-redis"),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}")
@@ -104,7 +115,11 @@ class Worker:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill9()
         self.process = subprocess.Popen(
             [sys.executable, "-c", BOOT, "worker", "--pool", "solo", "--beat"],
-            cwd=REPO, env=worker_environment(settings), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=worker_environment(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def kill9(self) -> None:
@@ -150,7 +165,8 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, workers: l
         for worker in workers:
             if worker.process.poll() is not None:
                 raise AssertionError(
-                    f"worker exited ({worker.process.returncode}) while waiting for {what}:\n{worker.tail()}")
+                    f"worker exited ({worker.process.returncode}) while waiting for {what}:\n{worker.tail()}"
+                )
         time.sleep(0.3)
     logs = "\n".join(w.tail() for w in workers)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
@@ -228,8 +244,9 @@ def test_corrections_posted_to_the_backend_train_one_run_and_setup_serves_the_ne
         for i, ((hint, _split), (pixels, mask)) in enumerate(zip(plan, frames(len(plan)), strict=True)):
             name = f"frame{i}.png"
             (settings.local_files_root / name).write_bytes(png_bytes(pixels))  # type: ignore[operator]
-            payload = annotation_event("ANNOTATION_CREATED", 500 + i, 100 + i, f"/data/local-files/?d={name}", mask,
-                                       ls_project_id=LS_PROJECT)
+            payload = annotation_event(
+                "ANNOTATION_CREATED", 500 + i, 100 + i, f"/data/local-files/?d={name}", mask, ls_project_id=LS_PROJECT
+            )
             payload["task"]["data"]["subject"] = hint
             resp = client.post("/webhook", json=payload)
             assert resp.status_code == 200 and resp.get_json()["status"] == "recorded", resp.get_json()
@@ -239,6 +256,7 @@ def test_corrections_posted_to_the_backend_train_one_run_and_setup_serves_the_ne
             return bool(done) and any(v.status == "serving" for v in versions(factory))
 
         wait_for(trained, 150, "a training run and a serving model", [worker])
+
         def setup_version() -> str | None:
             uid: str = client.post("/setup", json={"project": LS_PROJECT}).get_json()["model_version"]
             return None if uid == "untrained" else uid
@@ -266,7 +284,8 @@ def register_serving_model(factory: SessionFactory, store: LocalBlobStore, proje
     import torch
 
     from backend.model.checkpoint import Checkpoint, save_checkpoint
-    from backend.model.spec import ModelSpec, build_model
+    from backend.model.networks import build_model
+    from backend.model.spec import ModelSpec
     from backend.services.versions import promote
 
     spec = ModelSpec(classes=("Nerve", "Vessel"), **TINY_SPEC)  # type: ignore[arg-type]  # the workers' preset
@@ -275,8 +294,14 @@ def register_serving_model(factory: SessionFactory, store: LocalBlobStore, proje
     save_checkpoint(path, Checkpoint(spec=spec, state_dict=build_model(spec).state_dict()))
     blob = store.put_file("checkpoints", path, ".safetensors")
     with unit_of_work(factory) as s:
-        mv = ModelVersion(project_id=project_id, uid="v0-before-the-crash", status="candidate", arch=spec.arch,
-                          checkpoint_key=blob.key, checkpoint_sha256=blob.sha256)
+        mv = ModelVersion(
+            project_id=project_id,
+            uid="v0-before-the-crash",
+            status="candidate",
+            arch=spec.arch,
+            checkpoint_key=blob.key,
+            checkpoint_sha256=blob.sha256,
+        )
         s.add(mv)
         s.flush()
         promote(s, mv, reason="test fixture")
@@ -286,9 +311,9 @@ def register_serving_model(factory: SessionFactory, store: LocalBlobStore, proje
 def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serving(
     backend: Backend, tmp_path: Path, workers: Callable[[Settings], Worker]
 ) -> None:
-    from backend.cli.main import cli
     from backend.services.images import SourceInfo, add_image
     from backend.services.masks import add_mask_version
+    from cli.main import cli
 
     settings = make_settings(backend, tmp_path, train_max_minutes=2.0)
     factory = migrated_factory(settings)
@@ -306,8 +331,12 @@ def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serv
     before = register_serving_model(factory, store, project_id, tmp_path)
 
     first = workers(settings)
-    env = {"SONOSEG_DATA_DIR": str(settings.data_dir), "SONOSEG_DATABASE_URL": settings.database_url,
-           "SONOSEG_BROKER_URL": settings.broker_url, "SONOSEG_RESULT_BACKEND": settings.result_backend}
+    env = {
+        "SONOSEG_DATA_DIR": str(settings.data_dir),
+        "SONOSEG_DATABASE_URL": settings.database_url,
+        "SONOSEG_BROKER_URL": settings.broker_url,
+        "SONOSEG_RESULT_BACKEND": settings.result_backend,
+    }
     queued = CliRunner().invoke(cli, ["train", "--project", "nerves"], env=env)
     assert queued.exit_code == 0 and "queued" in queued.output, queued.output
 

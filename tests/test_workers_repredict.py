@@ -39,10 +39,19 @@ def nerve_everywhere_checkpoint(path: Path) -> None:
     import torch
 
     from backend.model.checkpoint import Checkpoint, save_checkpoint
-    from backend.model.spec import ModelSpec, build_model
+    from backend.model.networks import build_model
+    from backend.model.spec import ModelSpec
 
-    spec = ModelSpec(arch="resunet_2d", classes=("Nerve", "Vessel"), features=(4, 8, 16), encoder_blocks=(1, 1, 1),
-                     decoder_blocks=(1, 1), patch_size=(32, 32), input_scale=0.25, full_resolution_skip=True)
+    spec = ModelSpec(
+        arch="resunet_2d",
+        classes=("Nerve", "Vessel"),
+        features=(4, 8, 16),
+        encoder_blocks=(1, 1, 1),
+        decoder_blocks=(1, 1),
+        patch_size=(32, 32),
+        input_scale=0.25,
+        full_resolution_skip=True,
+    )
     state = build_model(spec).state_dict()
     for name in list(state):
         if name.startswith("decoder.seg_layers.") and name.endswith(".bias"):
@@ -66,23 +75,38 @@ def env(factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_
     served = ServedApp(app)
     rng = np.random.default_rng(0)
     ls.projects[LS_PROJECT] = {"id": LS_PROJECT, "title": "nerves", "label_config": DEFAULT_LABEL_CONFIG}
-    for task_id, labels, predictions in ((1, [{"id": 9, "result": [], "was_cancelled": False}], []),
-                                         (2, [], []), (3, [], [{"model_version": "v-new"}]),
-                                         (4, [{"id": 10, "result": [], "was_cancelled": True}], [])):
+    for task_id, labels, predictions in (
+        (1, [{"id": 9, "result": [], "was_cancelled": False}], []),
+        (2, [], []),
+        (3, [], [{"model_version": "v-new"}]),
+        (4, [{"id": 10, "result": [], "was_cancelled": True}], []),
+    ):
         ls.files[f"/data/upload/{task_id}.png"] = png_bytes(rng.integers(0, 255, (64, 64), dtype=np.uint8))
-        ls.tasks[task_id] = {"id": task_id, "project": LS_PROJECT, "data": {"image": f"/data/upload/{task_id}.png"},
-                             "annotations": labels, "predictions": predictions}
+        ls.tasks[task_id] = {
+            "id": task_id,
+            "project": LS_PROJECT,
+            "data": {"image": f"/data/upload/{task_id}.png"},
+            "annotations": labels,
+            "predictions": predictions,
+        }
     run_settings = settings.replace(label_studio_url=served.url, label_studio_api_key=ls.legacy_token, device="cpu")
     checkpoint = tmp_path / "nerve.safetensors"
     nerve_everywhere_checkpoint(checkpoint)
     blob = store.put_file("checkpoints", checkpoint, ".safetensors")
     with unit_of_work(factory) as s:
-        project = Project(name="nerves", ls_project_id=LS_PROJECT, class_names=["Nerve", "Vessel"],
-                          label_config=DEFAULT_LABEL_CONFIG)
+        project = Project(
+            name="nerves", ls_project_id=LS_PROJECT, class_names=["Nerve", "Vessel"], label_config=DEFAULT_LABEL_CONFIG
+        )
         s.add(project)
         s.flush()
-        version = ModelVersion(project_id=project.id, uid="v-new", status="candidate", arch="resunet_2d",
-                               checkpoint_key=blob.key, checkpoint_sha256=blob.sha256)
+        version = ModelVersion(
+            project_id=project.id,
+            uid="v-new",
+            status="candidate",
+            arch="resunet_2d",
+            checkpoint_key=blob.key,
+            checkpoint_sha256=blob.sha256,
+        )
         s.add(version)
         s.flush()
         promote(s, version, reason="test")

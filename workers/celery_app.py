@@ -35,23 +35,10 @@ from backend.errors import NotReady
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from backend.storage.private import private_dir
+from workers.names import QUEUE_HOUSEKEEPING, QUEUES, TASK_MODULES, TASK_ROUTES
 
 log = logging.getLogger(__name__)
 
-from workers.names import (  # noqa: F401  (re-exported: tasks and the CLI import them from here)
-    QUEUE_TRAIN,
-    QUEUE_PREDICT,
-    QUEUE_HOUSEKEEPING,
-    QUEUES,
-    TASK_MODULES,
-    TASK_TRAIN,
-    TASK_PREDICT_PROJECT,
-    TASK_DISPATCH,
-    TASK_REAP,
-    TASK_DRAIN_WEBHOOKS,
-    TASK_SCHEDULED_RETRAIN,
-    TASK_ROUTES,
-)
 
 def is_embedded_broker(broker_url: str) -> bool:
     """True for kombu's SQLAlchemy transport (no fanout: no remote control, mingle, gossip)."""

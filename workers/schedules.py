@@ -32,11 +32,13 @@ def parse_cron(expression: str) -> crontab | None:
     parts = text.split()
     if len(parts) != 5:
         raise InvalidInput(
-            f"SONOSEG_RETRAIN_CRON must have 5 fields (minute hour day month weekday), got {expression!r}")
+            f"SONOSEG_RETRAIN_CRON must have 5 fields (minute hour day month weekday), got {expression!r}"
+        )
     minute, hour, day_of_month, month_of_year, day_of_week = parts
     try:
-        return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
-                       day_of_week=day_of_week)
+        return crontab(
+            minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year, day_of_week=day_of_week
+        )
     except ValueError as exc:
         raise InvalidInput(f"SONOSEG_RETRAIN_CRON {expression!r} is not a valid crontab: {exc}") from exc
 
@@ -68,6 +70,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
     nightly = parse_cron(settings.retrain_cron)
     if nightly is not None:
-        schedule["scheduled-retrain"] = {"task": TASK_SCHEDULED_RETRAIN, "schedule": nightly,
-                                         "options": {"expires": 3600}}
+        schedule["scheduled-retrain"] = {
+            "task": TASK_SCHEDULED_RETRAIN,
+            "schedule": nightly,
+            "options": {"expires": 3600},
+        }
     return schedule

@@ -68,8 +68,9 @@ class BeatHeartbeat:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._thread = threading.Thread(target=self._loop, args=(runtime, period), name="sonoseg-beat-heartbeat",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._loop, args=(runtime, period), name="sonoseg-beat-heartbeat", daemon=True
+            )
             self._thread.start()
 
     def sent(self) -> None:
@@ -95,7 +96,7 @@ class BeatHeartbeat:
                     with unit_of_work(runtime.factory) as session:
                         record_heartbeat(session, host=socket.gethostname(), pid=os.getpid(), now=at)
                     written = at
-                except Exception as exc:  # noqa: BLE001 - the next tick retries; beat must go on
+                except Exception as exc:
                     log.warning("beat: writing the scheduler heartbeat failed: %s", exc)
             time.sleep(period)
 
@@ -117,7 +118,7 @@ def start_beat_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
 
 @after_task_publish.connect
 def note_dispatch_sent(sender: Any = None, **_kwargs: Any) -> None:
-    from workers.celery_app import TASK_DISPATCH
+    from workers.names import TASK_DISPATCH
 
     if sender == TASK_DISPATCH:
         BEAT_HEARTBEAT.sent()
@@ -133,7 +134,7 @@ def warn_without_scheduler(settings: Any, waited_seconds: float) -> bool:
     try:
         with unit_of_work(make_session_factory(engine)) as session:
             health = scheduler_health(session, settings)
-    except Exception as exc:  # noqa: BLE001 - a start-up hint must never stop a worker
+    except Exception as exc:
         log.warning("could not read the scheduler heartbeat: %s", exc)
         return False
     finally:

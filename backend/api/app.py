@@ -24,10 +24,10 @@ from backend.api import ls_protocol
 from backend.api.auth import authorize
 from backend.api.errors import install_error_handlers
 from backend.api.metrics import CONTENT_TYPE_LATEST, Metrics
-from backend.services.serving import Loader, ModelHolder, load_from_store
 from backend.db.migrate import require_up_to_date
 from backend.db.session import SessionFactory, make_engine, make_session_factory
 from backend.labelstudio.images import TaskImageFetcher
+from backend.services.serving import Loader, ModelHolder, load_from_store
 from backend.services.sync import LabelStudioMirror
 from backend.services.webhooks import process_pending_events
 from backend.settings import Settings
@@ -134,8 +134,18 @@ def create_app(
     mirror = LabelStudioMirror(settings, factory, store, fetcher)
     holder = ModelHolder(factory, loader or load_from_store(store, settings), poll_seconds=settings.model_poll_seconds)
     metrics = Metrics.create()
-    state = AppState(settings, engine, factory, store, fetcher, mirror, holder, metrics,
-                     EventDrainer(mirror, metrics), background=start_background)
+    state = AppState(
+        settings,
+        engine,
+        factory,
+        store,
+        fetcher,
+        mirror,
+        holder,
+        metrics,
+        EventDrainer(mirror, metrics),
+        background=start_background,
+    )
     _warn_about_configuration(settings)
 
     app = Flask("sonoseg")

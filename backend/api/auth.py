@@ -70,5 +70,7 @@ def authorize(request: Request, settings: Settings, *, webhook: bool = False) ->
             "webhook (Settings > Webhooks), or add ?token=<secret> to its URL"
         )
     if basic_auth_enabled(settings) and not basic_auth_ok(request, settings):
-        raise Unauthorized("HTTP basic authentication required: set the same user and password in Label Studio's "
-                           "model connection (Authentication method: Basic Authentication)")
+        raise Unauthorized(
+            "HTTP basic authentication required: set the same user and password in Label Studio's "
+            "model connection (Authentication method: Basic Authentication)"
+        )

@@ -26,6 +26,7 @@ from backend.errors import InvalidInput, PayloadTooLarge
 
 MAX_DEPTH = 64
 
+
 def nesting_depth(value: object, limit: int = MAX_DEPTH) -> int:
     """The nesting depth of a parsed JSON value, walked without recursion; stops past ``limit``.
 
@@ -74,7 +75,9 @@ ValueError (a 500), and converting long ones costs quadratic time."""
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise InvalidInput(f"the request body holds an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+        raise InvalidInput(
+            f"the request body holds an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted"
+        )
     return int(text)
 
 
@@ -89,7 +92,9 @@ def parse_json_object(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Mapping[str,
     try:
         body = json.loads(text, parse_constant=_no_constants, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+        raise InvalidInput(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
     except RecursionError as exc:  # the C parser's own guard, at ~1,000 levels
         raise InvalidInput(f"the request body is nested more than {max_depth} levels deep") from exc
     if nesting_depth(body, max_depth) > max_depth:

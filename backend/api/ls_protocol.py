@@ -21,12 +21,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
 from backend.api.auth import authorize
+from backend.api.json_body import request_body, request_json_object
 from backend.db.models import ModelVersion, Project
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput
-from backend.services.predictions import UNTRAINED, predict_tasks
-from backend.api.json_body import request_body, request_json_object
 from backend.labelstudio.payloads import HANDLED_ACTIONS, LsTask, ls_project_id_of
+from backend.services.predictions import UNTRAINED, predict_tasks
 from backend.services.webhooks import record_event
 
 if TYPE_CHECKING:
@@ -67,8 +67,14 @@ def health() -> Response:
     cache = current_app.extensions.get("sonoseg.scheduler_health")
     if not isinstance(cache, SchedulerHealthCache):
         cache = current_app.extensions["sonoseg.scheduler_health"] = SchedulerHealthCache(state.factory, state.settings)
-    return jsonify({"status": "UP", "model_class": MODEL_NAME, "serving_models": len(state.holder.snapshot()),
-                    "scheduler": cache.get().to_json()})
+    return jsonify(
+        {
+            "status": "UP",
+            "model_class": MODEL_NAME,
+            "serving_models": len(state.holder.snapshot()),
+            "scheduler": cache.get().to_json(),
+        }
+    )
 
 
 @bp.post("/setup")

@@ -33,22 +33,42 @@ class Metrics:
         registry = CollectorRegistry(auto_describe=True)
         return cls(
             registry=registry,
-            requests=Counter("sonoseg_http_requests", "HTTP requests by endpoint and status.",
-                             ["endpoint", "status"], registry=registry),
-            latency=Histogram("sonoseg_http_request_seconds", "Time to answer a request, by endpoint.",
-                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=registry),
-            predictions=Counter("sonoseg_predictions", "Task predictions served, by model version kind.",
-                                ["kind"], registry=registry),
-            prediction_failures=Counter("sonoseg_prediction_task_failures",
-                                        "Tasks answered with an empty result because their image failed.",
-                                        registry=registry),
-            webhooks=Counter("sonoseg_webhooks", "Webhook deliveries by action and outcome.",
-                             ["action", "outcome"], registry=registry),
-            events_processed=Counter("sonoseg_webhook_events_processed",
-                                     "Recorded webhook events processed in the background, by result.",
-                                     ["result"], registry=registry),
-            model_loaded=Gauge("sonoseg_serving_models", "Models loaded and serving in this process.",
-                               registry=registry),
+            requests=Counter(
+                "sonoseg_http_requests",
+                "HTTP requests by endpoint and status.",
+                ["endpoint", "status"],
+                registry=registry,
+            ),
+            latency=Histogram(
+                "sonoseg_http_request_seconds",
+                "Time to answer a request, by endpoint.",
+                ["endpoint"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            predictions=Counter(
+                "sonoseg_predictions", "Task predictions served, by model version kind.", ["kind"], registry=registry
+            ),
+            prediction_failures=Counter(
+                "sonoseg_prediction_task_failures",
+                "Tasks answered with an empty result because their image failed.",
+                registry=registry,
+            ),
+            webhooks=Counter(
+                "sonoseg_webhooks",
+                "Webhook deliveries by action and outcome.",
+                ["action", "outcome"],
+                registry=registry,
+            ),
+            events_processed=Counter(
+                "sonoseg_webhook_events_processed",
+                "Recorded webhook events processed in the background, by result.",
+                ["result"],
+                registry=registry,
+            ),
+            model_loaded=Gauge(
+                "sonoseg_serving_models", "Models loaded and serving in this process.", registry=registry
+            ),
         )
 
     def render(self) -> bytes:

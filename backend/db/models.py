@@ -248,9 +248,7 @@ class Prediction(Base):
     score: Mapped[float | None] = mapped_column(Float)
     uncertainty: Mapped[float | None] = mapped_column(Float)
     # The correction that followed: Dice between this prediction and the saved corrected mask.
-    corrected_mask_version_id: Mapped[int | None] = mapped_column(
-        ForeignKey("mask_version.id", ondelete="SET NULL")
-    )
+    corrected_mask_version_id: Mapped[int | None] = mapped_column(ForeignKey("mask_version.id", ondelete="SET NULL"))
     correction_dice: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 

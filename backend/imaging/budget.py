@@ -94,7 +94,8 @@ class DecodeBudget:
                 raise PayloadTooLarge(
                     f"{what}: decoding needs an estimated {nbytes} bytes of memory, more than the whole "
                     f"{self.capacity}-byte decode memory budget (SONOSEG_DECODE_MEMORY_BYTES); "
-                    "send a smaller image or raise the budget")
+                    "send a smaller image or raise the budget"
+                )
             ticket = object()
             self._queue.append(ticket)
             deadline = time.monotonic() + self.wait_seconds
@@ -103,13 +104,15 @@ class DecodeBudget:
                     if nbytes > self.capacity:  # the budget shrank while we waited
                         raise PayloadTooLarge(
                             f"{what}: decoding needs an estimated {nbytes} bytes of memory, more than the "
-                            f"whole {self.capacity}-byte decode memory budget (SONOSEG_DECODE_MEMORY_BYTES)")
+                            f"whole {self.capacity}-byte decode memory budget (SONOSEG_DECODE_MEMORY_BYTES)"
+                        )
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise DecodeBusy(
                             f"{what}: waited {self.wait_seconds:g} s for {nbytes} bytes of the "
                             f"{self.capacity}-byte decode memory budget ({self._in_use} bytes held by other "
-                            "decodes); the server is busy decoding other images, try again")
+                            "decodes); the server is busy decoding other images, try again"
+                        )
                     self._cond.wait(remaining)
             except BaseException:
                 self._queue.remove(ticket)

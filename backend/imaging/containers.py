@@ -32,15 +32,38 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-_EXTENSIONS: Mapping[str, str] = MappingProxyType({
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp",
-    ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti", ".mha": "metaimage",
-    ".mhd": "metaimage",
-})
-_METAIO_TYPE_BYTES: Mapping[str, int] = MappingProxyType({
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-})
+_EXTENSIONS: Mapping[str, str] = MappingProxyType(
+    {
+        ".png": "png",
+        ".jpg": "jpeg",
+        ".jpeg": "jpeg",
+        ".tif": "tiff",
+        ".tiff": "tiff",
+        ".bmp": "bmp",
+        ".dcm": "dicom",
+        ".dicom": "dicom",
+        ".nii": "nifti",
+        ".nii.gz": "nifti",
+        ".mha": "metaimage",
+        ".mhd": "metaimage",
+    }
+)
+_METAIO_TYPE_BYTES: Mapping[str, int] = MappingProxyType(
+    {
+        "MET_CHAR": 1,
+        "MET_UCHAR": 1,
+        "MET_SHORT": 2,
+        "MET_USHORT": 2,
+        "MET_INT": 4,
+        "MET_UINT": 4,
+        "MET_LONG": 4,
+        "MET_ULONG": 4,
+        "MET_LONG_LONG": 8,
+        "MET_ULONG_LONG": 8,
+        "MET_FLOAT": 4,
+        "MET_DOUBLE": 8,
+    }
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 PNG_PALETTE, _PNG_GREY_ALPHA = 3, 4
@@ -59,8 +82,8 @@ class Source:
     dicom_scan: dicom.DicomScan | None = None
 
 
-
 # -- sources: limits, sniffing, container checks ---------------------------------------------
+
 
 def _extension(name: str) -> str:
     lower = name.lower()
@@ -115,8 +138,9 @@ def local_source(path: Path, max_bytes: int) -> Iterator[Source]:
     fmt, gz = _sniff(head)
     ext = _extension(name)
     if ext not in _EXTENSIONS and fmt != "dicom":
-        raise InvalidImage(f"{name}: unsupported extension {ext or '(none)'!r}; expected one of "
-                           f"{', '.join(sorted(_EXTENSIONS))}")
+        raise InvalidImage(
+            f"{name}: unsupported extension {ext or '(none)'!r}; expected one of {', '.join(sorted(_EXTENSIONS))}"
+        )
     if fmt == "nifti" and ext != (".nii.gz" if gz else ".nii"):  # the NIfTI reader trusts names
         logger.info("%s: NIfTI content under a %r name; reading a renamed copy", name, ext)
         with _temporary_file(path.read_bytes(), ".nii.gz" if gz else ".nii") as tmp:
@@ -132,15 +156,17 @@ def bytes_source(data: bytes, hint: str, max_bytes: int) -> Iterator[Source]:
     _check_limits(name, len(data), max_bytes)
     fmt, gz = _sniff(data[:_HEAD_BYTES])
     # NIfTI: ITK trusts the name, so plain NIfTI needs ".nii" (".nifti" is "not recognized")
-    suffix = (".nii.gz" if fmt == "nifti" and gz
-              else {"nifti": ".nii", "metaimage": ".mha", None: ".bin"}.get(fmt, f".{fmt}"))
+    suffix = (
+        ".nii.gz" if fmt == "nifti" and gz else {"nifti": ".nii", "metaimage": ".mha", None: ".bin"}.get(fmt, f".{fmt}")
+    )
     with _temporary_file(data, suffix) as tmp:
         yield _inspect(tmp, name, fmt, data[:_HEAD_BYTES], max_bytes, allow_detached=False)
 
 
 @contextmanager
 def _temporary_file(data: bytes, suffix: str) -> Iterator[Path]:
-    handle = tempfile.NamedTemporaryFile(prefix="sonoseg-", suffix=suffix, delete=False)
+    # delete=False: SimpleITK reopens the file by name after we close it; the finally removes it.
+    handle = tempfile.NamedTemporaryFile(prefix="sonoseg-", suffix=suffix, delete=False)  # noqa: SIM115
     try:
         with handle:
             handle.write(data)
@@ -152,8 +178,9 @@ def _temporary_file(data: bytes, suffix: str) -> Iterator[Path]:
 def _inspect(path: Path, name: str, fmt: str | None, head: bytes, max_bytes: int, *, allow_detached: bool) -> Source:
     """Format-specific checks that need no pixel decoding."""
     if fmt is None:
-        raise InvalidImage(f"{name}: not an image (its content matches none of PNG, JPEG, TIFF, BMP, "
-                           "DICOM, NIfTI, MetaImage)")
+        raise InvalidImage(
+            f"{name}: not an image (its content matches none of PNG, JPEG, TIFF, BMP, DICOM, NIfTI, MetaImage)"
+        )
     size = path.stat().st_size
     with path.open("rb") as f:
         if fmt == "png":
@@ -198,9 +225,9 @@ def _check_jpeg(data: bytes, name: str) -> int:
         marker = data[pos + 1]
         if marker in (0xDA, 0xD9):
             break
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
-            return _exif_orientation(data[pos + 10:pos + 2 + length])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _exif_orientation(data[pos + 10 : pos + 2 + length])
         pos += 2 + length
     return 1
 
@@ -211,11 +238,11 @@ def _exif_orientation(tiff: bytes) -> int:
     if order is None or len(tiff) < 8:
         return 1
     (ifd,) = struct.unpack(order + "I", tiff[4:8])
-    count = struct.unpack(order + "H", tiff[ifd:ifd + 2])[0] if ifd + 2 <= len(tiff) else 0
+    count = struct.unpack(order + "H", tiff[ifd : ifd + 2])[0] if ifd + 2 <= len(tiff) else 0
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
+        tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
         if tag == 0x0112 and kind == 3:  # SHORT
-            (value,) = struct.unpack(order + "H", tiff[entry + 8:entry + 10])
+            (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
             return value if 1 <= value <= 8 else 1
     return 1
 
@@ -255,31 +282,36 @@ def _check_tiff(f: BinaryIO, size: int, name: str) -> None:
             count = struct.unpack(count_fmt, raw_count)[0] if len(raw_count) == struct.calcsize(count_fmt) else 0
         table = f.read(count * entry_size + struct.calcsize(offset_fmt)) if 0 < count <= 4096 else b""
         if len(table) != count * entry_size + struct.calcsize(offset_fmt) or count == 0:
-            raise InvalidImage(f"{name}: TIFF directory {len(pages) + 1} at byte {offset} is empty, "
-                               "truncated or corrupt")
+            raise InvalidImage(
+                f"{name}: TIFF directory {len(pages) + 1} at byte {offset} is empty, truncated or corrupt"
+            )
         tags: dict[int, int | None] = {}
         for at in range(0, count * entry_size, entry_size):
-            tag, kind = struct.unpack(order + "HH", table[at:at + 4])
-            (values,) = struct.unpack(order + ("Q" if big else "I"), table[at + 4:at + (12 if big else 8)])
-            value = table[at + (12 if big else 8):at + entry_size]
+            tag, kind = struct.unpack(order + "HH", table[at : at + 4])
+            (values,) = struct.unpack(order + ("Q" if big else "I"), table[at + 4 : at + (12 if big else 8)])
+            value = table[at + (12 if big else 8) : at + entry_size]
             width = {3: 2, 4: 4, 16: 8}.get(kind)  # SHORT, LONG, LONG8: the one-value forms we read
             if values == 1 and width:
                 tags[tag] = int.from_bytes(value[:width], "little" if order == "<" else "big")
             else:  # several values (e.g. RGB bits per sample) stay at an offset: compare their count
                 tags[tag] = -values
-        offset = struct.unpack(offset_fmt, table[-struct.calcsize(offset_fmt):])[0]
+        offset = struct.unpack(offset_fmt, table[-struct.calcsize(offset_fmt) :])[0]
         pages.append((tags.get(254), tuple(tags.get(t) for t in (256, 257, 258, 277))))
     if len(pages) > 1:
         kinds = {subfile for subfile, _ in pages}
         if any(subfile is not None and subfile & _TIFF_REDUCED_OR_MASK for subfile in kinds):
-            raise InvalidImage(f"{name}: a multi-page TIFF with reduced-resolution or mask pages is not supported; "
-                               "export the frames only")
+            raise InvalidImage(
+                f"{name}: a multi-page TIFF with reduced-resolution or mask pages is not supported; "
+                "export the frames only"
+            )
         if 0 in kinds and len(kinds) > 1:
-            raise InvalidImage(f"{name}: the TIFF pages mix subfile types {sorted(kinds, key=str)}; "
-                               "export all frames alike")
+            raise InvalidImage(
+                f"{name}: the TIFF pages mix subfile types {sorted(kinds, key=str)}; export all frames alike"
+            )
         if len({geometry for _, geometry in pages}) > 1:
-            raise InvalidImage(f"{name}: the TIFF pages differ in size, bit depth or samples per pixel; "
-                               "all frames must be alike")
+            raise InvalidImage(
+                f"{name}: the TIFF pages differ in size, bit depth or samples per pixel; all frames must be alike"
+            )
 
 
 def _check_bmp(head: bytes, size: int, name: str) -> None:
@@ -301,17 +333,17 @@ def _check_nifti(f: BinaryIO, size: int, name: str) -> None:
         header = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(f.read(4096), 540) if gz else f.read(540)
         if header[4:8] == b"n+2\x00":
             e = "<" if struct.unpack("<i", header[:4])[0] == 540 else ">"
-            bitpix, = struct.unpack(e + "h", header[14:16])
+            (bitpix,) = struct.unpack(e + "h", header[14:16])
             dims, vox_offset = struct.unpack(e + "8q", header[16:80]), struct.unpack(e + "q", header[168:176])[0]
         else:
             e = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            bitpix, = struct.unpack(e + "h", header[72:74])
+            (bitpix,) = struct.unpack(e + "h", header[72:74])
             dims, vox_offset = struct.unpack(e + "8h", header[40:56]), int(struct.unpack(e + "f", header[108:112])[0])
     except (struct.error, zlib.error, ValueError, OverflowError) as exc:  # ValueError/OverflowError: NaN/inf vox_offset
         raise InvalidImage(f"{name}: the NIfTI header is truncated or corrupt") from exc
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:dims[0] + 1]):
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
         raise InvalidImage(f"{name}: malformed NIfTI header")
-    needed = vox_offset + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    needed = vox_offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
     available = size
     if gz:
         f.seek(size - 4)
@@ -374,8 +406,11 @@ def _check_metaimage(head: bytes, path: Path, size: int, name: str, max_bytes: i
     try:
         voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=object))  # no int64 wrap-around
         channels = int(fields.get("ElementNumberOfChannels", "1"))
-        needed = (int(fields["CompressedDataSize"]) if fields.get("CompressedData", "False").lower() == "true"
-                  else voxels * channels * _METAIO_TYPE_BYTES[fields["ElementType"]])
+        needed = (
+            int(fields["CompressedDataSize"])
+            if fields.get("CompressedData", "False").lower() == "true"
+            else voxels * channels * _METAIO_TYPE_BYTES[fields["ElementType"]]
+        )
     except (KeyError, ValueError):
         return  # unusual header: SimpleITK judges it
     if needed < 0:  # a negative CompressedDataSize (or an overflowing DimSize) makes MetaIO allocate ~2**64
@@ -384,8 +419,8 @@ def _check_metaimage(head: bytes, path: Path, size: int, name: str, max_bytes: i
         raise InvalidImage(f"{name}: the MetaImage data is truncated ({available} of {needed} bytes)")
 
 
-
 # -- chunks the decoder needs --------------------------------------------------------------------
+
 
 def png_palette(source: Source) -> NDArray[np.uint8]:
     """The PLTE chunk as (N, 3) uint8 (it must come before the first IDAT)."""

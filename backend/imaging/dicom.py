@@ -78,8 +78,31 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 # implicit VR, taking 4 other bytes as a length. Either way a scan that read 2 bytes instead
 # passed files whose bogus 32-bit length GDCM allocated (up to 4 GiB for an 800-byte file)
 # before failing, so the first kind is read long and the second refused (fuzz/fuzz_image_readers.py).
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
-                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _Elements = dict[tuple[int, int], bytes]  # (group, element) -> raw value
 _BIG_ENDIAN, _DEFLATED = "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
@@ -227,8 +250,9 @@ def scan_dicom(stream: BinaryIO, size: int) -> DicomScan:
         else:
             cur.skip(length)
     if syntax == _DEFLATED:  # GDCM would inflate and parse it unchecked (see _SHORT_VRS): refused
-        raise DicomStructureError("the deflated transfer syntax is not supported; re-export the file "
-                                  "uncompressed or JPEG-compressed")
+        raise DicomStructureError(
+            "the deflated transfer syntax is not supported; re-export the file uncompressed or JPEG-compressed"
+        )
     if syntax == _BIG_ENDIAN:  # walked like the others (every length checked), then left to GDCM
         cur.order = ">"
     implicit = syntax == _IMPLICIT_LE
@@ -271,8 +295,10 @@ def _check_trailing(cur: _Cursor, implicit: bool) -> None:
             continue
         left = cur.size - cur.pos
         if length > left:
-            raise DicomStructureError(f"an element after the pixel data, ({tag[0]:04X},{tag[1]:04X}), "
-                                      f"claims {length} bytes but only {left} are left in the file")
+            raise DicomStructureError(
+                f"an element after the pixel data, ({tag[0]:04X},{tag[1]:04X}), "
+                f"claims {length} bytes but only {left} are left in the file"
+            )
         cur.skip(length)
 
 

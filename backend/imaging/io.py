@@ -92,22 +92,43 @@ SCRATCH_BYTES_PER_PIXEL = 64  # temporaries of the costliest block step (palette
 _EXTRA_COPIES: Mapping[str, int] = MappingProxyType({"jpeg": 3, "dicom": 3})  # E; 2 for the others
 _CODEC_COPIES, _CODEC_FILE_COPIES = 8, 4  # E, and copies of the file, for compressed DICOM (GDCM codecs)
 
-_IMAGE_IO: Mapping[str, str] = MappingProxyType({
-    "png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "bmp": "BMPImageIO",
-    "dicom": "GDCMImageIO", "nifti": "NiftiImageIO", "metaimage": "MetaImageIO",
-})
-_COMPONENT_BYTES: Mapping[int, int] = MappingProxyType({
-    pid: size
-    for size, pids in {
-        1: (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkVectorUInt8, sitk.sitkVectorInt8),
-        2: (sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkVectorUInt16, sitk.sitkVectorInt16),
-        4: (sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkFloat32, sitk.sitkVectorUInt32,
-            sitk.sitkVectorInt32, sitk.sitkVectorFloat32),
-        8: (sitk.sitkUInt64, sitk.sitkInt64, sitk.sitkFloat64, sitk.sitkVectorUInt64,
-            sitk.sitkVectorInt64, sitk.sitkVectorFloat64),
-    }.items()
-    for pid in pids
-})
+_IMAGE_IO: Mapping[str, str] = MappingProxyType(
+    {
+        "png": "PNGImageIO",
+        "jpeg": "JPEGImageIO",
+        "tiff": "TIFFImageIO",
+        "bmp": "BMPImageIO",
+        "dicom": "GDCMImageIO",
+        "nifti": "NiftiImageIO",
+        "metaimage": "MetaImageIO",
+    }
+)
+_COMPONENT_BYTES: Mapping[int, int] = MappingProxyType(
+    {
+        pid: size
+        for size, pids in {
+            1: (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkVectorUInt8, sitk.sitkVectorInt8),
+            2: (sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkVectorUInt16, sitk.sitkVectorInt16),
+            4: (
+                sitk.sitkUInt32,
+                sitk.sitkInt32,
+                sitk.sitkFloat32,
+                sitk.sitkVectorUInt32,
+                sitk.sitkVectorInt32,
+                sitk.sitkVectorFloat32,
+            ),
+            8: (
+                sitk.sitkUInt64,
+                sitk.sitkInt64,
+                sitk.sitkFloat64,
+                sitk.sitkVectorUInt64,
+                sitk.sitkVectorInt64,
+                sitk.sitkVectorFloat64,
+            ),
+        }.items()
+        for pid in pids
+    }
+)
 _LUMA_BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -177,9 +198,15 @@ def xy_to_rowcol(values_xy: Sequence[float]) -> tuple[float, float]:
 
 # -- public API -----------------------------------------------------------------------------
 
-def read_image(path: Path | str, *, max_side: int = DEFAULT_MAX_SIDE, max_bytes: int = DEFAULT_MAX_BYTES,
-               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-               budget: DecodeBudget | None = None) -> list[LoadedImage]:
+
+def read_image(
+    path: Path | str,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = None,
+) -> list[LoadedImage]:
     """Read every frame of an image file as grey uint8 (see the module docstring for the rules).
 
     ``budget`` is the memory budget the decode reserves from; None: the process-wide one.
@@ -188,17 +215,29 @@ def read_image(path: Path | str, *, max_side: int = DEFAULT_MAX_SIDE, max_bytes:
         return _load_frames(source, max_side, max_decoded_bytes, budget)
 
 
-def read_image_bytes(data: bytes, filename_hint: str, *, max_side: int = DEFAULT_MAX_SIDE,
-                     max_bytes: int = DEFAULT_MAX_BYTES, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-                     budget: DecodeBudget | None = None) -> list[LoadedImage]:
+def read_image_bytes(
+    data: bytes,
+    filename_hint: str,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = None,
+) -> list[LoadedImage]:
     """Like :func:`read_image` for downloaded bytes; ``filename_hint`` only names them in errors."""
     with bytes_source(data, filename_hint, max_bytes) as source:
         return _load_frames(source, max_side, max_decoded_bytes, budget)
 
 
-def read_mask(path: Path | str, *, frame_index: int | None = None, max_side: int = DEFAULT_MAX_SIDE,
-              max_bytes: int = DEFAULT_MAX_BYTES, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-              budget: DecodeBudget | None = None) -> NDArray[np.uint8]:
+def read_mask(
+    path: Path | str,
+    *,
+    frame_index: int | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = None,
+) -> NDArray[np.uint8]:
     """Read a label map as uint8 class indices (H, W); values are never rescaled.
 
     Palette PNGs give their palette indices; a 0/255 binary mask gives 0/1. Lossy JPEG and DICOM
@@ -206,8 +245,10 @@ def read_mask(path: Path | str, *, frame_index: int | None = None, max_side: int
     """
     with local_source(Path(path), max_bytes) as source:
         if source.fmt in {"jpeg", "dicom"}:
-            raise InvalidImage(f"{source.name}: a {source.fmt.upper()} file cannot hold a label map; "
-                               "use PNG, TIFF, BMP, NIfTI or MetaImage")
+            raise InvalidImage(
+                f"{source.name}: a {source.fmt.upper()} file cannot hold a label map; "
+                "use PNG, TIFF, BMP, NIfTI or MetaImage"
+            )
         with _decoding(source, max_side, max_decoded_bytes, budget) as decoded:
             labels = _class_indices(source, decoded.pixels)
     if frame_index is None:
@@ -218,7 +259,8 @@ def read_mask(path: Path | str, *, frame_index: int | None = None, max_side: int
         raise InvalidImage(f"{source.name}: frame {frame_index} requested, the mask has {labels.shape[0]}")
     mask = np.ascontiguousarray(labels[frame_index]) if labels.shape[0] == 1 else labels[frame_index].copy()
     if mask.max(initial=0) == 255 and not any(
-            np.count_nonzero((block != 0) & (block != 255)) for block in _row_blocks(mask)):
+        np.count_nonzero((block != 0) & (block != 255)) for block in _row_blocks(mask)
+    ):
         np.floor_divide(mask, 255, out=mask)  # a 0/255 binary export means "class 1"; in place
     return mask
 
@@ -238,27 +280,37 @@ def encode_png(array: NDArray[np.uint8]) -> bytes:
     raw = np.zeros((height, rows.shape[1] + 1), dtype=np.uint8)  # column 0: filter type 0
     raw[:, 1:] = rows
     ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_types[channels], 0, 0, 0)
-    return (PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-            + _png_chunk(b"IEND", b""))
+    return (
+        PNG_SIGNATURE
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
-def decode_png_bytes(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_bytes: int = DEFAULT_MAX_BYTES,
-                     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-                     budget: DecodeBudget | None = None) -> NDArray[Any]:
+def decode_png_bytes(
+    data: bytes,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = None,
+) -> NDArray[Any]:
     """Decode PNG bytes as stored: (H, W) grey, (H, W, C) colour, palette PNGs as indices."""
     with bytes_source(data, "PNG data", max_bytes) as source:
         if source.fmt != "png":
             raise InvalidImage(f"{source.name}: expected PNG, got {source.fmt}")
         with _decoding(source, max_side, max_decoded_bytes, budget) as decoded:
             if source.png_colour_type == PNG_PALETTE:
-                pixels = _palette_indices(decoded.pixels, png_palette(source), source.name)[0]
+                pixels = np.asarray(_palette_indices(decoded.pixels, png_palette(source), source.name)[0])
             else:
                 pixels = np.array(decoded.pixels[0], order="C")  # a copy: the view dies with the block
     return pixels
 
 
-def decode_peak_bytes(fmt: str, size: Sequence[int], components: int, component_bytes: int, *,
-                      compressed_dicom_bytes: int | None = None) -> int:
+def decode_peak_bytes(
+    fmt: str, size: Sequence[int], components: int, component_bytes: int, *, compressed_dicom_bytes: int | None = None
+) -> int:
     """The module docstring's bound ``E x D + S`` for a header: what a decode reserves.
 
     ``compressed_dicom_bytes``: the file size of a compressed DICOM (None for anything else).
@@ -279,8 +331,8 @@ def _compressed_dicom_bytes(source: Source) -> int | None:
     return source.path.stat().st_size
 
 
-
 # -- decoding and conversion -----------------------------------------------------------------
+
 
 def _itk_reason(exc: RuntimeError, source: Source) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -289,8 +341,7 @@ def _itk_reason(exc: RuntimeError, source: Source) -> str:
 
 
 @contextmanager
-def _decoding(source: Source, max_side: int, max_decoded_bytes: int,
-              budget: DecodeBudget | None) -> Iterator[_Decoded]:
+def _decoding(source: Source, max_side: int, max_decoded_bytes: int, budget: DecodeBudget | None) -> Iterator[_Decoded]:
     """Check the header against the limits, reserve the memory bound, decode: (F, H, W[, C]).
 
     The reservation (:func:`decode_peak_bytes`, from the header alone) is held while the block
@@ -311,22 +362,30 @@ def _decoding(source: Source, max_side: int, max_decoded_bytes: int,
         raise InvalidImage(f"{source.name}: {size[0]}x{size[1]} pixels exceeds the {max_side}-pixel side limit")
     component_bytes = _COMPONENT_BYTES.get(reader.GetPixelID())
     if component_bytes is None or components > 4:
-        raise InvalidImage(f"{source.name}: unsupported pixel type "
-                           f"{sitk.GetPixelIDValueAsString(reader.GetPixelID())} with {components} components")
+        raise InvalidImage(
+            f"{source.name}: unsupported pixel type "
+            f"{sitk.GetPixelIDValueAsString(reader.GetPixelID())} with {components} components"
+        )
     decoded = int(np.prod(size, dtype=np.int64)) * components * component_bytes
     if decoded > max_decoded_bytes:
         raise InvalidImage(f"{source.name}: {decoded} decoded bytes exceeds the {max_decoded_bytes}-byte limit")
-    estimate = decode_peak_bytes(source.fmt, size, components, component_bytes,
-                                 compressed_dicom_bytes=_compressed_dicom_bytes(source))
+    estimate = decode_peak_bytes(
+        source.fmt, size, components, component_bytes, compressed_dicom_bytes=_compressed_dicom_bytes(source)
+    )
     with (budget or shared_budget()).reserve(estimate, source.name):
         try:
             image = reader.Execute()
         except RuntimeError as exc:
             raise InvalidImage(f"{source.name}: cannot decode pixels: {_itk_reason(exc, source)}") from exc
-        if image.GetSize() != size or image.GetNumberOfComponentsPerPixel() != components \
-                or image.GetPixelID() != reader.GetPixelID():  # the estimate would not hold
-            raise InvalidImage(f"{source.name}: decoded {image.GetSize()} x {image.GetNumberOfComponentsPerPixel()} "
-                               f"{image.GetPixelIDTypeAsString()}, but the header said {size} x {components}")
+        if (
+            image.GetSize() != size
+            or image.GetNumberOfComponentsPerPixel() != components
+            or image.GetPixelID() != reader.GetPixelID()
+        ):  # the estimate would not hold
+            raise InvalidImage(
+                f"{source.name}: decoded {image.GetSize()} x {image.GetNumberOfComponentsPerPixel()} "
+                f"{image.GetPixelIDTypeAsString()}, but the header said {size} x {components}"
+            )
         pixels = _image_view(image)
         if len(size) == 2:
             pixels = pixels[np.newaxis]
@@ -339,8 +398,9 @@ def _decoding(source: Source, max_side: int, max_decoded_bytes: int,
             result.pixels = result.image = None  # type: ignore[assignment]
 
 
-def _load_frames(source: Source, max_side: int, max_decoded_bytes: int,
-                 budget: DecodeBudget | None) -> list[LoadedImage]:
+def _load_frames(
+    source: Source, max_side: int, max_decoded_bytes: int, budget: DecodeBudget | None
+) -> list[LoadedImage]:
     with _decoding(source, max_side, max_decoded_bytes, budget) as decoded:
         grey, geometries, metadata = _grey_frames(source, decoded)
     # SimpleITK's buffer is gone; only the uint8 frames are left (orientation may copy one)
@@ -348,8 +408,14 @@ def _load_frames(source: Source, max_side: int, max_decoded_bytes: int,
     for k in range(grey.shape[0]):
         frame = _ORIENT[source.jpeg_orientation](grey[k])
         result.append(LoadedImage(np.ascontiguousarray(frame), k, geometries[k], source.fmt, dict(metadata)))
-    logger.debug("read %s: %s, %d frame(s) of %dx%d", source.name, source.fmt, len(result),
-                 result[0].pixels.shape[1], result[0].pixels.shape[0])
+    logger.debug(
+        "read %s: %s, %d frame(s) of %dx%d",
+        source.name,
+        source.fmt,
+        len(result),
+        result[0].pixels.shape[1],
+        result[0].pixels.shape[0],
+    )
     return result
 
 
@@ -369,8 +435,9 @@ def _grey_frames(source: Source, decoded: _Decoded) -> tuple[NDArray[np.uint8], 
     return grey, geometries, metadata
 
 
-def _geometry(source: Source, image: sitk.Image, tags: Mapping[str, str],
-              regions: tuple[dicom.UltrasoundRegion, ...], k: int) -> Geometry:
+def _geometry(
+    source: Source, image: sitk.Image, tags: Mapping[str, str], regions: tuple[dicom.UltrasoundRegion, ...], k: int
+) -> Geometry:
     if source.fmt == "dicom":
         return Geometry(spacing=dicom.dicom_spacing(tags, xy_to_rowcol(image.GetSpacing()), regions))
     if source.fmt not in {"nifti", "metaimage"}:
@@ -410,8 +477,9 @@ def _grey_of(pixels: NDArray[Any]) -> GreyOf:
     if pixels.ndim == 3:
         return lambda block: block
     if pixels.shape[3] < 3 or all(
-            np.array_equal(b[..., 0], b[..., 1]) and np.array_equal(b[..., 0], b[..., 2])
-            for b in (pixels[f, rows] for f, rows in _blocks(pixels))):
+        np.array_equal(b[..., 0], b[..., 1]) and np.array_equal(b[..., 0], b[..., 2])
+        for b in (pixels[f, rows] for f, rows in _blocks(pixels))
+    ):
         return lambda block: block[..., 0]
     # The same float32 matmul as on the whole file: per row it gives bit-identical results.
     return lambda block: np.asarray(block[..., :3].astype(np.float32) @ _LUMA_BT601)
@@ -447,8 +515,11 @@ def _to_uint8(pixels: NDArray[Any], grey_of: GreyOf, window: tuple[float, float]
             low, high = min(lows), max(highs)
     for f, rows in _blocks(pixels):
         grey = grey_of(pixels[f, rows])
-        values = grey if grey.dtype == np.float32 and not np.may_share_memory(grey, pixels) \
-            else np.array(grey, dtype=np.float32)  # float32, and ours to overwrite
+        values = (
+            grey
+            if grey.dtype == np.float32 and not np.may_share_memory(grey, pixels)
+            else np.array(grey, dtype=np.float32)
+        )  # float32, and ours to overwrite
         if window is not None:  # DICOM PS3.3 C.11.2.1.2.1, linear VOI function
             center, width = window
             values -= center - 0.5
@@ -468,19 +539,22 @@ def _to_uint8(pixels: NDArray[Any], grey_of: GreyOf, window: tuple[float, float]
 
 
 # EXIF orientation (CIPA DC-008 tag 0x0112) -> the numpy operation that makes the frame upright.
-_ORIENT: Mapping[int, Callable[[NDArray[Any]], NDArray[Any]]] = MappingProxyType({
-    1: lambda a: a,
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.T,
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].T,
-    8: lambda a: np.rot90(a, 1),
-})
+_ORIENT: Mapping[int, Callable[[NDArray[Any]], NDArray[Any]]] = MappingProxyType(
+    {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.T,
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].T,
+        8: lambda a: np.rot90(a, 1),
+    }
+)
 
 
 # -- label maps --------------------------------------------------------------------------------
+
 
 def _class_indices(source: Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
     """(F, H, W[, C]) decoded label pixels -> uint8 class indices (F, H, W), never rescaled."""
@@ -488,9 +562,11 @@ def _class_indices(source: Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
         return _palette_indices(pixels, png_palette(source), source.name)
     if pixels.ndim == 4:
         channels = pixels[..., : min(3, pixels.shape[3])]
-        if not all(np.array_equal(block[..., 0], block[..., c])
-                   for block in (channels[f, rows] for f, rows in _blocks(channels))
-                   for c in range(channels.shape[3])):
+        if not all(
+            np.array_equal(block[..., 0], block[..., c])
+            for block in (channels[f, rows] for f, rows in _blocks(channels))
+            for c in range(channels.shape[3])
+        ):
             raise InvalidImage(f"{source.name}: a colour mask without a palette cannot be mapped to classes")
         pixels = channels[..., 0]
     out = np.empty(pixels.shape, dtype=np.uint8)
@@ -498,9 +574,8 @@ def _class_indices(source: Source, pixels: NDArray[Any]) -> NDArray[np.uint8]:
     highs: list[Any] = []
     for f, rows in _blocks(pixels):
         block = pixels[f, rows]
-        if pixels.dtype.kind == "f":
-            if not np.all(np.isfinite(block)) or not np.array_equal(block, np.round(block)):
-                raise InvalidImage(f"{source.name}: label values must be whole numbers")
+        if pixels.dtype.kind == "f" and (not np.all(np.isfinite(block)) or not np.array_equal(block, np.round(block))):
+            raise InvalidImage(f"{source.name}: label values must be whole numbers")
         lows.append(block.min())
         highs.append(block.max())
         out[f, rows] = block  # unsafe cast; refused below when out of range
@@ -515,6 +590,7 @@ def _palette_indices(rgb: NDArray[Any], palette: NDArray[np.uint8], name: str) -
 
     (F, H, W, C) -> (F, H, W), one block of rows at a time.
     """
+
     def pack(c: NDArray[Any]) -> NDArray[Any]:
         return np.asarray((c[..., 0].astype(np.uint32) << 16) | (c[..., 1].astype(np.uint32) << 8) | c[..., 2])
 

@@ -90,7 +90,7 @@ class LabelStudioClient:
         key = api_key.strip()
         for prefix in ("Token ", "Bearer "):  # tolerate a pasted header value
             if key.startswith(prefix):
-                key = key[len(prefix):].strip()
+                key = key[len(prefix) :].strip()
         self._key = key
         self.kind = token_kind(key)
         self._timeout = timeout
@@ -253,7 +253,9 @@ class LabelStudioClient:
                 resp = self.request("GET", checked, stream=True)
                 continue
             if not foreign_allowed:
-                raise InvalidInput(f"Label Studio redirected to another host ({checked.redacted}), which is not allowed")
+                raise InvalidInput(
+                    f"Label Studio redirected to another host ({checked.redacted}), which is not allowed"
+                )
             left_home = True
             resp = fetch_without_credentials(self._http, checked, timeout=self._timeout)
         else:
@@ -321,8 +323,9 @@ def fetch_without_credentials(
     checked = url if isinstance(url, CheckedUrl) else check_url(url)
     try:
         # Our sessions carry no auth; the explicit None drops any session-level Authorization header.
-        return http.get(checked.url, timeout=timeout, stream=True, allow_redirects=False,
-                        headers={"Authorization": None})
+        return http.get(
+            checked.url, timeout=timeout, stream=True, allow_redirects=False, headers={"Authorization": None}
+        )
     except requests.RequestException as exc:
         raise UpstreamError(f"cannot fetch {checked.redacted}: {type(exc).__name__}") from exc
     except ValueError as exc:

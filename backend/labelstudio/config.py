@@ -93,8 +93,9 @@ class ClassMap:
     labels: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.labels, list):  # e.g. straight from a JSON column; keep it hashable
-            object.__setattr__(self, "labels", tuple(self.labels))
+        labels: object = self.labels  # a JSON column hands over a list despite the annotation
+        if isinstance(labels, list):  # keep it hashable
+            object.__setattr__(self, "labels", tuple(labels))
         if not isinstance(self.labels, tuple) or not self.labels:
             raise InvalidLabelConfig("a class map needs a non-empty sequence of label names")
         if len(self.labels) > MAX_LABELS:

@@ -85,6 +85,7 @@ def _shown(relative: str) -> str:
 
 def _limits(root: Path) -> tuple[int, int]:
     """(longest path, longest file name) in bytes on the root's file system."""
+
     def conf(name: str, default: int) -> int:
         try:
             value = os.pathconf(root, name)
@@ -123,7 +124,9 @@ def resolve_local_file(root: Path, relative: str) -> Path:
     # Non-strict realpath never raises for loops or missing parts; a loop is caught when opening.
     resolved = Path(os.path.realpath(lexical))
     if not resolved.is_relative_to(root):
-        raise InvalidInput(f"local file {_shown(relative)} is outside the local files root (a symlink leads out); refused")
+        raise InvalidInput(
+            f"local file {_shown(relative)} is outside the local files root (a symlink leads out); refused"
+        )
     return resolved
 
 
@@ -148,8 +151,15 @@ def read_local_file(root: Path, relative: str, max_bytes: int) -> FetchedImage:
         if stat.S_ISDIR(info.st_mode):
             raise InvalidInput(f"local file {shown} is a directory, not an image file")
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode)
-                    or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "special")
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(info.st_mode)
+                else "a device"
+                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(info.st_mode)
+                else "special"
+            )
             raise InvalidInput(f"local file {shown} is {kind}, not a regular file; refused")
         if info.st_size > max_bytes:
             raise PayloadTooLarge(f"local file {shown} is {info.st_size} bytes, over the {max_bytes}-byte limit")

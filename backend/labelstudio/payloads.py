@@ -110,10 +110,7 @@ class LsTask:
         if not isinstance(raw, Mapping):
             raise InvalidInput("a task must be a JSON object")
         task_id = raw.get("id")
-        if task_id is None and not require_id:
-            parsed_id = None
-        else:
-            parsed_id = ls_id(task_id, "task id")
+        parsed_id = None if task_id is None and not require_id else ls_id(task_id, "task id")
         data = raw.get("data")
         if data is None:
             data = {}
@@ -190,7 +187,9 @@ class LsAnnotation:
             task_id=parsed_task,
             results=tuple(results),
             was_cancelled=bool(cancelled),
-            updated_at=parse_timestamp(raw.get("updated_at") or raw.get("created_at"), f"annotation {ann_id} updated_at"),
+            updated_at=parse_timestamp(
+                raw.get("updated_at") or raw.get("created_at"), f"annotation {ann_id} updated_at"
+            ),
             completed_by=_user_id(raw.get("completed_by")),
             lead_time=_lead_time(raw.get("lead_time"), ann_id),
         )

@@ -108,7 +108,9 @@ def decode_rle(rle: RleBytes, *, expected_length: int | None = None) -> npt.NDAr
         return np.zeros(0, dtype=np.uint8)
     most = _most_words(len(data), word_size, rle_sizes)
     if num > most:
-        raise InvalidInput(f"RLE is corrupt: its header declares {num} words, but {len(data)} bytes can hold at most {most}")
+        raise InvalidInput(
+            f"RLE is corrupt: its header declares {num} words, but {len(data)} bytes can hold at most {most}"
+        )
     kernels = _kernels()
     out = np.empty(num, dtype=np.uint8)
     covered = np.zeros(1, dtype=np.int64)
@@ -205,9 +207,7 @@ def _check_stream_length(rle: object, expected_length: int) -> None:
         return  # not a sequence: _as_bytes says so
     most = (_HEADER_BITS + 27 * max(0, expected_length) + 7) // 8 + 8
     if length > most:
-        raise InvalidInput(
-            f"RLE has {length} bytes, more than any stream of {expected_length} words can have ({most})"
-        )
+        raise InvalidInput(f"RLE has {length} bytes, more than any stream of {expected_length} words can have ({most})")
 
 
 def _check_length(num: int) -> None:
@@ -228,7 +228,8 @@ def _as_bytes(rle: RleBytes) -> bytes:
             return bytes(rle)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"RLE must be a flat list of integers 0..255: {exc}") from exc
-    if isinstance(rle, str) or not isinstance(rle, (Sequence, np.ndarray)):
+    loose: object = rle  # callers hand over decoded JSON: anything may arrive despite the annotation
+    if isinstance(loose, str) or not isinstance(loose, (Sequence, np.ndarray)):
         raise InvalidInput(f"RLE must be a list of integers 0..255, got {type(rle).__name__}")
     try:
         arr = np.asarray(rle)

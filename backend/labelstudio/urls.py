@@ -177,9 +177,9 @@ def _bad_characters(text: str, *, allow_space: bool = False) -> str | None:
         if ch == " " and allow_space:
             continue
         if ch.isspace():
-            return f"it contains whitespace ({ascii(ch)}), which URL parsers strip or keep differently"
+            return f"it contains whitespace ({ch!a}), which URL parsers strip or keep differently"
         if not ch.isprintable():
-            return f"it contains a control or non-printable character ({ascii(ch)})"
+            return f"it contains a control or non-printable character ({ch!a})"
     return None
 
 
@@ -274,8 +274,12 @@ def _parsers_disagree(url: str, origin: Origin) -> str | None:
         return "requests cannot prepare it"
     default = DEFAULT_PORTS[origin.scheme]
     readings = {
-        "urllib3": ((ours.scheme or "").lower(), (ours.host or "").lower().strip("[]"), ours.port or default,
-                    ours.auth),
+        "urllib3": (
+            (ours.scheme or "").lower(),
+            (ours.host or "").lower().strip("[]"),
+            ours.port or default,
+            ours.auth,
+        ),
         "urllib": (theirs.scheme.lower(), (theirs.hostname or "").lower(), their_port or default, theirs.username),
         "requests": (sent.scheme.lower(), (sent.hostname or "").lower(), sent_port or default, sent.username),
     }
@@ -287,7 +291,7 @@ def _parsers_disagree(url: str, origin: Origin) -> str | None:
 
 
 def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() and not ch.isspace() or ch == " " else "?" for ch in text)
+    return "".join(ch if (ch.isprintable() and not ch.isspace()) or ch == " " else "?" for ch in text)
 
 
 __all__ = ["DEFAULT_PORTS", "CheckedUrl", "Origin", "check_redirect", "check_url", "has_bad_characters", "redact_url"]

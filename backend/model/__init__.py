@@ -2,7 +2,7 @@
 
 Nothing is imported here on purpose: ``import backend.model`` must stay cheap (torch loads only
 when a submodule that needs it is imported). Entry points: :mod:`backend.model.spec`
-(``ModelSpec``, presets, ``build_model``), :mod:`backend.model.train` (``train``),
+(``ModelSpec``, presets), :mod:`backend.model.networks` (``build_model``), :mod:`backend.model.train` (``train``),
 :mod:`backend.model.predict` (``Predictor``), :mod:`backend.model.checkpoint`,
 :mod:`backend.model.metrics`.
 """

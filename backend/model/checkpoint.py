@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from backend.errors import CheckpointError, SonosegError
-from backend.model.spec import ModelSpec, build_model
+from backend.model.networks import build_model
+from backend.model.spec import ModelSpec
 from backend.storage.atomic import write_atomic
 
 log = logging.getLogger(__name__)

@@ -89,7 +89,7 @@ def fingerprint(
     objects = tuple(_class_objects(pairs, c, name) for c, name in enumerate(classes, start=1))
     spacing = None
     if spacings and all(s is not None for s in spacings) and len(spacings) == len(pairs):
-        spacing = tuple(float(np.median([s[i] for s in spacings if s is not None])) for i in (0, 1))  # type: ignore[assignment]
+        spacing = tuple(float(np.median([s[i] for s in spacings if s is not None])) for i in (0, 1))
     median = (int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1])))
     return DatasetFingerprint(
         n_images=len(pairs),

@@ -23,8 +23,10 @@ def read_image(path: Path) -> NDArray[np.uint8]:
     """The file's single grey frame as uint8 (H, W); a multi-frame file is refused."""
     frames = io.read_image(path)
     if len(frames) != 1:
-        raise InvalidImage(f"{Path(path).name}: {len(frames)} frames; the model tools take one frame per file "
-                           "(import cine files with `sonoseg import`, which splits them)")
+        raise InvalidImage(
+            f"{Path(path).name}: {len(frames)} frames; the model tools take one frame per file "
+            "(import cine files with `sonoseg import`, which splits them)"
+        )
     return frames[0].pixels
 
 

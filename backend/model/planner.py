@@ -92,11 +92,16 @@ def plan_network(fp: DatasetFingerprint, preset: str, classes: tuple[str, ...], 
         f"sizes {fp.min_size[1]}x{fp.min_size[0]} to {fp.max_size[1]}x{fp.max_size[0]}"
     )
     if fp.spacing is not None and not math.isclose(fp.spacing[0], fp.spacing[1], rel_tol=0.05):
-        decisions.append(f"pixel spacing {fp.spacing[0]:.3g} x {fp.spacing[1]:.3g} mm is anisotropic; "
-                         "one scale is still used for both axes (the network's grid keeps the frame's aspect)")
+        decisions.append(
+            f"pixel spacing {fp.spacing[0]:.3g} x {fp.spacing[1]:.3g} mm is anisotropic; "
+            "one scale is still used for both axes (the network's grid keeps the frame's aspect)"
+        )
     else:
-        decisions.append("pixel spacing " + ("unknown" if fp.spacing is None else
-                                             f"{fp.spacing[0]:.3g} mm, isotropic") + ": one scale for both axes")
+        decisions.append(
+            "pixel spacing "
+            + ("unknown" if fp.spacing is None else f"{fp.spacing[0]:.3g} mm, isotropic")
+            + ": one scale for both axes"
+        )
 
     scale = min(1.0, math.sqrt(budget / float(h * w)))
     decisions.append(
@@ -129,7 +134,7 @@ def plan_network(fp: DatasetFingerprint, preset: str, classes: tuple[str, ...], 
 
     max_stages = base.n_stages
     short = min(grid)
-    stages = int(round(math.log2(max(short / TARGET_BOTTLENECK, 1)))) + 1
+    stages = round(math.log2(max(short / TARGET_BOTTLENECK, 1))) + 1
     stages = max(MIN_STAGES, min(max_stages, stages))
     divisor = 1 << (stages - 1)
     decisions.append(
@@ -153,7 +158,7 @@ def plan_network(fp: DatasetFingerprint, preset: str, classes: tuple[str, ...], 
             f"{PATCH_BUDGET_FACTOR:g}x the {budget} px budget); inference runs on the whole frame"
         )
     pixels_per_step = budget * base_batch
-    batch = max(min(2, base_batch), int(round(pixels_per_step / (patch[0] * patch[1]))))
+    batch = max(min(2, base_batch), round(pixels_per_step / (patch[0] * patch[1])))
     decisions.append(f"batch {batch}: the preset's {pixels_per_step} px per step over {patch[0] * patch[1]} px patches")
     decisions.append(
         f"normalisation: per-image z-score; frames differ in gain (per-image mean {fp.intensity_mean:.1f} +- "

@@ -237,4 +237,3 @@ def _check_shapes(
             raise InvalidInput(f"selective_scan: {label} must have shape {shape}, got {tuple(tensor.shape)}")
         if tensor is not None and tensor.device != u.device:
             raise InvalidInput(f"selective_scan: {label} is on {tensor.device} but u is on {u.device}")
-

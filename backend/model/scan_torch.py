@@ -56,7 +56,7 @@ def _chunk_states(
     decay = torch.exp(dt.unsqueeze(-1) * A)
     states = dtu.unsqueeze(-1) * B.unsqueeze(2)  # the input term dt*u*B, overwritten by h
     prev = h0
-    for h_t, decay_t in zip(states.unbind(0), decay.unbind(0)):
+    for h_t, decay_t in zip(states.unbind(0), decay.unbind(0), strict=False):
         h_t.addcmul_(decay_t, prev)
         prev = h_t
     return decay, states

@@ -226,17 +226,6 @@ def register_architecture(name: str) -> Callable[[Callable[[ModelSpec], nn.Modul
     return deco
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised network for ``spec``; raises :class:`InvalidInput` on an unknown arch."""
-    # Importing the network modules registers the built-in architectures (and pulls in torch).
-    from backend.model import umamba, unet  # noqa: F401
-
-    factory = ARCHITECTURES.get(spec.arch)
-    if factory is None:
-        raise InvalidInput(f"unknown architecture {spec.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    return factory(spec)
-
-
 # -- presets -----------------------------------------------------------------------------------
 
 

@@ -37,14 +37,15 @@ from backend.model.augment import Augmenter
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from backend.model.data import PatchSampler, TrainData, dataset_normalization, prepare_case, split_validation
 from backend.model.device import resolve_device
+from backend.model.fingerprint import fingerprint
 from backend.model.losses import DeepSupervisionLoss, DiceCELoss
+from backend.model.networks import build_model
+from backend.model.planner import plan_network
 from backend.model.resume import ResumeState, load_resume_state, save_resume_state
 from backend.model.schedule import BestKeeper, PolySchedule, StopPolicy, make_optimizer
-from backend.model.spec import ModelSpec, Normalization, build_model, preset_spec
+from backend.model.spec import ModelSpec, Normalization, preset_spec
 from backend.model.stepper import OptimisationStep
 from backend.model.train_config import TrainConfig
-from backend.model.fingerprint import fingerprint
-from backend.model.planner import plan_network
 from backend.model.validation import TrainDiceMeter, ValidationSchedule, Validator, validation_sample
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,17 @@ def train(
         _restore(run, resume, model, stepper, rng, gen)
         steps_before = run.step
         log.info("resuming from %s at epoch %d (%.0f s done)", resume_from, run.epoch, run.elapsed_before)
-    log.info("training %s on %d images (%d validation, %d per evaluation) on %s, batch %d, patch %s, scale %.3f",
-             spec.arch, len(train_cases), len(val_cases), len(sample), device, config.batch_size, spec.patch_size,
-             spec.input_scale)
+    log.info(
+        "training %s on %d images (%d validation, %d per evaluation) on %s, batch %d, patch %s, scale %.3f",
+        spec.arch,
+        len(train_cases),
+        len(val_cases),
+        len(sample),
+        device,
+        config.batch_size,
+        spec.patch_size,
+        spec.input_scale,
+    )
 
     def elapsed() -> float:
         return run.elapsed_before + time.monotonic() - started
@@ -235,7 +244,7 @@ def train(
             break
         run.epoch += 1
         val_dice: float | None = None
-        val = np.zeros(0)
+        val: NDArray[Any] = np.zeros(0)
         if not val_cases:
             is_best = run.best.offer(-float(np.mean(losses)), run.epoch, model)
         elif cadence.due(elapsed()) or stop_reason is not None:
@@ -291,9 +300,16 @@ def train(
         best_dice = float(full.mean()) if full.size else None
         best_per_class = {n: float(v) for n, v in zip(spec.classes, full, strict=False)}
     steps_now = run.step - steps_before
-    log.info("throughput %.2f images/s (%d steps of %d in %.0f s of training); validation %.0f s = %.1f%% of %.0f s",
-             steps_now * config.batch_size / train_seconds if train_seconds else 0.0, steps_now, config.batch_size,
-             train_seconds, cadence.spent, 100 * cadence.spent / max(elapsed(), 1e-9), elapsed())
+    log.info(
+        "throughput %.2f images/s (%d steps of %d in %.0f s of training); validation %.0f s = %.1f%% of %.0f s",
+        steps_now * config.batch_size / train_seconds if train_seconds else 0.0,
+        steps_now,
+        config.batch_size,
+        train_seconds,
+        cadence.spent,
+        100 * cadence.spent / max(elapsed(), 1e-9),
+        elapsed(),
+    )
     return TrainResult(
         spec=spec,
         state_dict=final_state,
@@ -361,8 +377,12 @@ def _setup(
     if custom is not None:
         spec = custom
     elif config.plan:
-        plan = plan_network(fingerprint([_pair(data, i) for i in train_idx], data.classes), config.preset,
-                            tuple(data.classes), config.batch_size)
+        plan = plan_network(
+            fingerprint([_pair(data, i) for i in train_idx], data.classes),
+            config.preset,
+            tuple(data.classes),
+            config.batch_size,
+        )
         spec = plan.spec
         for line in plan.decisions:
             log.info("plan: %s", line)

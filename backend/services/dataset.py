@@ -14,8 +14,9 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -97,7 +98,8 @@ def import_files(
     folder name, for datasets laid out one folder per patient). Raw identifiers are pseudonymised.
     """
     from backend.imaging.budget import shared_budget
-    from backend.imaging.io import read_image, read_mask as read_mask_file
+    from backend.imaging.io import read_image
+    from backend.imaging.io import read_mask as read_mask_file
 
     if subject_from not in ("file", "parent"):
         raise InvalidInput(f"subject_from must be 'file' or 'parent', not {subject_from!r}")
@@ -112,8 +114,9 @@ def import_files(
         raw_subject = subject or (path.parent.name if subject_from == "parent" else str(resolved))
         try:
             file_sha, file_bytes = _file_digest(path)
-            frames = read_image(path, max_side=settings.max_image_side, max_bytes=settings.max_image_bytes,
-                                budget=budget)
+            frames = read_image(
+                path, max_side=settings.max_image_side, max_bytes=settings.max_image_bytes, budget=budget
+            )
             mask_path = _find_mask(mask_dir, path)
             mask = read_mask_file(mask_path, max_side=settings.max_image_side, budget=budget) if mask_path else None
             with staged_writes(store) as staged, unit_of_work(factory) as session:
@@ -126,8 +129,9 @@ def import_files(
                         project,
                         frame.pixels,
                         subject=pseudonymise(raw_subject, key),
-                        source=SourceInfo("import", ref=source_ref(where, key), file_sha256=file_sha,
-                                          file_bytes=file_bytes),
+                        source=SourceInfo(
+                            "import", ref=source_ref(where, key), file_sha256=file_sha, file_bytes=file_bytes
+                        ),
                         source_format=frame.source_format,
                         frame_index=frame.frame_index,
                         acquisition=dict(frame.metadata),
@@ -164,7 +168,7 @@ def _file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _import_mask(session: Session, store: StagedWrites, project: Project, added: AddedImage, mask: np.ndarray) -> str:
+def _import_mask(session: Session, store: StagedWrites, project: Project, added: AddedImage, mask: NDArray[Any]) -> str:
     """Store an imported file's mask: 'added', 'unchanged', or a conflict message.
 
     A conflict is a second file with the same pixels as an earlier one and a different mask
@@ -179,8 +183,17 @@ def _import_mask(session: Session, store: StagedWrites, project: Project, added:
         return "unchanged"
     others = _latest_import_labels(session, image.id, exclude_source=source.id)
     conflicting = [mv for mv in others if mv.sha256 != sha]
-    write = add_mask_version(session, store, project, image, mask, source="import", author="import",
-                             image_source_id=source.id, may_become_current=not conflicting)
+    write = add_mask_version(
+        session,
+        store,
+        project,
+        image,
+        mask,
+        source="import",
+        author="import",
+        image_source_id=source.id,
+        may_become_current=not conflicting,
+    )
     if not write.created:  # this file's mask as stored before: any conflict is already recorded
         return "unchanged"
     if not conflicting:
@@ -195,9 +208,15 @@ def _import_mask(session: Session, store: StagedWrites, project: Project, added:
         f"`sonoseg masks choose --image {image.id} --version N`"
     )
     resolve_issues(session, image.id, "conflicting_duplicate", "superseded by a newer conflict")
-    record_issue(session, project_id=project.id, kind="conflicting_duplicate", detail=message,
-                 dedupe=(image.id, *sorted({mv.sha256 for mv in conflicting} | {sha})), image_id=image.id,
-                 mask_version_ids=sorted({mv.id for mv in conflicting} | {write.mask_version.id}))
+    record_issue(
+        session,
+        project_id=project.id,
+        kind="conflicting_duplicate",
+        detail=message,
+        dedupe=(image.id, *sorted({mv.sha256 for mv in conflicting} | {sha})),
+        image_id=image.id,
+        mask_version_ids=sorted({mv.id for mv in conflicting} | {write.mask_version.id}),
+    )
     return message
 
 
@@ -205,8 +224,13 @@ def _latest_import_labels(session: Session, image_id: int, *, exclude_source: in
     """The newest active import version of each other imported file of this image."""
     rows = session.scalars(
         select(MaskVersion)
-        .where(MaskVersion.image_id == image_id, MaskVersion.active, MaskVersion.source == "import",
-               MaskVersion.image_source_id.is_not(None), MaskVersion.image_source_id != exclude_source)
+        .where(
+            MaskVersion.image_id == image_id,
+            MaskVersion.active,
+            MaskVersion.source == "import",
+            MaskVersion.image_source_id.is_not(None),
+            MaskVersion.image_source_id != exclude_source,
+        )
         .order_by(MaskVersion.version)
     ).all()
     latest: dict[int, MaskVersion] = {}
@@ -216,7 +240,12 @@ def _latest_import_labels(session: Session, image_id: int, *, exclude_source: in
 
 
 def export_dataset(
-    session: Session, store: BlobStore, project: Project, out_dir: Path, *, splits: tuple[str, ...] = ("train", "val", "test")
+    session: Session,
+    store: BlobStore,
+    project: Project,
+    out_dir: Path,
+    *,
+    splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> int:
     """Write ``images/``, ``masks/`` (current label masks, class-index PNGs) and ``manifest.csv``.
 
@@ -233,12 +262,38 @@ def export_dataset(
     ).all()
     with open(out_dir / "manifest.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "image_id", "image_sha256", "subject", "split", "width", "height", "mask_version", "mask_source", "classes"])
+        writer.writerow(
+            [
+                "file",
+                "image_id",
+                "image_sha256",
+                "subject",
+                "split",
+                "width",
+                "height",
+                "mask_version",
+                "mask_source",
+                "classes",
+            ]
+        )
         for image, mv in rows:
             name = f"{image.id:06d}.png"
             (out_dir / "images" / name).write_bytes(store.get_bytes(image.blob_key))
             (out_dir / "masks" / name).write_bytes(store.get_bytes(mv.blob_key))
-            writer.writerow([name, image.id, image.sha256, image.subject, image.split, image.width, image.height, mv.version, mv.source, "|".join(project.class_names)])
+            writer.writerow(
+                [
+                    name,
+                    image.id,
+                    image.sha256,
+                    image.subject,
+                    image.split,
+                    image.width,
+                    image.height,
+                    mv.version,
+                    mv.source,
+                    "|".join(project.class_names),
+                ]
+            )
     return len(rows)
 
 

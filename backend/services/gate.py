@@ -76,9 +76,7 @@ class GateDecision:
     serving_score: float | None
 
 
-def gate_metrics(
-    mDice: float, mIoU: float, per_image_foreground_dice: Sequence[Sequence[float]]
-) -> dict[str, float]:
+def gate_metrics(mDice: float, mIoU: float, per_image_foreground_dice: Sequence[Sequence[float]]) -> dict[str, float]:
     """The gate's metric keys from the engine's report values (pooled mDice/mIoU, [image][class] Dice)."""
     per_image = [float(np.mean(row)) for row in per_image_foreground_dice if len(row)]
     return {
@@ -97,14 +95,18 @@ def _first_model(
             False,
             f"first model not promoted: it saw {evidence.frames_seen} frames, less than one full epoch over the "
             f"{evidence.n_train} training images (raise the training budget); kept as a candidate",
-            metric, None, None,
+            metric,
+            None,
+            None,
         )
     if candidate is None or candidate.n_images == 0:
         return GateDecision(
             False,
             "first model not promoted: no labelled validation image to check it against; label validation "
             "images or promote by hand (`sonoseg models promote`); kept as a candidate",
-            metric, None, None,
+            metric,
+            None,
+            None,
         )
     score = _score(candidate, metric)
     if not math.isfinite(score) or score < min_score:
@@ -112,13 +114,17 @@ def _first_model(
             False,
             f"first model not promoted: {metric} {score:.4f} on {candidate.n_images} validation images is below "
             f"the floor {min_score:g} (SONOSEG_GATE_MIN_DICE); kept as a candidate",
-            metric, score, None,
+            metric,
+            score,
+            None,
         )
     return GateDecision(
         True,
         f"first model: no serving model to compare with; {metric} {score:.4f} >= floor {min_score:g} "
         f"on {candidate.n_images} validation images",
-        metric, score, None,
+        metric,
+        score,
+        None,
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,7 +27,7 @@ from backend.storage.blobs import BlobStore, StagedWrites
 log = logging.getLogger(__name__)
 
 
-def pixel_hash(pixels: np.ndarray) -> str:
+def pixel_hash(pixels: NDArray[Any]) -> str:
     """sha256 over the array's shape and C-order bytes (grey uint8, H x W)."""
     arr = np.ascontiguousarray(pixels)
     h = hashlib.sha256(f"{arr.dtype.str}:{arr.shape[0]}x{arr.shape[1]}\n".encode())
@@ -56,7 +57,7 @@ def add_image(
     session: Session,
     store: BlobStore | StagedWrites,
     project: Project,
-    pixels: np.ndarray,
+    pixels: NDArray[Any],
     *,
     subject: str,
     source: SourceInfo,
@@ -115,14 +116,21 @@ def _record_source(session: Session, project: Project, image: Image, info: Sourc
             same.file_sha256 = info.file_sha256 or same.file_sha256
             same.file_bytes = info.file_bytes if info.file_bytes is not None else same.file_bytes
             return same
-    row = ImageSource(project_id=project.id, image_id=image.id, kind=info.kind, source_ref=info.ref,
-                      ls_task_id=info.ls_task_id, file_sha256=info.file_sha256, file_bytes=info.file_bytes)
+    row = ImageSource(
+        project_id=project.id,
+        image_id=image.id,
+        kind=info.kind,
+        source_ref=info.ref,
+        ls_task_id=info.ls_task_id,
+        file_sha256=info.file_sha256,
+        file_bytes=info.file_bytes,
+    )
     session.add(row)
     session.flush()
     return row
 
 
-def load_pixels(store: BlobStore, image: Image) -> np.ndarray:
+def load_pixels(store: BlobStore, image: Image) -> NDArray[Any]:
     from backend.imaging.io import decode_png_bytes
 
     return decode_png_bytes(store.get_bytes(image.blob_key))

@@ -47,8 +47,16 @@ class IssueView:
 
     @classmethod
     def of(cls, row: LabelIssue) -> IssueView:
-        return cls(row.id, row.project_id, row.kind, row.image_id, row.ls_annotation_id,
-                   tuple(row.mask_version_ids or ()), row.detail, row.created_at.isoformat())
+        return cls(
+            row.id,
+            row.project_id,
+            row.kind,
+            row.image_id,
+            row.ls_annotation_id,
+            tuple(row.mask_version_ids or ()),
+            row.detail,
+            row.created_at.isoformat(),
+        )
 
 
 def _key(*parts: object) -> str:
@@ -71,9 +79,17 @@ def record_issue(
     existing = session.scalars(select(LabelIssue).where(LabelIssue.dedupe_key == key)).one_or_none()
     if existing is not None:
         return existing
-    row = LabelIssue(project_id=project_id, kind=kind, status="open", dedupe_key=key, image_id=image_id,
-                     ls_annotation_id=ls_annotation_id, mask_version_ids=list(mask_version_ids),
-                     detail=detail[:2000], created_at=utcnow())
+    row = LabelIssue(
+        project_id=project_id,
+        kind=kind,
+        status="open",
+        dedupe_key=key,
+        image_id=image_id,
+        ls_annotation_id=ls_annotation_id,
+        mask_version_ids=list(mask_version_ids),
+        detail=detail[:2000],
+        created_at=utcnow(),
+    )
     with session.begin_nested():
         session.add(row)
         session.flush()
@@ -113,8 +129,10 @@ def choose_version(session: Session, image_id: int, version: int) -> MaskVersion
     if chosen is None:
         raise NotFound(f"image {image_id} has no mask version {version}")
     if chosen.source not in LABEL_SOURCES or not chosen.active:
-        raise InvalidInput(f"mask version {version} of image {image_id} is a {chosen.source} "
-                           f"{'(inactive) ' if not chosen.active else ''}version and cannot be the label")
+        raise InvalidInput(
+            f"mask version {version} of image {image_id} is a {chosen.source} "
+            f"{'(inactive) ' if not chosen.active else ''}version and cannot be the label"
+        )
     for mv in session.scalars(select(MaskVersion).where(MaskVersion.image_id == image_id, MaskVersion.is_current)):
         mv.is_current = False
     session.flush()

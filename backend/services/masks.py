@@ -14,8 +14,10 @@ import datetime as dt
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -52,7 +54,7 @@ def add_mask_version(
     store: BlobStore | StagedWrites,
     project: Project,
     image: Image,
-    mask: np.ndarray,
+    mask: NDArray[Any],
     *,
     source: str,
     author: str | None = None,
@@ -117,8 +119,10 @@ def add_mask_version(
     session.flush()
     # Identical content from another origin (a second annotator, a second file) is provenance,
     # not a change of label: kept, not made current, so it does not count towards retraining.
-    becomes_current = is_label and may_become_current and (
-        current is None or (current.sha256 != sha and label_order_key(mv) >= label_order_key(current))
+    becomes_current = (
+        is_label
+        and may_become_current
+        and (current is None or (current.sha256 != sha and label_order_key(mv) >= label_order_key(current)))
     )
     if becomes_current:
         if current is not None:
@@ -127,10 +131,17 @@ def add_mask_version(
         mv.is_current = True
         session.flush()
     elif is_label and current is not None:
-        log.info("mask version %s is older than current version %s of image %s: kept as history",
-                 mv.id, current.id, image.id)
-    log.info("mask version %s (v%d, %s) for image %s%s", mv.id, version, source, image.id,
-             " (current)" if becomes_current else "")
+        log.info(
+            "mask version %s is older than current version %s of image %s: kept as history", mv.id, current.id, image.id
+        )
+    log.info(
+        "mask version %s (v%d, %s) for image %s%s",
+        mv.id,
+        version,
+        source,
+        image.id,
+        " (current)" if becomes_current else "",
+    )
     return MaskWrite(mv, created=True, current=becomes_current)
 
 
@@ -160,10 +171,14 @@ def _same_content(
     if current is not None and current.sha256 == sha and same_origin(current):
         return current
     candidates = session.scalars(
-        select(MaskVersion).where(
-            MaskVersion.image_id == image.id, MaskVersion.active, MaskVersion.sha256 == sha,
+        select(MaskVersion)
+        .where(
+            MaskVersion.image_id == image.id,
+            MaskVersion.active,
+            MaskVersion.sha256 == sha,
             MaskVersion.source.in_(LABEL_SOURCES),
-        ).order_by(MaskVersion.version.desc())
+        )
+        .order_by(MaskVersion.version.desc())
     )
     for candidate in candidates:
         if same_origin(candidate) and candidate.ls_updated_at == ls_updated_at:
@@ -171,7 +186,7 @@ def _same_content(
     return None
 
 
-def mask_sha256(mask: np.ndarray) -> str:
+def mask_sha256(mask: NDArray[Any]) -> str:
     """sha256 of the PNG a mask is stored as (the encoder is deterministic): equal masks, equal digests."""
     from backend.imaging.io import encode_png
 
@@ -208,7 +223,7 @@ def deactivate_annotation(session: Session, ls_annotation_id: int) -> list[MaskV
     return versions
 
 
-def read_mask(store: BlobStore, mv: MaskVersion) -> np.ndarray:
+def read_mask(store: BlobStore, mv: MaskVersion) -> NDArray[Any]:
     from backend.imaging.io import decode_png_bytes
 
     return decode_png_bytes(store.get_bytes(mv.blob_key))

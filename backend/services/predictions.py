@@ -214,7 +214,9 @@ def _record(mirror: LabelStudioMirror, project_id: int, model: ServingModel | No
         log.info("project %s: %d prediction(s) served by %s", project_id, len(served), uid)
 
 
-def _prediction_mask(session: Session, store: Any, project: Project, item: _Served, model_version_id: int) -> int | None:
+def _prediction_mask(
+    session: Session, store: Any, project: Project, item: _Served, model_version_id: int
+) -> int | None:
     """The prediction's mask version; the same model on the same image reuses its earlier one."""
     earlier = session.scalar(
         select(Prediction.mask_version_id)
@@ -278,6 +280,7 @@ def record_correction(
     prediction.corrected_mask_version_id = corrected.id
     prediction.correction_dice = correction_dice(read_mask(store, served), corrected_mask, n_classes)
     session.flush()
-    log.info("prediction %s corrected by mask version %s: Dice %.3f", prediction.id, corrected.id,
-             prediction.correction_dice)
+    log.info(
+        "prediction %s corrected by mask version %s: Dice %.3f", prediction.id, corrected.id, prediction.correction_dice
+    )
     return prediction

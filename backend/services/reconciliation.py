@@ -112,8 +112,14 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
     log.info(
         "sync of Label Studio project %s: %d tasks, %d annotations, %d created, %d updated, %d deactivated, "
         "%d tasks gone, %d errors",
-        ls_project_id, report.tasks, report.annotations, report.created, report.updated, report.deactivated,
-        report.tasks_gone, len(report.errors),
+        ls_project_id,
+        report.tasks,
+        report.annotations,
+        report.created,
+        report.updated,
+        report.deactivated,
+        report.tasks_gone,
+        len(report.errors),
     )
     return report
 

@@ -123,15 +123,19 @@ def changed_since_last_version(session: Session, project: Project) -> int:
     if last is None:
         return session.scalar(select(func.count()).select_from(current.subquery())) or 0
     snapshot_ids = select(model_version_mask.c.mask_version_id).where(model_version_mask.c.model_version_id == last.id)
-    added = session.scalar(
-        select(func.count()).select_from(current.where(MaskVersion.id.not_in(snapshot_ids)).subquery())
-    ) or 0
+    added = (
+        session.scalar(select(func.count()).select_from(current.where(MaskVersion.id.not_in(snapshot_ids)).subquery()))
+        or 0
+    )
     still_current = select(MaskVersion.image_id).where(MaskVersion.is_current)
-    removed = session.scalar(
-        select(func.count())
-        .select_from(MaskVersion)
-        .where(MaskVersion.id.in_(snapshot_ids), MaskVersion.image_id.not_in(still_current))
-    ) or 0
+    removed = (
+        session.scalar(
+            select(func.count())
+            .select_from(MaskVersion)
+            .where(MaskVersion.id.in_(snapshot_ids), MaskVersion.image_id.not_in(still_current))
+        )
+        or 0
+    )
     return int(added) + int(removed)
 
 
@@ -164,8 +168,13 @@ def maybe_request_retrain(
         run.not_before = now + dt.timedelta(seconds=policy.debounce_seconds)
         run.progress = {"phase": "queued", "changed_labels": changed}
         session.flush()
-        log.info("project %s: %d training labels changed (>= %d): run %s queued", project.id, changed,
-                 policy.retrain_after, run.id)
+        log.info(
+            "project %s: %d training labels changed (>= %d): run %s queued",
+            project.id,
+            changed,
+            policy.retrain_after,
+            run.id,
+        )
     return run
 
 

@@ -129,8 +129,11 @@ def execute_run(
                 try:
                     reconcile(claimed.project_id)
                 except SonosegError as exc:
-                    log.warning("run %s: reconciliation with Label Studio failed, training on what is recorded: %s",
-                                claimed.run_id, exc.message)
+                    log.warning(
+                        "run %s: reconciliation with Label Studio failed, training on what is recorded: %s",
+                        claimed.run_id,
+                        exc.message,
+                    )
             with unit_of_work(factory) as session:
                 plan = plan_run(session, claimed, settings)
             device = describe_device(settings.device)
@@ -138,9 +141,10 @@ def execute_run(
             outcome = _train_and_register(factory, store, settings, claimed, plan, staged, heartbeat, report, device)
         except RunLost as exc:
             log.warning("run %s: %s", claimed.run_id, exc.message)
-            outcome = RunOutcome(claimed.run_id, "lost", error=exc.message, device=device,
-                                 project_id=claimed.project_id)
-        except Exception as exc:  # noqa: BLE001 - any failure ends the run 'failed', with its text
+            outcome = RunOutcome(
+                claimed.run_id, "lost", error=exc.message, device=device, project_id=claimed.project_id
+            )
+        except Exception as exc:
             if isinstance(exc, SonosegError):
                 message = exc.message
                 log.warning("run %s failed: %s", claimed.run_id, message)
@@ -164,7 +168,11 @@ def _record_start(factory: SessionFactory, claimed: ClaimedRun, device: str) -> 
 
 
 def _fail(
-    factory: SessionFactory, settings: Settings, claimed: ClaimedRun, message: str, device: str | None,
+    factory: SessionFactory,
+    settings: Settings,
+    claimed: ClaimedRun,
+    message: str,
+    device: str | None,
     progress: dict[str, Any],
 ) -> RunOutcome:
     with unit_of_work(factory) as session:
@@ -173,8 +181,14 @@ def _fail(
             return RunOutcome(claimed.run_id, "lost", error=message, device=device, project_id=claimed.project_id)
         run.progress = cast(dict[str, Any], json_safe(progress))
         follow_up = finish_run(session, run, "failed", error=message, settings=settings)
-        return RunOutcome(claimed.run_id, "failed", error=message, device=device,
-                          follow_up_run_id=follow_up.id if follow_up else None, project_id=claimed.project_id)
+        return RunOutcome(
+            claimed.run_id,
+            "failed",
+            error=message,
+            device=device,
+            follow_up_run_id=follow_up.id if follow_up else None,
+            project_id=claimed.project_id,
+        )
 
 
 def _train_and_register(
@@ -205,20 +219,38 @@ def _train_and_register(
     data = TrainData(pairs=train_pairs, classes=plan.classes, val_pairs=val_pairs or None)
 
     def on_epoch(p: Progress) -> None:
-        report(phase="training", epoch=p.epoch, step=p.step, loss=round(p.loss, 5), val_dice=p.val_dice,
-               best_val_dice=p.best_val_dice, fraction=round(p.fraction, 3), elapsed_s=round(p.elapsed_s, 1))
+        report(
+            phase="training",
+            epoch=p.epoch,
+            step=p.step,
+            loss=round(p.loss, 5),
+            val_dice=p.val_dice,
+            best_val_dice=p.best_val_dice,
+            fraction=round(p.fraction, 3),
+            elapsed_s=round(p.elapsed_s, 1),
+        )
 
     used_minutes = (utcnow() - started).total_seconds() / 60
     report(phase="training")
     result = train_with_fallbacks(
-        plan, settings, data, init_path, budget_minutes=max(plan.max_minutes - used_minutes, 0.05),
-        on_progress=on_epoch, should_stop=heartbeat.lost,
+        plan,
+        settings,
+        data,
+        init_path,
+        budget_minutes=max(plan.max_minutes - used_minutes, 0.05),
+        on_progress=on_epoch,
+        should_stop=heartbeat.lost,
     )
     if heartbeat.lost():
         raise RunLost(f"attempt {claimed.attempt} lost the run during training")
 
-    report(phase="saving", stop_reason=result.stop_reason, epochs=result.epochs,
-           images_per_second=round(result.images_per_second, 2), val_fraction=round(result.val_fraction, 4))
+    report(
+        phase="saving",
+        stop_reason=result.stop_reason,
+        epochs=result.epochs,
+        images_per_second=round(result.images_per_second, 2),
+        val_fraction=round(result.val_fraction, 4),
+    )
     tmp = staged.tmp_dir / "model.safetensors"
     digest = result.save(tmp)
     blob = store.put_file("checkpoints", tmp, ".safetensors")
@@ -232,18 +264,32 @@ def _train_and_register(
     candidate_eval: gate.Evaluation | None = None
     serving_eval: gate.Evaluation | None = None
     if plan.val:
-        candidate_eval = evaluate_checkpoint(candidate_ckpt, plan.val, val_pairs, plan.classes,
-                                             uid="candidate", device=settings.device)
+        candidate_eval = evaluate_checkpoint(
+            candidate_ckpt, plan.val, val_pairs, plan.classes, uid="candidate", device=settings.device
+        )
     if plan.parent_checkpoint_key and plan.val:
         serving_ckpt = load_checkpoint(store.local_path(plan.parent_checkpoint_key), expected_sha256=plan.parent_sha256)
-        serving_eval = evaluate_checkpoint(serving_ckpt, plan.val, val_pairs, plan.classes,
-                                           uid=plan.parent_uid or "serving", device=settings.device)
+        serving_eval = evaluate_checkpoint(
+            serving_ckpt, plan.val, val_pairs, plan.classes, uid=plan.parent_uid or "serving", device=settings.device
+        )
     if heartbeat.lost():
         raise RunLost(f"attempt {claimed.attempt} lost the run during evaluation")
 
     report(phase="registering")
-    return _register(factory, settings, claimed, plan, result, blob.key, digest, candidate_eval, serving_eval,
-                     staged, device, heartbeat.progress)
+    return _register(
+        factory,
+        settings,
+        claimed,
+        plan,
+        result,
+        blob.key,
+        digest,
+        candidate_eval,
+        serving_eval,
+        staged,
+        device,
+        heartbeat.progress,
+    )
 
 
 def _metrics_of(result: TrainResult, evaluation: gate.Evaluation | None, plan: TrainingPlan) -> dict[str, Any]:
@@ -308,18 +354,30 @@ def _register(
         session.flush()
         candidate = dataclasses.replace(candidate_eval, model_uid=uid) if candidate_eval else None
         try:
-            evidence = gate.TrainingEvidence(frames_seen=result.steps * result.config.batch_size,
-                                             n_train=len(plan.train))
-            decision = gate.decide(candidate, serving_eval, metric=settings.gate_metric, margin=settings.gate_margin,
-                                   evidence=evidence, min_first_score=settings.gate_min_dice)
+            evidence = gate.TrainingEvidence(
+                frames_seen=result.steps * result.config.batch_size, n_train=len(plan.train)
+            )
+            decision = gate.decide(
+                candidate,
+                serving_eval,
+                metric=settings.gate_metric,
+                margin=settings.gate_margin,
+                evidence=evidence,
+                min_first_score=settings.gate_min_dice,
+            )
         except InvalidInput as exc:
-            decision = gate.GateDecision(False, f"gate could not compare: {exc.message}", settings.gate_metric,
-                                         None, None)
+            decision = gate.GateDecision(
+                False, f"gate could not compare: {exc.message}", settings.gate_metric, None, None
+            )
         current = versions.serving_version(session, project.id)
         if decision.promote and current is not None and current.id != plan.parent_id:
             decision = gate.GateDecision(
-                False, f"the serving model changed during training ({plan.parent_uid} -> {current.uid}): "
-                "kept as a candidate", decision.metric, decision.candidate_score, decision.serving_score)
+                False,
+                f"the serving model changed during training ({plan.parent_uid} -> {current.uid}): kept as a candidate",
+                decision.metric,
+                decision.candidate_score,
+                decision.serving_score,
+            )
         if decision.promote:
             versions.promote(session, version, reason=f"gate: {decision.reason}")
         else:
@@ -327,8 +385,13 @@ def _register(
         follow_up = finish_run(session, run, "succeeded", model_version_id=version.id, settings=settings)
         follow_up_id = follow_up.id if follow_up else None
     staged.blob_keys.clear()  # committed: the checkpoint belongs to the version now
-    log.info("run %s registered %s (%s): %s", claimed.run_id, uid, "serving" if decision.promote else "candidate",
-             decision.reason)
+    log.info(
+        "run %s registered %s (%s): %s",
+        claimed.run_id,
+        uid,
+        "serving" if decision.promote else "candidate",
+        decision.reason,
+    )
     return RunOutcome(
         run_id=claimed.run_id,
         status="succeeded",

@@ -74,15 +74,19 @@ def reap_stale_runs(
     stale = session.scalars(
         select(TrainingRun)
         .where(TrainingRun.status == "running")
-        .where(((TrainingRun.heartbeat_at.is_not(None)) & (TrainingRun.heartbeat_at < cutoff))
-               | ((TrainingRun.heartbeat_at.is_(None)) & (TrainingRun.started_at < cutoff)))
+        .where(
+            ((TrainingRun.heartbeat_at.is_not(None)) & (TrainingRun.heartbeat_at < cutoff))
+            | ((TrainingRun.heartbeat_at.is_(None)) & (TrainingRun.started_at < cutoff))
+        )
         .with_for_update()
     ).all()
     reaped: list[Reaped] = []
     for run in stale:
         last = run.heartbeat_at or run.started_at
-        lost = (f"attempt {run.attempts} lost its worker {run.worker or '?'}: no heartbeat since "
-                f"{last.isoformat(timespec='seconds') if last else 'start'}")
+        lost = (
+            f"attempt {run.attempts} lost its worker {run.worker or '?'}: no heartbeat since "
+            f"{last.isoformat(timespec='seconds') if last else 'start'}"
+        )
         if run.attempts < max_attempts:
             run.status = "queued"
             run.not_before = now
@@ -132,8 +136,9 @@ def claim_run(
     run.celery_task_id = task_id
     run.progress = {"phase": "starting", "attempt": run.attempts}
     session.flush()
-    log.info("run %s (project %s, %s) claimed by %s, attempt %d", run.id, run.project_id, run.trigger, worker,
-             run.attempts)
+    log.info(
+        "run %s (project %s, %s) claimed by %s, attempt %d", run.id, run.project_id, run.trigger, worker, run.attempts
+    )
     return ClaimedRun(run.id, run.project_id, run.attempts, run.trigger, bool(run.from_scratch))
 
 
@@ -230,17 +235,21 @@ class Heartbeat:
             with unit_of_work(self._factory) as session:
                 result = session.execute(
                     update(TrainingRun)
-                    .where(TrainingRun.id == self._claimed.run_id, TrainingRun.status == "running",
-                           TrainingRun.attempts == self._claimed.attempt)
+                    .where(
+                        TrainingRun.id == self._claimed.run_id,
+                        TrainingRun.status == "running",
+                        TrainingRun.attempts == self._claimed.attempt,
+                    )
                     .values(heartbeat_at=utcnow(), progress=json_safe(self.progress))
                 )
                 owned = bool(result.rowcount == 1)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - a database hiccup must not kill training; the next beat retries
+        except Exception:
             log.warning("run %s: heartbeat write failed", self._claimed.run_id, exc_info=True)
             return True
         if not owned:
-            log.warning("run %s: attempt %d no longer owns the run; stopping", self._claimed.run_id,
-                        self._claimed.attempt)
+            log.warning(
+                "run %s: attempt %d no longer owns the run; stopping", self._claimed.run_id, self._claimed.attempt
+            )
             self._lost.set()
         return owned
 

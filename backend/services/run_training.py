@@ -135,26 +135,41 @@ def train_with_fallbacks(
         elapsed_min = (utcnow() - started).total_seconds() / 60
         remaining = max(budget_minutes - elapsed_min, 0.05)
         try:
-            return train(config.replace(max_minutes=remaining), data, on_progress=on_progress,
-                         init_checkpoint=init_checkpoint, should_stop=should_stop)
+            return train(
+                config.replace(max_minutes=remaining),
+                data,
+                on_progress=on_progress,
+                init_checkpoint=init_checkpoint,
+                should_stop=should_stop,
+            )
         except CheckpointError as exc:
             if init_checkpoint is None:
                 raise
-            log.warning("run %s: cannot fine-tune from %s (%s); training from scratch", plan.run_id,
-                        plan.parent_uid, exc.message)
+            log.warning(
+                "run %s: cannot fine-tune from %s (%s); training from scratch",
+                plan.run_id,
+                plan.parent_uid,
+                exc.message,
+            )
             init_checkpoint = None
         except RuntimeError as exc:
             if not is_out_of_memory(exc) or config.batch_size <= 1:
                 raise
             smaller = max(1, config.batch_size // 2)
-            log.warning("run %s: out of memory with batch %d; retrying with batch %d", plan.run_id,
-                        config.batch_size, smaller)
+            log.warning(
+                "run %s: out of memory with batch %d; retrying with batch %d", plan.run_id, config.batch_size, smaller
+            )
             config = config.replace(batch_size=smaller)
 
 
 def evaluate_checkpoint(
-    checkpoint: Checkpoint, items: Sequence[LabelledImage], pairs: Sequence[tuple[NDArray[Any], NDArray[Any]]],
-    class_names: Sequence[str], *, uid: str, device: str,
+    checkpoint: Checkpoint,
+    items: Sequence[LabelledImage],
+    pairs: Sequence[tuple[NDArray[Any], NDArray[Any]]],
+    class_names: Sequence[str],
+    *,
+    uid: str,
+    device: str,
 ) -> gate.Evaluation:
     """Score one model on the labelled images at natural size (the engine's metrics)."""
     from backend.model.metrics import evaluate_masks
@@ -165,4 +180,3 @@ def evaluate_checkpoint(
     report = evaluate_masks(preds, [mask for _, mask in pairs], ("background", *class_names))
     metrics = gate.gate_metrics(report.mDice, report.mIoU, report.per_image_dice)
     return gate.Evaluation(uid, tuple(item.mask_version_id for item in items), metrics, report=report.to_dict())
-

@@ -69,7 +69,7 @@ def record_heartbeat(
         if row is None:
             session.add(SchedulerHeartbeat(**values))
         elif row.beat_at is None or row.beat_at <= now:
-            row.host, row.pid, row.beat_at = values["host"], pid, now
+            row.host, row.pid, row.beat_at = host[:200] if host else None, pid, now
         session.flush()
         return
     stmt = insert(SchedulerHeartbeat).values(**values)
@@ -102,22 +102,31 @@ class SchedulerHealth:
 
 
 def judge_heartbeat(
-    last_seen: dt.datetime | None, settings: Settings, *, now: dt.datetime | None = None,
-    host: str | None = None, pid: int | None = None,
+    last_seen: dt.datetime | None,
+    settings: Settings,
+    *,
+    now: dt.datetime | None = None,
+    host: str | None = None,
+    pid: int | None = None,
 ) -> SchedulerHealth:
     """The verdict on a heartbeat seen at ``last_seen`` (None: never), without the database."""
     now = now or utcnow()
     allowance = allowance_seconds(settings)
     if last_seen is None:
-        return SchedulerHealth(None, None, False,
-                               f"no scheduler has ever been seen: queued training runs are never dispatched; {FIX}")
+        return SchedulerHealth(
+            None, None, False, f"no scheduler has ever been seen: queued training runs are never dispatched; {FIX}"
+        )
     age = max(0.0, (now - last_seen).total_seconds())
     who = f" ({host or '?'} pid {pid})" if host or pid else ""
     if age <= allowance:
         return SchedulerHealth(last_seen, age, True, f"scheduler seen {age:.0f} s ago{who}")
-    return SchedulerHealth(last_seen, age, False,
-                           f"no scheduler seen for {age:.0f} s (allowance {allowance:.0f} s, last{who}): "
-                           f"queued training runs are not dispatched; {FIX}")
+    return SchedulerHealth(
+        last_seen,
+        age,
+        False,
+        f"no scheduler seen for {age:.0f} s (allowance {allowance:.0f} s, last{who}): "
+        f"queued training runs are not dispatched; {FIX}",
+    )
 
 
 def scheduler_health(session: Session, settings: Settings, *, now: dt.datetime | None = None) -> SchedulerHealth:
@@ -136,8 +145,12 @@ class StalledRun:
     reason: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "project_id": self.project_id,
-                "queued_for_seconds": round(self.queued_for_seconds, 1), "reason": self.reason}
+        return {
+            "run_id": self.run_id,
+            "project_id": self.project_id,
+            "queued_for_seconds": round(self.queued_for_seconds, 1),
+            "reason": self.reason,
+        }
 
 
 def stalled_runs(session: Session, settings: Settings, *, now: dt.datetime | None = None) -> list[StalledRun]:
@@ -147,8 +160,13 @@ def stalled_runs(session: Session, settings: Settings, *, now: dt.datetime | Non
     allowance = allowance_seconds(settings)
     due_since = func.coalesce(TrainingRun.not_before, TrainingRun.created_at)
     rows = session.execute(
-        select(TrainingRun.id, TrainingRun.project_id, TrainingRun.not_before, TrainingRun.created_at,
-               TrainingRun.dispatched_at)
+        select(
+            TrainingRun.id,
+            TrainingRun.project_id,
+            TrainingRun.not_before,
+            TrainingRun.created_at,
+            TrainingRun.dispatched_at,
+        )
         .where(TrainingRun.status == "queued", due_since < now - dt.timedelta(seconds=allowance))
         .order_by(TrainingRun.id)
     ).all()
@@ -164,11 +182,15 @@ def stalled_runs(session: Session, settings: Settings, *, now: dt.datetime | Non
             age = f"{health.age_seconds:.0f} s" if health.age_seconds is not None else "ever"
             reason = f"no scheduler seen for {age}: {FIX}"
         elif dispatched_at is None:
-            reason = ("the scheduler runs but has not dispatched it: is a worker consuming the `housekeeping` "
-                      "queue? (`sonoseg worker -Q housekeeping`; see its log for dispatch errors)")
+            reason = (
+                "the scheduler runs but has not dispatched it: is a worker consuming the `housekeeping` "
+                "queue? (`sonoseg worker -Q housekeeping`; see its log for dispatch errors)"
+            )
         elif busy:
-            reason = (f"dispatched, waiting for a free `train` worker ({busy} run(s) training); "
-                      "add a worker (`sonoseg worker -Q train`) if this is not expected")
+            reason = (
+                f"dispatched, waiting for a free `train` worker ({busy} run(s) training); "
+                "add a worker (`sonoseg worker -Q train`) if this is not expected"
+            )
         else:
             reason = "dispatched but not claimed: start a worker on the `train` queue (`sonoseg worker -Q train`)"
         stalled.append(StalledRun(run_id, project_id, waited, reason))
@@ -180,8 +202,14 @@ class SchedulerHealthCache:
     background thread at most every ``refresh_seconds``; a request never waits on the database
     except (up to ``first_wait_seconds``) for the very first read."""
 
-    def __init__(self, factory: SessionFactory, settings: Settings, *, refresh_seconds: float = 3.0,
-                 first_wait_seconds: float = 0.25) -> None:
+    def __init__(
+        self,
+        factory: SessionFactory,
+        settings: Settings,
+        *,
+        refresh_seconds: float = 3.0,
+        first_wait_seconds: float = 0.25,
+    ) -> None:
         self._factory = factory
         self._settings = settings
         self._refresh = refresh_seconds
@@ -199,7 +227,7 @@ class SchedulerHealthCache:
                 value = (row.beat_at, row.host, row.pid) if row is not None else (None, None, None)
             with self._lock:
                 self._row, self._error = value, None
-        except Exception as exc:  # noqa: BLE001 - /health reports it, never fails on it
+        except Exception as exc:
             log.warning("reading the scheduler heartbeat failed: %s", exc)
             with self._lock:
                 self._error = f"{type(exc).__name__}: {exc}"[:300]

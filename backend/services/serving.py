@@ -147,8 +147,12 @@ class ModelHolder:
                 for project_id, model in loaded.items():
                     old = current.get(project_id)
                     if old is None or old is not model:
-                        log.info("project %s now serves model %s (was %s)", project_id, model.uid,
-                                 old.uid if old is not None else "none")
+                        log.info(
+                            "project %s now serves model %s (was %s)",
+                            project_id,
+                            model.uid,
+                            old.uid if old is not None else "none",
+                        )
                 for project_id in set(current) - set(loaded):
                     log.info("project %s no longer has a serving model (was %s)", project_id, current[project_id].uid)
             return changed

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Engine, func, select
-
-from backend.db.migrate import current_revision, head_revision
 from sqlalchemy.orm import Session
 
+from backend.db.migrate import current_revision, head_revision
 from backend.db.models import Image, LabelIssue, MaskVersion, ModelVersion, Project, TrainingRun, WebhookEvent
 from backend.db.session import make_session_factory
 from backend.services.label_issues import open_issues
@@ -16,8 +15,9 @@ from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 
 
-def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: int = 5,
-                   settings: Settings | None = None) -> dict[str, Any]:
+def collect_status(
+    engine: Engine, store: LocalBlobStore, *, runs_per_project: int = 5, settings: Settings | None = None
+) -> dict[str, Any]:
     revision = current_revision(engine)
     report: dict[str, Any] = {
         "database": engine.url.render_as_string(hide_password=True),
@@ -31,11 +31,14 @@ def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: i
     with make_session_factory(engine)() as session:
         for project in session.scalars(select(Project).order_by(Project.id)):
             images = session.scalar(select(func.count(Image.id)).where(Image.project_id == project.id)) or 0
-            labelled = session.scalar(
-                select(func.count(MaskVersion.id))
-                .join(Image, Image.id == MaskVersion.image_id)
-                .where(Image.project_id == project.id, MaskVersion.is_current)
-            ) or 0
+            labelled = (
+                session.scalar(
+                    select(func.count(MaskVersion.id))
+                    .join(Image, Image.id == MaskVersion.image_id)
+                    .where(Image.project_id == project.id, MaskVersion.is_current)
+                )
+                or 0
+            )
             serving = session.scalars(
                 select(ModelVersion.uid).where(ModelVersion.project_id == project.id, ModelVersion.status == "serving")
             ).first()
@@ -87,15 +90,15 @@ def collect_status(engine: Engine, store: LocalBlobStore, *, runs_per_project: i
 def _add_data_integrity(session: Session, report: dict[str, Any], *, limit: int = 20) -> None:
     """Labels held back for a person (label issues) and webhook events that failed, with reasons."""
     issues = open_issues(session, limit=limit)
-    report["label_issues_open"] = session.scalar(
-        select(func.count(LabelIssue.id)).where(LabelIssue.status == "open")
-    ) or 0
+    report["label_issues_open"] = (
+        session.scalar(select(func.count(LabelIssue.id)).where(LabelIssue.status == "open")) or 0
+    )
     report["label_issues"] = [
         {"id": i.id, "project": i.project_id, "kind": i.kind, "image": i.image_id, "detail": i.detail} for i in issues
     ]
-    report["webhook_events_failed"] = session.scalar(
-        select(func.count(WebhookEvent.id)).where(WebhookEvent.status == "failed")
-    ) or 0
+    report["webhook_events_failed"] = (
+        session.scalar(select(func.count(WebhookEvent.id)).where(WebhookEvent.status == "failed")) or 0
+    )
     report["webhook_failures"] = [
         {"id": e.id, "action": e.action, "error": e.error, "received_at": e.received_at.isoformat()}
         for e in session.scalars(

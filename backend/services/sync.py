@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -86,7 +85,6 @@ class ProjectRef:
     config_digest: str
 
 
-
 def config_digest(label_config: str) -> str:
     return hashlib.sha256(label_config.encode()).hexdigest()
 
@@ -99,7 +97,9 @@ def author_of(annotation: LsAnnotation) -> str | None:
 class LabelStudioMirror:
     """Records Label Studio projects, task images and annotations; one per process."""
 
-    def __init__(self, settings: Settings, factory: SessionFactory, store: BlobStore, fetcher: TaskImageFetcher) -> None:
+    def __init__(
+        self, settings: Settings, factory: SessionFactory, store: BlobStore, fetcher: TaskImageFetcher
+    ) -> None:
         self.settings = settings
         self.factory = factory
         self.store = store
@@ -124,8 +124,13 @@ class LabelStudioMirror:
         def load() -> ProjectRef:
             with unit_of_work(self.factory) as session:
                 project, config = self.ensure_project(session, ls_project_id, label_config, title)
-                return ProjectRef(project.id, ls_project_id, config, tuple(project.class_names),
-                                  config_digest(project.label_config or ""))
+                return ProjectRef(
+                    project.id,
+                    ls_project_id,
+                    config,
+                    tuple(project.class_names),
+                    config_digest(project.label_config or ""),
+                )
 
         ref = retry_on_conflict(load)
         with self._projects_lock:
@@ -168,10 +173,17 @@ class LabelStudioMirror:
         return project, config
 
     # -- task images ---------------------------------------------------------------------------
-    def task_image_of(self, project_id: int, config: LabelConfig, task: LsTask, *, need_pixels: bool = False) -> TaskImage:
+    def task_image_of(
+        self, project_id: int, config: LabelConfig, task: LsTask, *, need_pixels: bool = False
+    ) -> TaskImage:
         """The stored image of a parsed task (its URL under the config's image key, its subject)."""
-        return self.task_image(project_id, task.id, task.image_url(config.image_value_key),
-                               subject_hint=task.subject, need_pixels=need_pixels)
+        return self.task_image(
+            project_id,
+            task.id,
+            task.image_url(config.image_value_key),
+            subject_hint=task.subject,
+            need_pixels=need_pixels,
+        )
 
     def task_image(
         self,
@@ -190,8 +202,9 @@ class LabelStudioMirror:
         if task_id is not None:
             with unit_of_work(self.factory) as session:
                 known = session.execute(
-                    select(Image.id, Image.width, Image.height, Image.blob_key, ImageSource.source_ref,
-                           ImageSource.active)
+                    select(
+                        Image.id, Image.width, Image.height, Image.blob_key, ImageSource.source_ref, ImageSource.active
+                    )
                     .join(ImageSource, ImageSource.image_id == Image.id)
                     .where(ImageSource.project_id == project_id, ImageSource.ls_task_id == task_id)
                 ).first()
@@ -203,7 +216,9 @@ class LabelStudioMirror:
         fetched = self.fetcher.fetch(url, task_id=task_id)
         pixels = self._decode(fetched.data, fetched.name)
         subject = self._subject(project_id, task_id, url, subject_hint)
-        image_id, width, height = retry_on_conflict(lambda: self._store_image(project_id, task_id, url, pixels, subject))
+        image_id, width, height = retry_on_conflict(
+            lambda: self._store_image(project_id, task_id, url, pixels, subject)
+        )
         if task_id is not None:
             self._task_images[(project_id, task_id)] = (url, image_id, width, height)
         return TaskImage(image_id, project_id, width, height, pixels if need_pixels else None)
@@ -216,7 +231,11 @@ class LabelStudioMirror:
             if project is None:
                 raise NotReady(f"project {project_id} disappeared while its image was downloaded")
             added = add_image(
-                session, staged, project, pixels, subject=subject,
+                session,
+                staged,
+                project,
+                pixels,
+                subject=subject,
                 source=SourceInfo("labelstudio", ref=self.source_ref(url), ls_task_id=task_id),
             )
             return added.image.id, added.image.width, added.image.height
@@ -227,7 +246,10 @@ class LabelStudioMirror:
 
         # One budget per process, shared by /predict's fetch threads and webhook decodes.
         frames = read_image_bytes(
-            data, name, max_side=self.settings.max_image_side, max_bytes=self.settings.max_image_bytes,
+            data,
+            name,
+            max_side=self.settings.max_image_side,
+            max_bytes=self.settings.max_image_bytes,
             budget=shared_budget(self.settings.decode_memory_bytes),
         )
         if len(frames) > 1:
@@ -284,27 +306,38 @@ class LabelStudioMirror:
         """
         ann_id = annotation.id
         if annotation.was_cancelled:
-            done = "deactivated" if deactivate_annotation(session, ann_id) else "ignored"
-            return AnnotationOutcome(done)
+            return AnnotationOutcome("deactivated" if deactivate_annotation(session, ann_id) else "ignored")
         lock_images(session, [image_id])
         image = session.get(Image, image_id)
         if image is None:
             raise NotReady(f"image {image_id} is gone")
-        decoded = results_to_mask(annotation.results, config, ClassMap(tuple(project.class_names)),
-                                  image.height, image.width)
+        decoded = results_to_mask(
+            annotation.results, config, ClassMap(tuple(project.class_names)), image.height, image.width
+        )
         if decoded.region_count == 0 and decoded.ignored_labels:
             reason = (
                 f"annotation {ann_id} (task {annotation.task_id}): every region carries labels the class map does "
                 f"not know ({', '.join(decoded.ignored_labels)}; known: {', '.join(project.class_names)}); "
                 "not used as a label, so the model is not taught that nothing is there"
             )
-            record_issue(session, project_id=project.id, kind="unknown_labels", detail=reason,
-                         dedupe=(ann_id, annotation.updated_at), image_id=image.id, ls_annotation_id=ann_id)
+            record_issue(
+                session,
+                project_id=project.id,
+                kind="unknown_labels",
+                detail=reason,
+                dedupe=(ann_id, annotation.updated_at),
+                image_id=image.id,
+                ls_annotation_id=ann_id,
+            )
             return AnnotationOutcome("refused", reason)
-        had_versions = session.scalar(
-            select(MaskVersion.id).where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.image_id == image.id,
-                                         MaskVersion.active).limit(1)
-        ) is not None
+        had_versions = (
+            session.scalar(
+                select(MaskVersion.id)
+                .where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.image_id == image.id, MaskVersion.active)
+                .limit(1)
+            )
+            is not None
+        )
         with staged_writes(self.store) as staged:
             write = add_mask_version(
                 session,

@@ -53,7 +53,9 @@ def promote(
 ) -> ModelVersion | None:
     """Make ``version`` serve; the previous serving version is retired. Returns the previous one."""
     if version.status not in ("candidate", "retired", "serving"):
-        raise Conflict(f"model version {version.uid} is {version.status}: only a candidate or retired version can serve")
+        raise Conflict(
+            f"model version {version.uid} is {version.status}: only a candidate or retired version can serve"
+        )
     if not version.checkpoint_key:
         raise Conflict(f"model version {version.uid} has no checkpoint")
     current = serving_version(session, version.project_id)

@@ -112,8 +112,9 @@ def record_event(session: Session, payload: object) -> RecordedEvent:
     if existing is not None:
         log.info("webhook %s delivered again (event %s); recorded once", action, existing)
         return RecordedEvent(action, existing, created=False)
-    event = WebhookEvent(event_key=key, action=action, ls_project_id=parsed.ls_project_id, payload=stored,
-                         status="pending")
+    event = WebhookEvent(
+        event_key=key, action=action, ls_project_id=parsed.ls_project_id, payload=stored, status="pending"
+    )
     try:
         with session.begin_nested():
             session.add(event)
@@ -251,8 +252,9 @@ def _apply_annotations(mirror: LabelStudioMirror, event_id: int, parsed: Webhook
             raise NotReady(f"project {project_id} disappeared")
         for ann in parsed.annotations:
             image_id = images.get(ann.task_id or 0, 0)
-            outcomes.append(mirror.apply_annotation(session, project_row, config, image_id, ann,
-                                                    webhook_event_id=event_id))
+            outcomes.append(
+                mirror.apply_annotation(session, project_row, config, image_id, ann, webhook_event_id=event_id)
+            )
         changed = any(o.changed for o in outcomes)
         refused = [o.reason for o in outcomes if o.kind == "refused" and o.reason]
         if changed:
@@ -309,7 +311,9 @@ def _start_training(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPay
         try:
             mirror.reconcile(ls_id)
         except SonosegError as exc:
-            log.warning("START_TRAINING for project %s: reconciliation failed (%s); queueing anyway", ls_id, exc.message)
+            log.warning(
+                "START_TRAINING for project %s: reconciliation failed (%s); queueing anyway", ls_id, exc.message
+            )
     with unit_of_work(mirror.factory) as session:
         event = _load_pending(session, event_id)
         if event is None:
@@ -317,6 +321,9 @@ def _start_training(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPay
         project, _ = mirror.ensure_project(session, ls_id, parsed.label_config, parsed.project_title)
         run = request_training(session, project, "start_training")
         _finish(event, "processed")
-        log.info("START_TRAINING for project %s: %s", ls_id,
-                 f"run {run.id} queued" if run is not None else "a run is already active; retrain pending")
+        log.info(
+            "START_TRAINING for project %s: %s",
+            ls_id,
+            f"run {run.id} queued" if run is not None else "a run is already active; retrain pending",
+        )
     return "processed"

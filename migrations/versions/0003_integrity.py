@@ -37,8 +37,9 @@ def _pseudonymise_existing_uris() -> None:
 
     key = context.config.attributes.get("pseudonym_key")
     bind = op.get_bind()
-    source = sa.table("image_source", sa.column("id", sa.Integer), sa.column("uri", sa.Text),
-                      sa.column("source_ref", sa.String))
+    source = sa.table(
+        "image_source", sa.column("id", sa.Integer), sa.column("uri", sa.Text), sa.column("source_ref", sa.String)
+    )
     rows = bind.execute(sa.select(source.c.id, source.c.uri).where(source.c.uri.is_not(None))).all()
     for row_id, uri in rows:
         ref = source_ref(uri, key) if isinstance(key, bytes) else None
@@ -50,8 +51,9 @@ def _scrub_stored_webhooks() -> None:
     from backend.labelstudio.payloads import scrub_webhook
 
     bind = op.get_bind()
-    events = sa.table("webhook_event", sa.column("id", sa.Integer), sa.column("payload", _JSON),
-                      sa.column("status", sa.String))
+    events = sa.table(
+        "webhook_event", sa.column("id", sa.Integer), sa.column("payload", _JSON), sa.column("status", sa.String)
+    )
     for row_id, payload, status in bind.execute(sa.select(events.c.id, events.c.payload, events.c.status)).all():
         if not isinstance(payload, dict):
             continue
@@ -81,7 +83,10 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("ls_updated_at", backend.db.base.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("image_source_id", sa.Integer(), nullable=True))
         batch_op.create_foreign_key(
-            batch_op.f("fk_mask_version_image_source_id_image_source"), "image_source", ["image_source_id"], ["id"],
+            batch_op.f("fk_mask_version_image_source_id_image_source"),
+            "image_source",
+            ["image_source_id"],
+            ["id"],
             ondelete="SET NULL",
         )
 
@@ -101,10 +106,12 @@ def upgrade() -> None:
         sa.Column("resolved_at", backend.db.base.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint("kind IN ('unknown_labels', 'conflicting_duplicate')", name=op.f("ck_label_issue_kind")),
         sa.CheckConstraint("status IN ('open', 'resolved')", name=op.f("ck_label_issue_status")),
-        sa.ForeignKeyConstraint(["image_id"], ["image.id"], name=op.f("fk_label_issue_image_id_image"),
-                                ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["project_id"], ["project.id"], name=op.f("fk_label_issue_project_id_project"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["image_id"], ["image.id"], name=op.f("fk_label_issue_image_id_image"), ondelete="CASCADE"
+        ),
+        sa.ForeignKeyConstraint(
+            ["project_id"], ["project.id"], name=op.f("fk_label_issue_project_id_project"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_label_issue")),
         sa.UniqueConstraint("dedupe_key", name=op.f("uq_label_issue_dedupe_key")),
     )

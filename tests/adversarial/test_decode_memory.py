@@ -92,6 +92,7 @@ def traced_peak(call) -> tuple[object, int]:  # type: ignore[no-untyped-def]
 
 # -- one decode: within E x D + S ---------------------------------------------------------------
 
+
 def _g16() -> np.ndarray:
     yy, xx = np.mgrid[0:1024, 0:1536]
     return ((yy * 7 + xx * 3) % 65536).astype(np.uint16)
@@ -100,8 +101,9 @@ def _g16() -> np.ndarray:
 def _dicom_cine(tmp_path: Path) -> bytes:
     rgb = np.stack([(_g16() % 256).astype(np.uint8)] * 3, -1)
     rgb[..., 1] = rgb[..., 1][::-1]
-    return samples.write_dicom(tmp_path / "c.dcm", np.stack([rgb[:480, :640]] * 8), photometric="RGB",
-                               frames=8).read_bytes()
+    return samples.write_dicom(
+        tmp_path / "c.dcm", np.stack([rgb[:480, :640]] * 8), photometric="RGB", frames=8
+    ).read_bytes()
 
 
 CASES = {  # name -> (tmp_path -> file bytes, suffix)
@@ -109,13 +111,14 @@ CASES = {  # name -> (tmp_path -> file bytes, suffix)
     "rgb8-png-2048": (lambda tmp: big_png(2048, 3, 8), ".png"),
     "rgba8-png-2048": (lambda tmp: big_png(2048, 4, 8), ".png"),
     "grey16-png-2048": (lambda tmp: big_png(2048, 1, 16), ".png"),
-    "grey8-jpeg": (lambda tmp: samples.write_sitk(tmp / "g.jpg", (_g16() % 251).astype(np.uint8)).read_bytes(),
-                   ".jpg"),
-    "int16-nifti-volume": (lambda tmp: samples.write_sitk(
-        tmp / "v.nii", np.stack([_g16()[:256, :512].astype(np.int16) - 2000 + k for k in range(24)])).read_bytes(),
-        ".nii"),
-    "float32-mha": (lambda tmp: samples.write_sitk(tmp / "f.mha", _g16().astype(np.float32) / 7).read_bytes(),
-                    ".mha"),
+    "grey8-jpeg": (lambda tmp: samples.write_sitk(tmp / "g.jpg", (_g16() % 251).astype(np.uint8)).read_bytes(), ".jpg"),
+    "int16-nifti-volume": (
+        lambda tmp: samples.write_sitk(
+            tmp / "v.nii", np.stack([_g16()[:256, :512].astype(np.int16) - 2000 + k for k in range(24)])
+        ).read_bytes(),
+        ".nii",
+    ),
+    "float32-mha": (lambda tmp: samples.write_sitk(tmp / "f.mha", _g16().astype(np.float32) / 7).read_bytes(), ".mha"),
     "rgb8-dicom-cine": (_dicom_cine, ".dcm"),
 }
 
@@ -140,8 +143,8 @@ def test_one_decode_stays_within_the_documented_bound(tmp_path: Path, case: str)
 def test_the_issue_file_reserves_the_documented_multiple_of_the_frame(tmp_path: Path) -> None:
     """8192 x 8192 RGB 16-bit PNG: 12 x max_side**2 + 16 MiB, nothing read to find it out."""
     estimate = io.decode_peak_bytes("png", (8192, 8192), 3, 2)
-    assert estimate == 12 * 8192 ** 2 + 16 * MiB  # 784 MiB; the old code peaked at about 2.3 GiB
-    assert io.decode_peak_bytes("png", (8192, 8192), 1, 1) == 2 * 8192 ** 2 + 16 * MiB
+    assert estimate == 12 * 8192**2 + 16 * MiB  # 784 MiB; the old code peaked at about 2.3 GiB
+    assert io.decode_peak_bytes("png", (8192, 8192), 1, 1) == 2 * 8192**2 + 16 * MiB
 
 
 def test_mask_and_stored_png_reads_are_bounded_too(tmp_path: Path) -> None:
@@ -171,6 +174,7 @@ def test_decoded_pixels_outlive_the_decode(tmp_path: Path) -> None:
 
 # -- the budget ----------------------------------------------------------------------------------
 
+
 def test_concurrent_decodes_never_hold_more_than_the_budget(tmp_path: Path) -> None:
     data = big_png(1024, 3, 16)
     estimate, _, _, _ = header(data, ".png", tmp_path)
@@ -182,7 +186,7 @@ def test_concurrent_decodes_never_hold_more_than_the_budget(tmp_path: Path) -> N
         try:
             for _ in range(3):
                 done.append(io.read_image_bytes(data, "x.png", budget=budget)[0].pixels.shape[0])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
@@ -257,8 +261,9 @@ def test_the_budget_is_first_come_first_served() -> None:
             order.append(name)
             release[name].wait(10)
 
-    threads = {name: threading.Thread(target=hold, args=(name, n)) for name, n in
-               (("first", 60), ("big", 90), ("small", 20))}
+    threads = {
+        name: threading.Thread(target=hold, args=(name, n)) for name, n in (("first", 60), ("big", 90), ("small", 20))
+    }
     threads["first"].start()
     while order != ["first"]:
         time.sleep(0.01)
@@ -277,8 +282,9 @@ def test_the_budget_is_first_come_first_served() -> None:
     assert order == ["first", "big", "small"] and budget.high_water == 90 and budget.in_use == 0
 
 
-def test_every_reader_uses_the_process_budget_and_settings_size_it(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_reader_uses_the_process_budget_and_settings_size_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert Settings().decode_memory_bytes == 1024 * MiB
     assert Settings.from_env({"SONOSEG_DECODE_MEMORY_BYTES": "123456789"}).decode_memory_bytes == 123456789
     process = DecodeBudget(1024 * MiB)
@@ -287,8 +293,12 @@ def test_every_reader_uses_the_process_budget_and_settings_size_it(tmp_path: Pat
     png = big_png(128, 3, 8)
     (tmp_path / "a.png").write_bytes(png)
     (tmp_path / "mask.png").write_bytes(io.encode_png(np.zeros((64, 64), dtype=np.uint8)))
-    for read in (lambda: io.read_image(tmp_path / "a.png"), lambda: io.read_image_bytes(png, "a.png"),
-                 lambda: io.read_mask(tmp_path / "mask.png"), lambda: io.decode_png_bytes(png)):
+    for read in (
+        lambda: io.read_image(tmp_path / "a.png"),
+        lambda: io.read_image_bytes(png, "a.png"),
+        lambda: io.read_mask(tmp_path / "mask.png"),
+        lambda: io.decode_png_bytes(png),
+    ):
         process.reset_high_water()
         read()
         assert process.high_water > 0 and process.in_use == 0
@@ -326,10 +336,16 @@ def test_the_issue_png_peak_rss_is_within_the_bound(tmp_path: Path) -> None:
     (tmp_path / "big.png").write_bytes(big_png(8192, 3, 16))
     (tmp_path / "warm.png").write_bytes(big_png(64, 3, 16))
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big.png"), str(tmp_path / "warm.png")],
-                         capture_output=True, text=True, timeout=240, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+    run = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big.png"), str(tmp_path / "warm.png")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert run.returncode == 0, run.stderr
     peak, estimate, _ = (int(v) for v in run.stdout.split())
-    assert estimate == 12 * 8192 ** 2 + 16 * MiB
+    assert estimate == 12 * 8192**2 + 16 * MiB
     assert peak <= estimate + 64 * MiB, f"peak {peak / MiB:.0f} MiB over the {estimate / MiB:.0f} MiB estimate"

@@ -55,8 +55,12 @@ for line in sys.stdin:
 def replayed() -> dict[str, dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, "-c", REPLAY, str(ROOT)],
+        check=False,
         input="".join(f"{path}\n" for path in FILES),
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     results = {}
     for line in done.stdout.splitlines():

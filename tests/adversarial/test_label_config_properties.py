@@ -26,8 +26,8 @@ from backend.labelstudio import config as config_module
 from backend.labelstudio.config import BACKGROUND, MAX_LABELS, LabelConfig, parse_label_config
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PROPERTY = settings(
     max_examples=150,
@@ -38,17 +38,50 @@ PROPERTY = settings(
 )
 SECONDS = 2.0
 
-TAGS = ["View", "Image", "BrushLabels", "Brush", "Label", "Labels", "RectangleLabels", "PolygonLabels",
-        "KeyPointLabels", "Choices", "Choice", "Text", "Header", "TextArea", "Style", "Number", "Rating"]
-ATTRS = ["name", "toName", "toname", "value", "alias", "background", "predicted_values", "zoom", "choice",
-         "showInline", "hotkey", "strokeWidth", "smart", "xmlns", "xmlns:x", "x:name"]
+TAGS = [
+    "View",
+    "Image",
+    "BrushLabels",
+    "Brush",
+    "Label",
+    "Labels",
+    "RectangleLabels",
+    "PolygonLabels",
+    "KeyPointLabels",
+    "Choices",
+    "Choice",
+    "Text",
+    "Header",
+    "TextArea",
+    "Style",
+    "Number",
+    "Rating",
+]
+ATTRS = [
+    "name",
+    "toName",
+    "toname",
+    "value",
+    "alias",
+    "background",
+    "predicted_values",
+    "zoom",
+    "choice",
+    "showInline",
+    "hotkey",
+    "strokeWidth",
+    "smart",
+    "xmlns",
+    "xmlns:x",
+    "x:name",
+]
 
 
 def xml_chars(**kwargs: Any) -> st.SearchStrategy[str]:
     """Text XML 1.0 allows (no C0 controls but tab/newline/return, no surrogates, no FFFE/FFFF)."""
     return st.text(
-        st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffe\uffff",
-                      min_codepoint=0x20) | st.sampled_from("\t\n\r"),
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffe\uffff", min_codepoint=0x20)
+        | st.sampled_from("\t\n\r"),
         **kwargs,
     )
 
@@ -145,9 +178,11 @@ def valid_configs(draw: st.DrawFn) -> tuple[str, list[str]]:
         if draw(st.booleans()):
             parts.append(f"<Label value={quoteattr(label)} background={quoteattr(draw(xml_chars(max_size=8)))}/>")
         else:  # the alias is the name; the value is whatever
-            parts.append(f"<View><Label alias={quoteattr(label)} value={quoteattr(draw(xml_chars(max_size=8)))}/></View>")
+            parts.append(
+                f"<View><Label alias={quoteattr(label)} value={quoteattr(draw(xml_chars(max_size=8)))}/></View>"
+            )
     noise = draw(st.lists(nodes.filter(harmless), max_size=3))
-    brush = f"<BrushLabels name=\"tag\" toName={quoteattr('missing,' + image)}>{''.join(parts)}</BrushLabels>"
+    brush = f'<BrushLabels name="tag" toName={quoteattr("missing," + image)}>{"".join(parts)}</BrushLabels>'
     body = f"<Image name={quoteattr(image)} value={quoteattr('$' + key)}/>" + "".join(map(render, noise)) + brush
     return f"<View>{body}</View>", labels
 
@@ -193,10 +228,32 @@ def test_mutated_configs_parse_or_raise_invalid_input(case: tuple[str, list[str]
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(xml)))
         if data.draw(st.booleans()):
-            xml = xml[:at] + xml[at + data.draw(st.integers(1, 5)):]
+            xml = xml[:at] + xml[at + data.draw(st.integers(1, 5)) :]
         else:
-            xml = xml[:at] + data.draw(st.sampled_from(["<", ">", "&", '"', "</View>", "<View>", "&#0;", "]]>",
-                                                        "<!--", "-->", "<?x?>", "\x00", "\ud800", "&amp;"])) + xml[at:]
+            xml = (
+                xml[:at]
+                + data.draw(
+                    st.sampled_from(
+                        [
+                            "<",
+                            ">",
+                            "&",
+                            '"',
+                            "</View>",
+                            "<View>",
+                            "&#0;",
+                            "]]>",
+                            "<!--",
+                            "-->",
+                            "<?x?>",
+                            "\x00",
+                            "\ud800",
+                            "&amp;",
+                        ]
+                    )
+                )
+                + xml[at:]
+            )
     for kind in _both_parsers():
         outcome(xml, kind)
 
@@ -208,22 +265,27 @@ dtd_keyword = st.sampled_from(["DOCTYPE", "ENTITY", "doctype", "entity", "DocTyp
 @given(
     dtd_keyword,
     st.sampled_from(["", " ", "\n", "\t", "  \r\n"]),
-    st.sampled_from([
-        'View [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]',
-        'View SYSTEM "file:///etc/passwd"',
-        'View PUBLIC "-//x//y" "http://127.0.0.1:9/evil.dtd"',
-        'View [<!ENTITY % p SYSTEM "http://127.0.0.1:9/p.dtd"> %p;]',
-        "x",
-        "",
-    ]),
+    st.sampled_from(
+        [
+            'View [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]',
+            'View SYSTEM "file:///etc/passwd"',
+            'View PUBLIC "-//x//y" "http://127.0.0.1:9/evil.dtd"',
+            'View [<!ENTITY % p SYSTEM "http://127.0.0.1:9/p.dtd"> %p;]',
+            "x",
+            "",
+        ]
+    ),
     st.sampled_from(["head", "inside", "tail"]),
     st.sampled_from(["&b;", "&a;", "&xxe;", "", "&#60;"]),
 )
 def test_dtd_and_entity_tricks_are_refused(keyword: str, gap: str, body: str, where: str, ref: str) -> None:
     decl = f"<!{gap}{keyword} {body}>"
     core = f'<Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="A{ref}"/></BrushLabels>'
-    xml = {"head": f"{decl}<View>{core}</View>", "inside": f"<View>{decl}{core}</View>",
-           "tail": f"<View>{core}</View>{decl}"}[where]
+    xml = {
+        "head": f"{decl}<View>{core}</View>",
+        "inside": f"<View>{decl}{core}</View>",
+        "tail": f"<View>{core}</View>{decl}",
+    }[where]
     for kind in _both_parsers():
         result = outcome(xml, kind)
         if keyword.upper() in {"DOCTYPE", "ENTITY"}:
@@ -241,8 +303,13 @@ def test_deep_nesting_parses_in_bounded_time(depth: int, kind: str) -> None:
     wrapped = "<View>" * depth + CORE + "</View>" * depth
     config = outcome(wrapped, kind)
     assert isinstance(config, LabelConfig) and config.labels == ("A",)
-    inside = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
-              + "<View>" * depth + '<Label value="A"/>' + "</View>" * depth + "</BrushLabels></View>")
+    inside = (
+        '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+        + "<View>" * depth
+        + '<Label value="A"/>'
+        + "</View>" * depth
+        + "</BrushLabels></View>"
+    )
     assert outcome(inside, kind) == config
     unclosed = "<View>" * depth + CORE  # never closed: refused, not a stack overflow
     assert isinstance(outcome(unclosed, kind), InvalidLabelConfig)
@@ -255,8 +322,11 @@ def test_nesting_beyond_the_size_limit_is_refused_before_parsing(kind: str) -> N
 
 
 @PROPERTY
-@given(st.sampled_from(["name", "value", "alias", "toName", "background", "predicted_values", "junk"]),
-       st.integers(1_000, 990_000), st.sampled_from(["A", "&amp;", ",", " ", "é"]))
+@given(
+    st.sampled_from(["name", "value", "alias", "toName", "background", "predicted_values", "junk"]),
+    st.integers(1_000, 990_000),
+    st.sampled_from(["A", "&amp;", ",", " ", "é"]),
+)
 def test_huge_attribute_values_are_bounded(attribute: str, length: int, unit: str) -> None:
     value = unit * (length // len(unit))
     xml = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="A" {attribute}="{value}"/></BrushLabels></View>'
@@ -267,9 +337,16 @@ def test_huge_attribute_values_are_bounded(attribute: str, length: int, unit: st
 @pytest.mark.parametrize("count", [255, 256, 50_000])
 def test_many_labels_images_and_brush_tags_are_bounded(count: int) -> None:
     labels = "".join(f'<Label value="L{i}"/>' for i in range(count))
-    result = outcome(f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}</BrushLabels></View>')
+    result = outcome(
+        f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}</BrushLabels></View>'
+    )
     assert isinstance(result, LabelConfig) if count <= MAX_LABELS else isinstance(result, InvalidLabelConfig)
-    many = '<Image name="x" value="$x"/>' * min(count, 20_000) + '<BrushLabels name="t" toName="y"><Label value="A"/></BrushLabels>' * 200
+    many = (
+        '<Image name="x" value="$x"/>' * min(count, 20_000)
+        + '<BrushLabels name="t" toName="y"><Label value="A"/></BrushLabels>' * 200
+    )
     assert isinstance(outcome(f"<View>{many}</View>"), InvalidLabelConfig)
     names = ",".join(["nope"] * min(count, 100_000))
-    outcome(f'<View><Image name="image" value="$image"/><BrushLabels name="t" toName="{names},image"><Label value="A"/></BrushLabels></View>')
+    outcome(
+        f'<View><Image name="image" value="$image"/><BrushLabels name="t" toName="{names},image"><Label value="A"/></BrushLabels></View>'
+    )

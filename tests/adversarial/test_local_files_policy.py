@@ -157,8 +157,20 @@ def test_a_file_that_grows_after_fstat_is_read_only_up_to_the_limit(
 
     def small_fstat(fd: int) -> os.stat_result:
         st = real_fstat(fd)
-        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 10,
-                               int(st.st_atime), int(st.st_mtime), int(st.st_ctime)))
+        return os.stat_result(
+            (
+                st.st_mode,
+                st.st_ino,
+                st.st_dev,
+                st.st_nlink,
+                st.st_uid,
+                st.st_gid,
+                10,
+                int(st.st_atime),
+                int(st.st_mtime),
+                int(st.st_ctime),
+            )
+        )
 
     def counting_read(fd: int, n: int) -> bytes:
         chunk = real_read(fd, n)
@@ -187,8 +199,9 @@ class Env:
 @pytest.fixture
 def env(settings: Settings, root: Path) -> Iterator[Env]:
     model, loads = ThresholdModel(), []
-    app = create_app(settings.replace(local_files_root=root), start_background=False,
-                     loader=fake_loader(model, loads, set()))
+    app = create_app(
+        settings.replace(local_files_root=root), start_background=False, loader=fake_loader(model, loads, set())
+    )
     state: AppState = app.extensions["sonoseg"]
     yield Env(app.test_client(), state, root)
     state.close()
@@ -219,8 +232,9 @@ def test_one_bad_local_file_fails_alone_in_a_predict_batch(env: Env, bad_url: st
     pixels[:10, :10] = 5
     (env.root / "good.png").write_bytes(png_bytes(pixels))
     tasks = [{"id": 1, "data": {"image": bad_url}}, {"id": 2, "data": {"image": "/data/local-files/?d=good.png"}}]
-    resp = env.client.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": DEFAULT_LABEL_CONFIG,
-                                             "params": {}})
+    resp = env.client.post(
+        "/predict", json={"tasks": tasks, "project": PROJECT, "label_config": DEFAULT_LABEL_CONFIG, "params": {}}
+    )
     assert resp.status_code == 200, resp.get_json()
     results = resp.get_json()["results"]
     assert len(results) == 2

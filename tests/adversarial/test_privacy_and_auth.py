@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +42,9 @@ def _dump_sqlite(url: str) -> str:
         conn.close()
 
 
-def test_import_stores_no_path_file_or_folder_name(tmp_path: Path, settings: Settings, factory: SessionFactory,
-                                                   store: LocalBlobStore) -> None:
+def test_import_stores_no_path_file_or_folder_name(
+    tmp_path: Path, settings: Settings, factory: SessionFactory, store: LocalBlobStore
+) -> None:
     folder = tmp_path / RECORD
     folder.mkdir()
     img, mask = synthetic_frame(3)
@@ -51,8 +52,16 @@ def test_import_stores_no_path_file_or_folder_name(tmp_path: Path, settings: Set
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / f"{PATIENT}.png").write_bytes(encode_png(mask))
     for subject_from in ("file", "parent"):
-        report = import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"),
-                              paths=[folder], mask_dir=tmp_path / "masks", subject_from=subject_from)
+        report = import_files(
+            factory,
+            store,
+            settings,
+            project_name="p",
+            class_names=("Nerve", "Vessel"),
+            paths=[folder],
+            mask_dir=tmp_path / "masks",
+            subject_from=subject_from,
+        )
         assert not report.errors
     if settings.is_sqlite:
         dump = _dump_sqlite(settings.database_url)
@@ -63,7 +72,7 @@ def test_import_stores_no_path_file_or_folder_name(tmp_path: Path, settings: Set
         assert source.source_ref and source.source_ref.startswith("src-")
         assert source.file_sha256 and source.file_bytes == (folder / f"{PATIENT}.png").stat().st_size
     # ... yet the curator who holds the file finds its image again
-    from backend.cli.main import cli
+    from cli.main import cli
 
     env = {"SONOSEG_DATA_DIR": str(settings.data_dir), "SONOSEG_DATABASE_URL": settings.database_url}
     out = CliRunner().invoke(cli, ["sources", "find", str(folder / f"{PATIENT}.png")], env=env)
@@ -76,8 +85,14 @@ def test_import_stores_no_path_file_or_folder_name(tmp_path: Path, settings: Set
 
 def test_webhook_payloads_are_stored_without_personal_fields(hooks: Hooks) -> None:  # noqa: F811
     event = annotation_event("ANNOTATION_CREATED", 1, 10, hooks.urls[0], hooks.masks[0])
-    person = {"id": 7, "email": "jane.doe@hospital.example", "first_name": "Jane", "last_name": "Doe",
-              "username": "jdoe", "avatar": "/avatars/jdoe.png"}
+    person = {
+        "id": 7,
+        "email": "jane.doe@hospital.example",
+        "first_name": "Jane",
+        "last_name": "Doe",
+        "username": "jdoe",
+        "avatar": "/avatars/jdoe.png",
+    }
     event["annotation"]["completed_by"] = person
     event["annotation"]["created_username"] = "jane.doe@hospital.example, 7"
     event["annotation"]["updated_by"] = person
@@ -104,8 +119,13 @@ def test_data_dir_and_sqlite_database_are_owner_only(tmp_path: Path) -> None:
     env.pop("SONOSEG_DATABASE_URL", None)
     old = os.umask(0o022)
     try:
-        subprocess.run([sys.executable, "-m", "backend.cli.main", "db", "upgrade"], env=env, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "cli.main", "db", "upgrade"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
@@ -134,16 +154,27 @@ def test_an_existing_world_readable_data_dir_is_tightened(tmp_path: Path) -> Non
 
 
 # -- item 2: a half-configured secret refuses to start, naming what is missing ---------------------------------
-@pytest.mark.parametrize(("present", "missing"), [("SONOSEG_BASIC_AUTH_USER", "SONOSEG_BASIC_AUTH_PASSWORD"),
-                                                  ("SONOSEG_BASIC_AUTH_PASSWORD", "SONOSEG_BASIC_AUTH_USER")])
+@pytest.mark.parametrize(
+    ("present", "missing"),
+    [
+        ("SONOSEG_BASIC_AUTH_USER", "SONOSEG_BASIC_AUTH_PASSWORD"),
+        ("SONOSEG_BASIC_AUTH_PASSWORD", "SONOSEG_BASIC_AUTH_USER"),
+    ],
+)
 def test_half_configured_basic_auth_refuses_to_start(tmp_path: Path, present: str, missing: str) -> None:
     with pytest.raises(InvalidInput, match=missing):
         Settings.from_env({"SONOSEG_DATA_DIR": str(tmp_path), present: "x"})
     env = {**os.environ, "SONOSEG_DATA_DIR": str(tmp_path / "d"), present: "x"}
     env.pop(missing, None)
     for command in (["serve"], ["worker"], ["status"]):
-        done = subprocess.run([sys.executable, "-m", "backend.cli.main", *command], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", *command],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode != 0 and missing in done.stderr, (command, done.stderr[-500:])
 
 

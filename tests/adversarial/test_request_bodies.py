@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from backend.db.models import MaskVersion, WebhookEvent
@@ -71,8 +73,11 @@ def test_ids_beyond_the_id_columns_are_a_400_and_store_nothing(hooks: Hooks, bad
     assert resp.status_code == 400, resp.get_json()
     assert _events(hooks) == 0
     # /predict and /setup read the same ids through the same parsers
-    predict = {"project": bad if where == "project" else "3.1", "label_config": event["project"]["label_config"],
-               "tasks": [{"id": bad if where == "task" else 10, "data": {"image": hooks.urls[0]}}]}
+    predict = {
+        "project": bad if where == "project" else "3.1",
+        "label_config": event["project"]["label_config"],
+        "tasks": [{"id": bad if where == "task" else 10, "data": {"image": hooks.urls[0]}}],
+    }
     if where in ("project", "task"):
         assert hooks.client.post("/predict", json=predict).status_code == 400
     if where == "project":
@@ -114,16 +119,27 @@ def test_a_refused_webhook_does_not_grow_metric_labels(hooks: Hooks) -> None:  #
         hooks.client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": f"x{i}"})
     text = hooks.client.get("/metrics").get_data(as_text=True)
     assert "ATTACK_" not in text
-    labels = {line.split('action="')[1].split('"')[0] for line in text.splitlines()
-              if line.startswith("sonoseg_webhooks_total{") and 'action="' in line}
-    assert labels <= {"other", "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
-                      "ANNOTATIONS_DELETED", "TASKS_DELETED", "START_TRAINING"}
+    labels = {
+        line.split('action="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("sonoseg_webhooks_total{") and 'action="' in line
+    }
+    assert labels <= {
+        "other",
+        "ANNOTATION_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATIONS_DELETED",
+        "TASKS_DELETED",
+        "START_TRAINING",
+    }
 
 
 def test_a_chunked_body_over_the_limit_is_a_413_not_bad_json(hooks: Hooks) -> None:  # noqa: F811
     limit = hooks.state.settings.max_request_bytes
     served = ServedApp(hooks.client.application)
     try:
+
         def chunks() -> Any:
             yield b'{"action": "ANNOTATION_CREATED", "x": "'
             sent = 0
@@ -132,8 +148,9 @@ def test_a_chunked_body_over_the_limit_is_a_413_not_bad_json(hooks: Hooks) -> No
                 sent += 1 << 20
             yield b'"}'
 
-        resp = requests.post(served.url + "/webhook", data=chunks(), headers={"Content-Type": "application/json"},
-                             timeout=60)
+        resp = requests.post(
+            served.url + "/webhook", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+        )
         assert resp.status_code == 413, resp.text[:200]
         assert "limit" in resp.json()["error"]
     finally:
@@ -150,14 +167,32 @@ json_values = st.recursive(
 
 
 def _mutations() -> st.SearchStrategy[tuple[str, tuple[str, ...], Any]]:
-    paths = st.sampled_from([
-        ("action",), ("project",), ("project", "id"), ("project", "label_config"), ("task",), ("task", "id"),
-        ("task", "data"), ("task", "data", "image"), ("task", "data", "subject"), ("annotation",),
-        ("annotation", "id"), ("annotation", "task"), ("annotation", "result"), ("annotation", "updated_at"),
-        ("annotation", "was_cancelled"), ("annotation", "completed_by"), ("annotation", "lead_time"),
-        ("annotation", "result", 0), ("annotation", "result", 0, "value"), ("annotation", "result", 0, "value", "rle"),
-        ("annotation", "result", 0, "original_width"), ("annotation", "result", 0, "value", "brushlabels"),
-    ])
+    paths = st.sampled_from(
+        [
+            ("action",),
+            ("project",),
+            ("project", "id"),
+            ("project", "label_config"),
+            ("task",),
+            ("task", "id"),
+            ("task", "data"),
+            ("task", "data", "image"),
+            ("task", "data", "subject"),
+            ("annotation",),
+            ("annotation", "id"),
+            ("annotation", "task"),
+            ("annotation", "result"),
+            ("annotation", "updated_at"),
+            ("annotation", "was_cancelled"),
+            ("annotation", "completed_by"),
+            ("annotation", "lead_time"),
+            ("annotation", "result", 0),
+            ("annotation", "result", 0, "value"),
+            ("annotation", "result", 0, "value", "rle"),
+            ("annotation", "result", 0, "original_width"),
+            ("annotation", "result", 0, "value", "brushlabels"),
+        ]
+    )
     return st.tuples(st.sampled_from(["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]), paths, json_values)
 
 
@@ -185,7 +220,7 @@ def test_any_field_of_a_webhook_may_be_anything(hooks: Hooks, mutation: tuple[st
         assert resp.get_json()["error"]
         assert _events(hooks) == before
         return
-    report = hooks.process()
+    hooks.process()
     with unit_of_work(hooks.state.factory) as session:
         for row in session.scalars(select(WebhookEvent).where(WebhookEvent.status == "failed")):
             assert row.error and not row.error.startswith("internal error"), row.error
@@ -212,9 +247,14 @@ def test_any_bytes_on_any_route_are_answered_without_a_500(hooks: Hooks, route: 
 def test_predict_with_a_bad_task_structure_is_a_400_naming_the_task(hooks: Hooks) -> None:  # noqa: F811
     from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 
-    body = {"project": "3.1", "label_config": DEFAULT_LABEL_CONFIG,
-            "tasks": [{"id": 1, "data": {"image": hooks.urls[0]}}, {"id": 2, "data": {"image": hooks.urls[1],
-                                                                                      "subject": [1]}}]}
+    body = {
+        "project": "3.1",
+        "label_config": DEFAULT_LABEL_CONFIG,
+        "tasks": [
+            {"id": 1, "data": {"image": hooks.urls[0]}},
+            {"id": 2, "data": {"image": hooks.urls[1], "subject": [1]}},
+        ],
+    }
     resp = hooks.client.post("/predict", json=body)
     assert resp.status_code == 400 and "task #1" in resp.get_json()["error"]
     with unit_of_work(hooks.state.factory) as session:
@@ -246,10 +286,12 @@ def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: 
     port = free_port()
     env = {**os.environ, "SONOSEG_DATA_DIR": str(tmp_path / "d"), "SONOSEG_PORT": str(port)}
     env.pop("SONOSEG_DATABASE_URL", None)
-    subprocess.run([sys.executable, "-m", "backend.cli.main", "db", "upgrade"], env=env, check=True,
-                   capture_output=True, timeout=120)
-    server = subprocess.Popen([sys.executable, "-m", "backend.cli.main", "serve"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -260,8 +302,11 @@ def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: 
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "server did not start"
             time.sleep(0.3)
-        for raw in (b"GET /\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
-                    b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        for raw in (
+            b"GET /\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
+            b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(raw)
                 try:  # no more bytes: a partial line must still be answered
@@ -287,7 +332,11 @@ def test_a_nul_character_anywhere_is_a_400(hooks: Hooks, route: str) -> None:  #
     """PostgreSQL's JSONB cannot hold \\u0000: storing one was a 500 (found by the property test)."""
     event = annotation_event("ANNOTATION_CREATED", 1, 10, hooks.urls[0], hooks.masks[0])
     event["project"]["label_config"] = "\x00"
-    for body in (event, {"project": 1, "k\x00": 1}, {"project": "3.1", "tasks": [{"id": 1, "data": {"image": "a\x00"}}]}):
+    for body in (
+        event,
+        {"project": 1, "k\x00": 1},
+        {"project": "3.1", "tasks": [{"id": 1, "data": {"image": "a\x00"}}]},
+    ):
         resp = hooks.client.post(route, json=body)
         assert resp.status_code == 400 and "NUL" in resp.get_json()["error"]
     assert _events(hooks) == 0

@@ -110,8 +110,10 @@ masks = st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(
         st.tuples(*(st.integers(0, side) for side in shape * 2)).map(
             lambda box, shape=shape: np.pad(
                 np.ones((max(box[2] - box[0], 0), max(box[3] - box[1], 0)), bool),
-                ((min(box[0], box[2]), shape[0] - max(box[2] - box[0], 0) - min(box[0], box[2])),
-                 (min(box[1], box[3]), shape[1] - max(box[3] - box[1], 0) - min(box[1], box[3]))),
+                (
+                    (min(box[0], box[2]), shape[0] - max(box[2] - box[0], 0) - min(box[0], box[2])),
+                    (min(box[1], box[3]), shape[1] - max(box[3] - box[1], 0) - min(box[1], box[3])),
+                ),
             )
         ),
     )
@@ -199,8 +201,10 @@ def test_arbitrary_bytes_decode_or_raise_invalid_input(data: bytes, size: tuple[
     st.one_of(
         junk_items,
         st.text(),
-        hnp.arrays(st.sampled_from([np.float64, np.int64, np.int8, np.uint16, np.bool_, np.complex64]),
-                   hnp.array_shapes(max_dims=3, max_side=8)),
+        hnp.arrays(
+            st.sampled_from([np.float64, np.int64, np.int8, np.uint16, np.bool_, np.complex64]),
+            hnp.array_shapes(max_dims=3, max_side=8),
+        ),
     ),
     sizes,
 )

@@ -52,7 +52,7 @@ def read_urllib(url: str) -> tuple[str, str, int | None] | str:
 def read_urllib3(url: str) -> tuple[str, str, int | None] | str:
     try:
         parts = parse_url(url)
-    except Exception:  # noqa: BLE001 - any failure is a reading of its own
+    except Exception:
         return "error"
     return _norm(parts.scheme, parts.host, parts.port)
 
@@ -64,7 +64,7 @@ def read_requests(url: str) -> tuple[str, str, int | None] | str:
         prepared.prepare_url(url, None)
         parts = urlsplit(prepared.url or "")
         return _norm(parts.scheme, parts.hostname, parts.port)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "error"
 
 
@@ -81,10 +81,60 @@ def policy(url: str) -> Any:
 
 # -- generated URLs ------------------------------------------------------------------------------
 PIECES = [
-    "evil.test", "ls.test", "127.0.0.1", "localhost", "LS.Test", "[::1]", "[::ffff:127.0.0.1]", "[", "]",
-    "@", ":", "::", "\\", "\\\\", "/", "//", "?", "#", ";", "&", "%5c", "%5C", "%40", "%2e", "%00", "%",
-    "\t", "\n", "\r", " ", "\x00", "\x0b", "\u3000", "\u00a0", "\u200b", "ü", "ａ", "＠", "／", "\uff0e",
-    "8080", "80", "0", "080", "65536", "99999", "-1", "user", "user:pw", "*", ".", "..", "x.png", "a=b",
+    "evil.test",
+    "ls.test",
+    "127.0.0.1",
+    "localhost",
+    "LS.Test",
+    "[::1]",
+    "[::ffff:127.0.0.1]",
+    "[",
+    "]",
+    "@",
+    ":",
+    "::",
+    "\\",
+    "\\\\",
+    "/",
+    "//",
+    "?",
+    "#",
+    ";",
+    "&",
+    "%5c",
+    "%5C",
+    "%40",
+    "%2e",
+    "%00",
+    "%",
+    "\t",
+    "\n",
+    "\r",
+    " ",
+    "\x00",
+    "\x0b",
+    "\u3000",
+    "\u00a0",
+    "\u200b",
+    "ü",
+    "ａ",
+    "＠",
+    "／",
+    "\uff0e",
+    "8080",
+    "80",
+    "0",
+    "080",
+    "65536",
+    "99999",
+    "-1",
+    "user",
+    "user:pw",
+    "*",
+    ".",
+    "..",
+    "x.png",
+    "a=b",
 ]
 SCHEMES = ["http", "HTTP", "hTtPs", "https", "ftp", "file", "", "ht\ttp", "http ", " http", "javascript"]
 SEPARATORS = ["://", ":/", ":", ":\\\\", "://\\", ":\\/", ":///", "//", ":/\\"]
@@ -92,10 +142,15 @@ SEPARATORS = ["://", ":/", ":", ":\\\\", "://\\", ":\\/", ":///", "//", ":/\\"]
 urls = st.one_of(
     st.builds(
         lambda scheme, sep, pieces: f"{scheme}{sep}{''.join(pieces)}",
-        st.sampled_from(SCHEMES), st.sampled_from(SEPARATORS), st.lists(st.sampled_from(PIECES), max_size=8),
+        st.sampled_from(SCHEMES),
+        st.sampled_from(SEPARATORS),
+        st.lists(st.sampled_from(PIECES), max_size=8),
     ),
-    st.builds(lambda scheme, rest: f"{scheme}://{rest}", st.sampled_from(SCHEMES),
-              st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)),
+    st.builds(
+        lambda scheme, rest: f"{scheme}://{rest}",
+        st.sampled_from(SCHEMES),
+        st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30),
+    ),
 )
 
 # Each pretends to be on ls.test; the HTTP client would connect elsewhere (or read it otherwise).
@@ -148,8 +203,13 @@ def test_known_tricks_are_refused_and_redaction_is_not_fooled(url: str) -> None:
 
 
 def test_redaction_never_shows_user_info_or_query() -> None:
-    for url in ("http://user:secret@ls.test/x?token=abc", "http://user:secret\\@ls.test/x?token=abc",
-                "http://ls.test/x?X-Amz-Signature=abc", "s3://bucket/k?sig=abc", "/data/upload/x.png?token=abc"):
+    for url in (
+        "http://user:secret@ls.test/x?token=abc",
+        "http://user:secret\\@ls.test/x?token=abc",
+        "http://ls.test/x?X-Amz-Signature=abc",
+        "s3://bucket/k?sig=abc",
+        "/data/upload/x.png?token=abc",
+    ):
         shown = redact_url(url)
         assert "secret" not in shown and "abc" not in shown, shown
         try:
@@ -173,7 +233,7 @@ class Listener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 auth = self.headers.get("Authorization")
                 listener.seen.append((self.path, auth))
                 if self.path.startswith("/r") or "/presign/" in self.path:
@@ -222,8 +282,11 @@ class World:
 
     @property
     def netlocs(self) -> dict[str, str]:
-        return {"E": f"127.0.0.1:{self.evil.port}", "L": f"127.0.0.1:{self.ls.port}",
-                "A": f"localhost:{self.allowed.port}"}
+        return {
+            "E": f"127.0.0.1:{self.evil.port}",
+            "L": f"127.0.0.1:{self.ls.port}",
+            "A": f"localhost:{self.allowed.port}",
+        }
 
     def reset(self) -> None:
         for listener in (self.ls, self.evil, self.allowed):
@@ -241,8 +304,29 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         listener.close()
 
 
-TRICKS = ["\\@", "\\\\@", "%5c@", "%5C@", "\t@", "\n@", "\r\n@", " @", "@", "\\", "#@", "?@", "/@", "\\/@",
-          ";@", "\x00@", "\u3000@", ":@", "%40", "@@", "\\@\\@"]
+TRICKS = [
+    "\\@",
+    "\\\\@",
+    "%5c@",
+    "%5C@",
+    "\t@",
+    "\n@",
+    "\r\n@",
+    " @",
+    "@",
+    "\\",
+    "#@",
+    "?@",
+    "/@",
+    "\\/@",
+    ";@",
+    "\x00@",
+    "\u3000@",
+    ":@",
+    "%40",
+    "@@",
+    "\\@\\@",
+]
 HOSTILE_SCHEMES = ["http", "HTTP", "Http", "hTTp", "https"]
 PATHS = ["/data/upload/x.png", "/x.png", "", "/r", "/data/local-files/?d=x.png"]
 
@@ -254,15 +338,36 @@ def _fill(template: str, world: World) -> str:
 
 
 hostile_templates = st.one_of(
-    st.builds(lambda s, a, t, b, p: f"{s}://{{{a}}}{t}{{{b}}}{p}", st.sampled_from(HOSTILE_SCHEMES),
-              st.sampled_from("ELA"), st.sampled_from(TRICKS), st.sampled_from("ELA"), st.sampled_from(PATHS)),
-    st.builds(lambda s, sep, a, p: f"{s}{sep}{{{a}}}{p}", st.sampled_from(HOSTILE_SCHEMES),
-              st.sampled_from(SEPARATORS), st.sampled_from("ELA"), st.sampled_from(PATHS)),
-    st.sampled_from([
-        "http://[::1]:{E}/x.png", "http://[::ffff:127.0.0.1]/x.png", "HTTP://127.0.0.1/x.png",
-        "http://{E}/x.png", "//{E}/x.png", "/\\{E}/x.png", "\\\\{E}/x.png", "http:{E}/x.png",
-        "http://{E}%2f@{L}/x.png", "http://{L}.@{E}/x.png", "http://{E}\u2100@{L}/x",
-    ]).map(lambda t: t.replace("[::1]:{E}", "[::1]:{Eport}")),
+    st.builds(
+        lambda s, a, t, b, p: f"{s}://{{{a}}}{t}{{{b}}}{p}",
+        st.sampled_from(HOSTILE_SCHEMES),
+        st.sampled_from("ELA"),
+        st.sampled_from(TRICKS),
+        st.sampled_from("ELA"),
+        st.sampled_from(PATHS),
+    ),
+    st.builds(
+        lambda s, sep, a, p: f"{s}{sep}{{{a}}}{p}",
+        st.sampled_from(HOSTILE_SCHEMES),
+        st.sampled_from(SEPARATORS),
+        st.sampled_from("ELA"),
+        st.sampled_from(PATHS),
+    ),
+    st.sampled_from(
+        [
+            "http://[::1]:{E}/x.png",
+            "http://[::ffff:127.0.0.1]/x.png",
+            "HTTP://127.0.0.1/x.png",
+            "http://{E}/x.png",
+            "//{E}/x.png",
+            "/\\{E}/x.png",
+            "\\\\{E}/x.png",
+            "http:{E}/x.png",
+            "http://{E}%2f@{L}/x.png",
+            "http://{L}.@{E}/x.png",
+            "http://{E}\u2100@{L}/x",
+        ]
+    ).map(lambda t: t.replace("[::1]:{E}", "[::1]:{Eport}")),
 )
 
 
@@ -297,9 +402,22 @@ def test_c_hostile_task_urls_never_bring_the_key_or_a_request_to_the_evil_host(w
 
 LOCATIONS = st.one_of(
     hostile_templates,
-    st.sampled_from(["http://{E}/x.png", "//{E}/x.png", "HTTP://{E}/x.png", "/\\{E}/x.png", "\\\\{E}/x.png",
-                     "\t//{E}/x.png", "http://{E}\\@{A}/x.png", "http://{E}\\@{L}/x.png", "http:\\\\{E}/x.png",
-                     "/x.png", "http://{A}/x.png", "http://{L}/data/upload/x.png"]),
+    st.sampled_from(
+        [
+            "http://{E}/x.png",
+            "//{E}/x.png",
+            "HTTP://{E}/x.png",
+            "/\\{E}/x.png",
+            "\\\\{E}/x.png",
+            "\t//{E}/x.png",
+            "http://{E}\\@{A}/x.png",
+            "http://{E}\\@{L}/x.png",
+            "http:\\\\{E}/x.png",
+            "/x.png",
+            "http://{A}/x.png",
+            "http://{L}/data/upload/x.png",
+        ]
+    ),
 )
 
 

@@ -19,7 +19,8 @@ from backend.db.base import utcnow
 from backend.db.models import Project, TrainingRun
 from backend.db.session import unit_of_work
 from backend.services import retrain, run_execution, run_queue, runs, scheduler
-from workers.celery_app import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN, runtime_of
+from workers.celery_app import runtime_of
+from workers.names import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
 from workers.tasks.training import send_run
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ def dispatch_due_runs(self: Task) -> list[int]:
         scheduler.record_heartbeat(session, host=host, pid=pid, now=utcnow())
     sweep_retrain_policy(rt)
     with unit_of_work(rt.factory) as session:
-        due = run_queue.runs_to_dispatch(session, now=utcnow(),
-                                         redispatch_after_seconds=rt.settings.train_stale_after_seconds)
+        due = run_queue.runs_to_dispatch(
+            session, now=utcnow(), redispatch_after_seconds=rt.settings.train_stale_after_seconds
+        )
     for run_id in due:
         send_run(self.app, run_id)
         log.info("run %s dispatched to the train queue", run_id)
@@ -66,9 +68,12 @@ def reap_stale_runs(self: Task) -> list[dict[str, Any]]:
     rt = runtime_of(self.app)
     settings = rt.settings
     with unit_of_work(rt.factory) as session:
-        reaped = run_queue.reap_stale_runs(session, now=utcnow(),
-                                           stale_after_seconds=settings.train_stale_after_seconds,
-                                           max_attempts=settings.train_max_attempts)
+        reaped = run_queue.reap_stale_runs(
+            session,
+            now=utcnow(),
+            stale_after_seconds=settings.train_stale_after_seconds,
+            max_attempts=settings.train_max_attempts,
+        )
         running = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status == "running")))
     for path in run_execution.sweep_run_dirs(settings, running):
         log.info("removed scratch files of a run that is not running: %s", path)
@@ -109,10 +114,19 @@ def drain_webhook_events(self: Task) -> dict[str, int]:
     report = process_pending_events(mirror)
     queued = sweep_retrain_policy(rt)
     if report.total or queued:
-        log.info("webhook drain: %d processed, %d ignored, %d failed; %d run(s) queued", report.processed,
-                 report.ignored, report.failed, len(queued))
-    return {"processed": report.processed, "ignored": report.ignored, "failed": report.failed,
-            "runs_queued": len(queued)}
+        log.info(
+            "webhook drain: %d processed, %d ignored, %d failed; %d run(s) queued",
+            report.processed,
+            report.ignored,
+            report.failed,
+            len(queued),
+        )
+    return {
+        "processed": report.processed,
+        "ignored": report.ignored,
+        "failed": report.failed,
+        "runs_queued": len(queued),
+    }
 
 
 @shared_task(name=TASK_SCHEDULED_RETRAIN, bind=True, acks_late=True, ignore_result=True)

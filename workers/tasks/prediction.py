@@ -21,7 +21,8 @@ from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, SonosegError, UpstreamError
 from backend.labelstudio.payloads import LsTask
 from backend.services.versions import serving_version
-from workers.celery_app import TASK_PREDICT_PROJECT, WorkerRuntime, runtime_of
+from workers.celery_app import WorkerRuntime, runtime_of
+from workers.names import TASK_PREDICT_PROJECT
 
 if TYPE_CHECKING:
     from backend.services.predictions import ServingModel
@@ -55,8 +56,9 @@ def _unlabelled_tasks(tasks: Iterator[dict[str, Any]], uid: str, report: Repredi
             report.failed += 1
             log.warning("task %r skipped: %s", task.get("id"), exc.message)
             continue
-        annotations = [a for a in task.get("annotations") or []
-                       if isinstance(a, Mapping) and not a.get("was_cancelled")]
+        annotations = [
+            a for a in task.get("annotations") or [] if isinstance(a, Mapping) and not a.get("was_cancelled")
+        ]
         if annotations:
             continue
         predictions = task.get("predictions") or []
@@ -79,17 +81,20 @@ def _chunks(items: Iterator[LsTask], size: int) -> Iterator[list[LsTask]]:
 
 def repredict_unlabelled(rt: WorkerRuntime, project_id: int, model_uid: str | None) -> RepredictReport:
     """Predict the project's unlabelled Label Studio tasks with its serving model, write them back."""
-    from backend.services.serving import ServingRow, load_from_store
     from backend.labelstudio.images import TaskImageFetcher
     from backend.services.predictions import predict_tasks
+    from backend.services.serving import ServingRow, load_from_store
     from backend.services.sync import LabelStudioMirror
 
     with unit_of_work(rt.factory) as session:
         project = session.get(Project, project_id)
         serving = serving_version(session, project_id) if project is not None else None
         ls_project_id = project.ls_project_id if project is not None else None
-        row = (ServingRow(project_id, serving.id, serving.uid, serving.checkpoint_key, serving.checkpoint_sha256)
-               if serving is not None else None)
+        row = (
+            ServingRow(project_id, serving.id, serving.uid, serving.checkpoint_key, serving.checkpoint_sha256)
+            if serving is not None
+            else None
+        )
     report = RepredictReport(project_id, row.uid if row else None)
     if row is None:
         report.skipped_reason = "no serving model"
@@ -122,14 +127,27 @@ def repredict_unlabelled(rt: WorkerRuntime, project_id: int, model_uid: str | No
             else:
                 report.failed += 1
                 log.warning("Label Studio refused the prediction for task %s (%s)", task.id, resp.status_code)
-    log.info("re-prediction of project %s with %s: %d written, %d already there, %d empty, %d failed of %d tasks",
-             project_id, row.uid, report.predicted, report.already_predicted, report.empty, report.failed,
-             report.tasks_seen)
+    log.info(
+        "re-prediction of project %s with %s: %d written, %d already there, %d empty, %d failed of %d tasks",
+        project_id,
+        row.uid,
+        report.predicted,
+        report.already_predicted,
+        report.empty,
+        report.failed,
+        report.tasks_seen,
+    )
     return report
 
 
-@shared_task(name=TASK_PREDICT_PROJECT, bind=True, acks_late=True, autoretry_for=(UpstreamError,),
-             retry_backoff=30, max_retries=5)
+@shared_task(
+    name=TASK_PREDICT_PROJECT,
+    bind=True,
+    acks_late=True,
+    autoretry_for=(UpstreamError,),
+    retry_backoff=30,
+    max_retries=5,
+)
 def predict_project(self: Task, project_id: int, model_uid: str | None = None) -> dict[str, Any]:
     """Re-predict a project's unlabelled tasks with ``model_uid`` (None: whatever serves now)."""
     rt = runtime_of(self.app)

@@ -17,7 +17,8 @@ from celery import Task, shared_task
 from backend.db.base import utcnow
 from backend.db.session import unit_of_work
 from backend.services import run_execution, run_queue
-from workers.celery_app import TASK_PREDICT_PROJECT, TASK_TRAIN, WorkerRuntime, runtime_of
+from workers.celery_app import WorkerRuntime, runtime_of
+from workers.names import TASK_PREDICT_PROJECT, TASK_TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
         if self.request.id:
             self.update_state(state="PROGRESS", meta={"run_id": run_id, **state})
 
-    outcome = run_execution.execute_run(rt.factory, rt.store, rt.settings, claimed, on_progress=progress,
-                                        reconcile=reconciler(rt))
+    outcome = run_execution.execute_run(
+        rt.factory, rt.store, rt.settings, claimed, on_progress=progress, reconcile=reconciler(rt)
+    )
     if outcome.follow_up_run_id is not None:
         run_due_now(self.app, outcome.follow_up_run_id)
     if outcome.promoted and rt.settings.repredict_after_promotion and outcome.model_version_uid:

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from backend.cli.context import CliContext, fail, pass_ctx
 from backend.errors import SonosegError
+from cli.context import CliContext, fail, pass_ctx
 
 QUEUE_CHOICES = ("train", "predict", "housekeeping")
 # After Celery's own shutdown, how long the worker waits for the processes it started (pool
@@ -38,21 +38,50 @@ def _require_database(c: CliContext) -> None:
 
 
 @click.command("worker", context_settings={"ignore_unknown_options": True})
-@click.option("-Q", "--queues", default=",".join(QUEUE_CHOICES), show_default=True,
-              help="Comma-separated queues to consume. GPU machines: train (and predict).")
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes. Keep 1 per GPU for the train queue.")
+@click.option(
+    "-Q",
+    "--queues",
+    default=",".join(QUEUE_CHOICES),
+    show_default=True,
+    help="Comma-separated queues to consume. GPU machines: train (and predict).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes. Keep 1 per GPU for the train queue.",
+)
 @click.option("-P", "--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork", show_default=True)
-@click.option("-B", "--beat/--no-beat", "with_beat", default=False,
-              help="Also run the beat scheduler in this worker (single-machine setups; exactly one per deployment).")
+@click.option(
+    "-B",
+    "--beat/--no-beat",
+    "with_beat",
+    default=False,
+    help="Also run the beat scheduler in this worker (single-machine setups; exactly one per deployment).",
+)
 @click.option("-n", "--hostname", default=None, help="Node name (default sonoseg-<queues>@<host>).")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=SHUTDOWN_TIMEOUT_SECONDS, show_default=True,
-              help="Seconds to wait, once Celery has shut down, for the processes this worker started "
-                   "(pool, embedded beat) before killing them.")
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=SHUTDOWN_TIMEOUT_SECONDS,
+    show_default=True,
+    help="Seconds to wait, once Celery has shut down, for the processes this worker started "
+    "(pool, embedded beat) before killing them.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def worker(c: CliContext, queues: str, concurrency: int, pool: str, with_beat: bool, hostname: str | None,
-           shutdown_timeout: float, celery_args: tuple[str, ...]) -> None:
+def worker(
+    c: CliContext,
+    queues: str,
+    concurrency: int,
+    pool: str,
+    with_beat: bool,
+    hostname: str | None,
+    shutdown_timeout: float,
+    celery_args: tuple[str, ...],
+) -> None:
     """Run a Celery worker for training, batch prediction and housekeeping.
 
     Broker and result backend come from SONOSEG_BROKER_URL / SONOSEG_RESULT_BACKEND (default: SQLite
@@ -67,8 +96,9 @@ def worker(c: CliContext, queues: str, concurrency: int, pool: str, with_beat: b
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(QUEUE_CHOICES))
     if not names or unknown:
-        raise click.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUE_CHOICES)}",
-                                 param_hint="--queues")
+        raise click.BadParameter(
+            f"unknown queue(s) {unknown}; choose from {', '.join(QUEUE_CHOICES)}", param_hint="--queues"
+        )
     _require_database(c)
     app = _celery_app(c)
     argv = [
@@ -99,8 +129,11 @@ def _end_children(timeout: float) -> None:
     killed = end_descendants(timeout)
     if killed:
         logging.getLogger(__name__).warning(
-            "killed %d process(es) still running %.0f s after shutdown: %s", len(killed), timeout,
-            ", ".join(f"{p.pid} ({p.command})" for p in killed))
+            "killed %d process(es) still running %.0f s after shutdown: %s",
+            len(killed),
+            timeout,
+            ", ".join(f"{p.pid} ({p.command})" for p in killed),
+        )
 
 
 @click.command("beat", context_settings={"ignore_unknown_options": True})
@@ -113,8 +146,14 @@ def beat(c: CliContext, celery_args: tuple[str, ...]) -> None:
     """
     _require_database(c)
     app = _celery_app(c)
-    app.start(["beat", f"--schedule={c.settings.data_dir / 'celerybeat-schedule'}",
-               f"--loglevel={c.settings.log_level.upper()}", *celery_args])
+    app.start(
+        [
+            "beat",
+            f"--schedule={c.settings.data_dir / 'celerybeat-schedule'}",
+            f"--loglevel={c.settings.log_level.upper()}",
+            *celery_args,
+        ]
+    )
 
 
 @click.command("train")
@@ -151,9 +190,12 @@ def train(c: CliContext, project_name: str, from_scratch: bool, inline: bool) ->
 
         send_run(_celery_app(c), run_id)
         click.echo(f"run {run_id} queued for project {pid}; follow it with `sonoseg status`")
-    except Exception as exc:  # noqa: BLE001 - the broker may be down; the row is the truth
-        click.echo(f"run {run_id} queued for project {pid}; the broker did not take the message "
-                   f"({type(exc).__name__}), the beat dispatcher will send it", err=True)
+    except Exception as exc:
+        click.echo(
+            f"run {run_id} queued for project {pid}; the broker did not take the message "
+            f"({type(exc).__name__}), the beat dispatcher will send it",
+            err=True,
+        )
 
 
 def _train_inline(c: CliContext, run_id: int) -> None:
@@ -174,15 +216,21 @@ def _train_inline(c: CliContext, run_id: int) -> None:
     if outcome.status != "succeeded":
         raise click.ClickException(f"run {run_id} {outcome.status}: {outcome.error}")
     state = "serving" if outcome.promoted else "candidate"
-    click.echo(f"run {run_id} succeeded on {outcome.device}: {outcome.model_version_uid} is {state} "
-               f"({outcome.gate_reason})")
+    click.echo(
+        f"run {run_id} succeeded on {outcome.device}: {outcome.model_version_uid} is {state} ({outcome.gate_reason})"
+    )
 
 
 @click.command("evaluate")
 @click.option("--project", "project_name", required=True)
 @click.option("--version", "version", default=None, help="Model version uid or id (default: the serving one).")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
-              help="Held-out split to score on (test: report only, never for choosing models).")
+@click.option(
+    "--split",
+    type=click.Choice(["val", "test"]),
+    default="val",
+    show_default=True,
+    help="Held-out split to score on (test: report only, never for choosing models).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def evaluate(c: CliContext, project_name: str, version: str | None, split: str, as_json: bool) -> None:
@@ -205,14 +253,16 @@ def evaluate(c: CliContext, project_name: str, version: str | None, split: str, 
                 raise click.ClickException(f"project {project.name!r} has no serving model; pass --version")
             if mv.project_id != project.id or not mv.checkpoint_key:
                 raise click.ClickException(
-                    f"version {mv.uid} does not belong to project {project.name!r} or has no checkpoint")
+                    f"version {mv.uid} does not belong to project {project.name!r} or has no checkpoint"
+                )
             uid, key, sha, classes = mv.uid, mv.checkpoint_key, mv.checkpoint_sha256, tuple(project.class_names)
             items = labelled_images(session, project.id, split)
         if not items:
             raise click.ClickException(f"no labelled {split} image in project {project_name!r}")
         checkpoint = load_checkpoint(c.store.local_path(key), expected_sha256=sha)
-        result = evaluate_checkpoint(checkpoint, items, load_pairs(c.store, items), classes, uid=uid,
-                                     device=c.settings.device)
+        result = evaluate_checkpoint(
+            checkpoint, items, load_pairs(c.store, items), classes, uid=uid, device=c.settings.device
+        )
     except SonosegError as exc:
         raise fail(exc) from exc
     summary = {"version": uid, "split": split, "n_images": result.n_images, **result.metrics}
@@ -249,7 +299,7 @@ def predict(c: CliContext, project_name: str, inline: bool) -> None:
         if report.failed:
             sys.exit(1)
         return
-    from workers.celery_app import TASK_PREDICT_PROJECT
+    from workers.names import TASK_PREDICT_PROJECT
 
     _celery_app(c).send_task(TASK_PREDICT_PROJECT, args=[pid, None])
     click.echo(f"re-prediction of project {pid} queued on the predict queue")
@@ -257,15 +307,30 @@ def predict(c: CliContext, project_name: str, inline: bool) -> None:
 
 @click.command("retrain-policy")
 @click.option("--project", "project_name", required=True)
-@click.option("--after", "retrain_after", type=click.IntRange(min=0), default=None,
-              help="Retrain after this many new/changed training labels (0: never automatically).")
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock budget of one run for this project.")
+@click.option(
+    "--after",
+    "retrain_after",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retrain after this many new/changed training labels (0: never automatically).",
+)
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Wall-clock budget of one run for this project.",
+)
 @click.option("--auto/--no-auto", "auto", default=None, help="Automatic runs (count and nightly) on or off.")
 @click.option("--reset", is_flag=True, help="Drop the project's overrides: use the settings' values.")
 @pass_ctx
-def retrain_policy(c: CliContext, project_name: str, retrain_after: int | None, max_minutes: float | None,
-                   auto: bool | None, reset: bool) -> None:
+def retrain_policy(
+    c: CliContext,
+    project_name: str,
+    retrain_after: int | None,
+    max_minutes: float | None,
+    auto: bool | None,
+    reset: bool,
+) -> None:
     """Show or change a project's retraining policy (overrides of SONOSEG_RETRAIN_AFTER and
     SONOSEG_TRAIN_MAX_MINUTES, and whether it retrains automatically)."""
     from backend.db.session import unit_of_work
@@ -291,9 +356,11 @@ def retrain_policy(c: CliContext, project_name: str, retrain_after: int | None, 
             name = project.name
     except SonosegError as exc:
         raise fail(exc) from exc
-    click.echo(f"project {name!r}: auto={policy.auto} retrain_after={policy.retrain_after} "
-               f"debounce={policy.debounce_seconds:g}s max_minutes={policy.max_minutes:g} "
-               f"changed_training_labels={changed}")
+    click.echo(
+        f"project {name!r}: auto={policy.auto} retrain_after={policy.retrain_after} "
+        f"debounce={policy.debounce_seconds:g}s max_minutes={policy.max_minutes:g} "
+        f"changed_training_labels={changed}"
+    )
 
 
 COMMANDS = (worker, beat, train, evaluate, predict, retrain_policy)

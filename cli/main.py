@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from backend import __version__
-from backend.cli.context import CliContext, fail, pass_ctx, setup_logging
 from backend.errors import SonosegError
 from backend.settings import Settings
+from cli.context import CliContext, fail, pass_ctx, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,26 +71,53 @@ def db_current(c: CliContext) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--project", "project_name", required=True, help="Project name (created if missing).")
 @click.option("--labels", default="Nerve,Vessel", show_default=True, help="Class names, in class-index order.")
-@click.option("--masks", "mask_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of masks matched to images by file stem (class-index PNG/NIfTI/MHA; 0/255 = class 1).")
+@click.option(
+    "--masks",
+    "mask_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of masks matched to images by file stem (class-index PNG/NIfTI/MHA; 0/255 = class 1).",
+)
 @click.option("--subject", default=None, help="One subject identifier for all files (pseudonymised before storing).")
-@click.option("--subject-from", type=click.Choice(["file", "parent"]), default="file", show_default=True,
-              help="Where each file's subject comes from: the file itself, or its parent folder's name.")
+@click.option(
+    "--subject-from",
+    type=click.Choice(["file", "parent"]),
+    default="file",
+    show_default=True,
+    help="Where each file's subject comes from: the file itself, or its parent folder's name.",
+)
 @pass_ctx
-def import_cmd(c: CliContext, paths: tuple[Path, ...], project_name: str, labels: str, mask_dir: Path | None,
-               subject: str | None, subject_from: str) -> None:
+def import_cmd(
+    c: CliContext,
+    paths: tuple[Path, ...],
+    project_name: str,
+    labels: str,
+    mask_dir: Path | None,
+    subject: str | None,
+    subject_from: str,
+) -> None:
     """Import images (PNG, JPEG, TIFF, BMP, DICOM incl. cine, NIfTI, MHA) and optional masks."""
     from backend.services.dataset import import_files
 
     class_names = tuple(x.strip() for x in labels.split(",") if x.strip())
     try:
-        report = import_files(c.factory, c.store, c.settings, project_name=project_name, class_names=class_names,
-                              paths=list(paths), mask_dir=mask_dir, subject=subject, subject_from=subject_from)
+        report = import_files(
+            c.factory,
+            c.store,
+            c.settings,
+            project_name=project_name,
+            class_names=class_names,
+            paths=list(paths),
+            mask_dir=mask_dir,
+            subject=subject,
+            subject_from=subject_from,
+        )
     except SonosegError as exc:
         raise fail(exc) from exc
-    click.echo(f"{report.files} file(s): {report.images_added} new image(s), {report.images_existing} already "
-               f"present, {report.masks_added} mask(s), {report.masks_unchanged} mask(s) unchanged, "
-               f"{len(report.conflicts)} conflicting duplicate(s), {len(report.errors)} rejected")
+    click.echo(
+        f"{report.files} file(s): {report.images_added} new image(s), {report.images_existing} already "
+        f"present, {report.masks_added} mask(s), {report.masks_unchanged} mask(s) unchanged, "
+        f"{len(report.conflicts)} conflicting duplicate(s), {len(report.errors)} rejected"
+    )
     for path, message in report.conflicts:
         click.echo(f"  conflict {path}: {message}", err=True)
     for path, message in report.errors:
@@ -102,8 +129,13 @@ def import_cmd(c: CliContext, paths: tuple[Path, ...], project_name: str, labels
 @cli.command("export")
 @click.option("--project", "project_name", required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "val", "test"]),
-              help="Only these splits (repeatable; default all).")
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["train", "val", "test"]),
+    help="Only these splits (repeatable; default all).",
+)
 @pass_ctx
 def export_cmd(c: CliContext, project_name: str, out_dir: Path, splits: tuple[str, ...]) -> None:
     """Export labelled images, current masks and a manifest (subject, split, mask version)."""
@@ -150,8 +182,10 @@ def masks_issues(c: CliContext, project_name: str | None, as_json: bool) -> None
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(issue)))
         else:
-            click.echo(f"issue {issue.id} project={issue.project_id} {issue.kind} image={issue.image_id} "
-                       f"versions={list(issue.mask_version_ids)}: {issue.detail}")
+            click.echo(
+                f"issue {issue.id} project={issue.project_id} {issue.kind} image={issue.image_id} "
+                f"versions={list(issue.mask_version_ids)}: {issue.detail}"
+            )
 
 
 @masks.command("choose")
@@ -216,20 +250,34 @@ def models_list(c: CliContext, project_name: str | None, as_json: bool) -> None:
     try:
         with unit_of_work(c.factory) as session:
             pid = get_project(session, project_name).id if project_name else None
-            rows = [(v.uid, v.project_id, v.status, v.metrics, v.created_at, v.gate_reason)
-                    for v in list_versions(session, pid)]
+            rows = [
+                (v.uid, v.project_id, v.status, v.metrics, v.created_at, v.gate_reason)
+                for v in list_versions(session, pid)
+            ]
     except SonosegError as exc:
         raise fail(exc) from exc
     if not rows:
         click.echo("no model versions yet")
     for uid, pid_, status, metrics, created, reason in rows:
         if as_json:
-            click.echo(json.dumps({"uid": uid, "project": pid_, "status": status, "metrics": metrics,
-                                   "created_at": created.isoformat(), "reason": reason}))
+            click.echo(
+                json.dumps(
+                    {
+                        "uid": uid,
+                        "project": pid_,
+                        "status": status,
+                        "metrics": metrics,
+                        "created_at": created.isoformat(),
+                        "reason": reason,
+                    }
+                )
+            )
         else:
             dice = metrics.get("fg_mDice")
-            click.echo(f"{uid:40s} project={pid_} {status:9s} fg_mDice={dice if dice is not None else '-'} "
-                       f"{created:%Y-%m-%d %H:%M}  {reason or ''}")
+            click.echo(
+                f"{uid:40s} project={pid_} {status:9s} fg_mDice={dice if dice is not None else '-'} "
+                f"{created:%Y-%m-%d %H:%M}  {reason or ''}"
+            )
 
 
 @models.command("promote")
@@ -311,14 +359,16 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
         verdict = {True: "ok", False: "WARNING"}.get(sched["ok"], "unknown")
         lines.append(f"scheduler: {verdict}: {sched['message']}")
         for run in sched["stalled_runs"]:
-            lines.append(f"  STALLED run {run['run_id']} (project {run['project_id']}) queued "
-                         f"{run['queued_for_seconds']:.0f} s: {run['reason']}")
+            lines.append(
+                f"  STALLED run {run['run_id']} (project {run['project_id']}) queued "
+                f"{run['queued_for_seconds']:.0f} s: {run['reason']}"
+            )
     return "\n".join(lines)
 
 
 def _register_subsystems() -> None:
     """Command groups owned by their subsystems (imported here, not at the top: they import ours)."""
-    from backend.cli import model_cmd, serve_cmd, worker_cmd
+    from cli import model_cmd, serve_cmd, worker_cmd
 
     for command in (
         model_cmd.model,

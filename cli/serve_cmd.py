@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from backend.cli.context import CliContext, fail, pass_ctx
 from backend.errors import SonosegError
 from backend.settings import Settings
+from cli.context import CliContext, fail, pass_ctx
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,27 @@ log = logging.getLogger(__name__)
 @click.command("serve")
 @click.option("--host", default=None, help="Interface to listen on (default SONOSEG_HOST, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default SONOSEG_PORT, 9090).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="gunicorn worker processes; 0 runs the development server (threaded werkzeug).")
-@click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Threads per gunicorn worker (concurrent requests; the model itself runs one batch at a time).")
-@click.option("--timeout", type=click.IntRange(min=10), default=120, show_default=True,
-              help="gunicorn worker timeout in seconds (Label Studio waits 100 s for /predict).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="gunicorn worker processes; 0 runs the development server (threaded werkzeug).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Threads per gunicorn worker (concurrent requests; the model itself runs one batch at a time).",
+)
+@click.option(
+    "--timeout",
+    type=click.IntRange(min=10),
+    default=120,
+    show_default=True,
+    help="gunicorn worker timeout in seconds (Label Studio waits 100 s for /predict).",
+)
 @pass_ctx
 def serve(c: CliContext, host: str | None, port: int | None, workers: int, threads: int, timeout: int) -> None:
     """Serve the Label Studio ML backend (/health /setup /predict /webhook /versions /metrics)."""
@@ -74,13 +89,15 @@ def _serve_dev(settings: Settings) -> None:
         app = create_app(settings)
     except SonosegError as exc:
         raise fail(exc) from exc
-    click.echo(f"sonoseg ML backend on http://{settings.host}:{settings.port} (development server; "
-               "use --workers N for production)")
+    click.echo(
+        f"sonoseg ML backend on http://{settings.host}:{settings.port} (development server; "
+        "use --workers N for production)"
+    )
     run_simple(settings.host, settings.port, app, threaded=True, request_handler=RedactingHandler)
 
 
 def _serve_gunicorn(settings: Settings, workers: int, threads: int, timeout: int) -> None:
-    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+    from gunicorn.app.base import BaseApplication
 
     class SonosegGunicorn(BaseApplication):  # type: ignore[misc]
         """Each worker builds its own app after the fork (no preload): own threads, own connections."""
@@ -110,8 +127,13 @@ def _serve_gunicorn(settings: Settings, workers: int, threads: int, timeout: int
 
 
 @click.command("sync")
-@click.option("--project", "ls_project_ids", type=int, multiple=True,
-              help="Label Studio project id (repeatable). Default: every project sonoseg has seen from Label Studio.")
+@click.option(
+    "--project",
+    "ls_project_ids",
+    type=int,
+    multiple=True,
+    help="Label Studio project id (repeatable). Default: every project sonoseg has seen from Label Studio.",
+)
 @pass_ctx
 def sync(c: CliContext, ls_project_ids: tuple[int, ...]) -> None:
     """Pull annotations from Label Studio and record any that webhooks missed."""

@@ -56,8 +56,11 @@ def model() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--iterations", type=int, default=None, help="Iterations per epoch (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Default: the preset's.")
-@click.option("--subject-regex", default=None,
-              help="Subject of each file from its name: the first group of this regex (e.g. '^(\\d+)_' for 12_34.png).")
+@click.option(
+    "--subject-regex",
+    default=None,
+    help="Subject of each file from its name: the first group of this regex (e.g. '^(\\d+)_' for 12_34.png).",
+)
 @click.option("--subjects-csv", type=_FILE, default=None, help="CSV with columns file,subject.")
 @click.option("--no-plan", is_flag=True, help="Train the preset's geometry verbatim instead of planning from the data.")
 @click.option(
@@ -139,13 +142,16 @@ def train_cmd(
             f"stopped: {result.stop_reason} after {result.epochs} epochs ({result.elapsed_s:.0f} s); "
             f"best epoch {result.best_epoch}, validation foreground Dice {val} (all {result.n_val} held-out frames)"
         )
-        click.echo(f"throughput {result.images_per_second:.2f} images/s; validation took {result.val_seconds:.0f} s "
-                   f"({100 * result.val_fraction:.1f}% of the run)")
+        click.echo(
+            f"throughput {result.images_per_second:.2f} images/s; validation took {result.val_seconds:.0f} s "
+            f"({100 * result.val_fraction:.1f}% of the run)"
+        )
         click.echo(f"wrote {out_path} sha256={sha}")
 
 
-def _load(images_dir: Path, masks_dir: Path, labels: str | None, subject_regex: str | None,
-          subjects_csv: Path | None) -> Any:
+def _load(
+    images_dir: Path, masks_dir: Path, labels: str | None, subject_regex: str | None, subjects_csv: Path | None
+) -> Any:
     import dataclasses
 
     from backend.model.data import load_pairs_from_dirs, subjects_from_csv, subjects_from_names
@@ -183,8 +189,10 @@ def plan_cmd(images_dir: Path, masks_dir: Path, labels: str | None, preset: str,
             return
         for line in plan.decisions:
             click.echo(line)
-        click.echo(f"=> scale {plan.spec.input_scale:g}, patch {plan.spec.patch_size[1]}x{plan.spec.patch_size[0]}, "
-                   f"{plan.spec.n_stages} stages, batch {plan.batch_size}")
+        click.echo(
+            f"=> scale {plan.spec.input_scale:g}, patch {plan.spec.patch_size[1]}x{plan.spec.patch_size[0]}, "
+            f"{plan.spec.n_stages} stages, batch {plan.batch_size}"
+        )
 
 
 @model.command("evaluate")
