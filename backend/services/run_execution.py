@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import select
 
 from backend.db.base import utcnow
-from backend.db.models import MaskVersion, ModelVersion, Project
+from backend.db.models import MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import CheckpointError, InvalidInput, SonosegError
 from backend.services import gate, versions
@@ -336,22 +336,19 @@ def _register(
             raise RunLost(f"attempt {claimed.attempt} lost the run before registering its model")
         run.progress = cast(dict[str, Any], json_safe(progress))
         project = session.get_one(Project, plan.project_id)
-        uid = versions.new_uid(project)
         train_ids = [item.mask_version_id for item in plan.train]
         snapshot = list(session.scalars(select(MaskVersion).where(MaskVersion.id.in_(train_ids))))
-        version = ModelVersion(
-            project_id=project.id,
-            uid=uid,
-            parent_id=plan.parent_id if result.init_sha256 else None,  # the model it was fine-tuned from
-            status="candidate",
+        version = versions.register_version(
+            session,
+            project,
             arch=result.spec.arch,
-            metrics=_metrics_of(result, candidate_eval, plan),
             checkpoint_key=checkpoint_key,
             checkpoint_sha256=digest,
+            metrics=_metrics_of(result, candidate_eval, plan),
+            parent_id=plan.parent_id if result.init_sha256 else None,  # the model it was fine-tuned from
             training_masks=snapshot,
         )
-        session.add(version)
-        session.flush()
+        uid = version.uid
         candidate = dataclasses.replace(candidate_eval, model_uid=uid) if candidate_eval else None
         try:
             evidence = gate.TrainingEvidence(

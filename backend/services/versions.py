@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.db.base import utcnow
-from backend.db.models import ModelVersion, Project, ServingChange
+from backend.db.models import MaskVersion, ModelVersion, Project, ServingChange
 from backend.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,40 @@ log = logging.getLogger(__name__)
 def new_uid(project: Project) -> str:
     """An immutable, human-readable version id, e.g. ``p3-20261125T171500-1a2b3c``."""
     return f"p{project.id}-{utcnow().strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def register_version(
+    session: Session,
+    project: Project,
+    *,
+    arch: str,
+    checkpoint_key: str,
+    checkpoint_sha256: str,
+    metrics: dict[str, Any] | None = None,
+    parent_id: int | None = None,
+    training_masks: Sequence[MaskVersion] = (),
+) -> ModelVersion:
+    """Record a new, immutable candidate version whose checkpoint is already in the store.
+
+    The one way a ModelVersion row is made (training runs, offline registration, tests): a
+    version starts as a candidate; only :func:`promote` (the gate, a person, a rollback) makes it
+    serve, so every serving change is in the audit log.
+    """
+    version = ModelVersion(
+        project_id=project.id,
+        uid=new_uid(project),
+        parent_id=parent_id,
+        status="candidate",
+        arch=arch,
+        metrics=metrics or {},
+        checkpoint_key=checkpoint_key,
+        checkpoint_sha256=checkpoint_sha256,
+        training_masks=list(training_masks),
+    )
+    session.add(version)
+    session.flush()
+    log.info("model version %s registered for project %s", version.uid, project.id)
+    return version
 
 
 def serving_version(session: Session, project_id: int) -> ModelVersion | None:
