@@ -10,13 +10,13 @@ PIP := $(PY) -m pip
 PYTEST_WORKERS ?= 2
 export SONOSEG_DATA_DIR ?= $(CURDIR)/sonoseg-data
 
-.PHONY: run test install install-ls lint bench fuzz clean help
+.PHONY: run test install install-ls lint bench bench-training fuzz clean help
 
 help:
 	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start the server and a worker"
 	@echo "make test   - install into $(VENV) (+ Label Studio into $(VENV_LS)), make lint, run all tests"
 	@echo "make lint   - ruff (check + format), mypy --strict, import-linter layer contracts"
-	@echo "make bench  - run the benchmarks in bench/ (minutes)"
+	@echo "make bench  - run the quick benchmarks in bench/ (minutes); make bench-training: the training ones (hours)"
 	@echo "make fuzz   - run each atheris fuzz target in fuzz/ for FUZZ_SECONDS (default 60); findings land in $(FUZZ_WORK)"
 
 # torch goes in first, pinned, so that pip never pulls a multi-GB CUDA build as a dependency.
@@ -59,8 +59,24 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# Minutes: RLE codec, selective scan, inference latency, the server's /predict, adversarial inputs.
+# Each prints ratios against a baseline measured in the same run; docs/benchmarks.md has the figures.
+BENCH_OUT ?= $(CURDIR)/sonoseg-data/bench
 bench: install
-	$(PY) bench/bench_rle.py
+	mkdir -p $(BENCH_OUT)
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_rle.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_scan.py --quick
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_inference.py --presets cpu_small,cpu_small_unet --train-presets "" --repeats 5
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_predict_server.py --repeats 10
+	$(PY) bench/adversarial_inputs.py --out $(BENCH_OUT)/reliability.md
+
+# Hours: training accuracy, Mamba variants and the generality study, BENCH_MINUTES per run each.
+BENCH_MINUTES ?= 25
+bench-training: install
+	mkdir -p $(BENCH_OUT)
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_train_accuracy.py --minutes $(BENCH_MINUTES) --out $(BENCH_OUT)/accuracy
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_mamba_variants.py --minutes $(BENCH_MINUTES)
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/bench_generality.py --minutes $(BENCH_MINUTES) --out $(BENCH_OUT)/generality
 
 # Coverage-guided fuzzing: new inputs and crash/oom/timeout reproducers go to $(FUZZ_WORK), never
 # into the committed seed corpus (fuzz/corpus/); save a reproducer there once its bug is fixed.

@@ -11,8 +11,6 @@ from __future__ import annotations
 class SonosegError(Exception):
     """Base class: an error with a message meant for the user."""
 
-    http_status = 500
-
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -21,13 +19,9 @@ class SonosegError(Exception):
 class InvalidInput(SonosegError):
     """The caller sent something we cannot use (bad file, bad JSON, unknown label...)."""
 
-    http_status = 400
-
 
 class InvalidImage(InvalidInput):
     """A file is not a readable image: wrong format, truncated, no pixel data, too large."""
-
-    http_status = 422
 
 
 class UnknownLabel(InvalidInput):
@@ -41,40 +35,26 @@ class InvalidLabelConfig(InvalidInput):
 class Unauthorized(SonosegError):
     """Missing or wrong credentials."""
 
-    http_status = 401
-
 
 class NotFound(SonosegError):
     """A row, file or version that does not exist."""
-
-    http_status = 404
 
 
 class Conflict(SonosegError):
     """The request clashes with the current state (e.g. a second serving model)."""
 
-    http_status = 409
-
 
 class PayloadTooLarge(InvalidInput):
     """A request body or file beyond the configured size limit."""
-
-    http_status = 413
 
 
 class NotReady(SonosegError):
     """A precondition is missing: un-migrated database, no model yet, feature not built yet."""
 
-    http_status = 503
-
 
 class CheckpointError(SonosegError):
     """A checkpoint file that is corrupt, has the wrong sha256, or does not match the expected model."""
 
-    http_status = 422
-
 
 class UpstreamError(SonosegError):
     """Label Studio (or another upstream service) failed or refused us."""
-
-    http_status = 502

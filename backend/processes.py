@@ -84,11 +84,6 @@ def descendants(root: int) -> list[ProcessInfo]:
     return out
 
 
-def group_members(pgid: int) -> list[ProcessInfo]:
-    """Running processes of process group ``pgid``."""
-    return [p for p in all_processes() if p.pgid == pgid and p.running]
-
-
 def _alive(proc: ProcessInfo) -> bool:
     now = read_process(proc.pid)
     return now is not None and now.running and now.start_ticks == proc.start_ticks

@@ -185,3 +185,76 @@ class Settings:
             if value is not None:
                 kw[attr] = value
         return cls(**kw)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables from which :meth:`from_env` builds settings equal to these.
+
+        The inverse of :meth:`from_env`: ``Settings.from_env(s.to_env()) == s``. It is how a parent
+        process hands its settings to a child (a worker, a test's subprocess), so every field is
+        written, secrets too: never log the result. A field that is None, or empty where
+        ``from_env`` reads empty as unset, is left out. Booleans are written ``true``/``false``,
+        floats with ``repr`` (which parses back to the same float), tuples comma-separated.
+
+        Raises InvalidInput for settings that ``from_env`` cannot reproduce, naming the variables:
+        an empty string where the default is not empty (``retrain_cron=""``; ``"off"`` also turns
+        the schedule off), a Label Studio URL ending in ``/`` or a crontab with surrounding blanks
+        (``from_env`` strips them), an image host that is empty, padded or holds a comma, or NaN.
+        """
+        variables = {
+            "data_dir": "SONOSEG_DATA_DIR",
+            "database_url": "SONOSEG_DATABASE_URL",
+            "broker_url": "SONOSEG_BROKER_URL",
+            "result_backend": "SONOSEG_RESULT_BACKEND",
+            "host": "SONOSEG_HOST",
+            "port": "SONOSEG_PORT",
+            "log_level": "SONOSEG_LOG_LEVEL",
+            "label_studio_url": "LABEL_STUDIO_URL",
+            "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+            "local_files_root": "SONOSEG_LOCAL_FILES_ROOT",
+            "allowed_image_hosts": "SONOSEG_ALLOWED_IMAGE_HOSTS",
+            "basic_auth_user": "SONOSEG_BASIC_AUTH_USER",
+            "basic_auth_password": "SONOSEG_BASIC_AUTH_PASSWORD",
+            "webhook_secret": "SONOSEG_WEBHOOK_SECRET",
+            "max_request_bytes": "SONOSEG_MAX_REQUEST_BYTES",
+            "max_image_side": "SONOSEG_MAX_IMAGE_SIDE",
+            "max_image_bytes": "SONOSEG_MAX_IMAGE_BYTES",
+            "decode_memory_bytes": "SONOSEG_DECODE_MEMORY_BYTES",
+            "device": "SONOSEG_DEVICE",
+            "model_preset": "SONOSEG_MODEL_PRESET",
+            "train_max_minutes": "SONOSEG_TRAIN_MAX_MINUTES",
+            "retrain_after": "SONOSEG_RETRAIN_AFTER",
+            "retrain_debounce_seconds": "SONOSEG_RETRAIN_DEBOUNCE_SECONDS",
+            "gate_margin": "SONOSEG_GATE_MARGIN",
+            "gate_min_dice": "SONOSEG_GATE_MIN_DICE",
+            "repredict_after_promotion": "SONOSEG_REPREDICT_AFTER_PROMOTION",
+            "model_poll_seconds": "SONOSEG_MODEL_POLL_SECONDS",
+            "gate_metric": "SONOSEG_GATE_METRIC",
+            "retrain_cron": "SONOSEG_RETRAIN_CRON",
+            "dispatch_interval_seconds": "SONOSEG_DISPATCH_INTERVAL_SECONDS",
+            "train_heartbeat_seconds": "SONOSEG_TRAIN_HEARTBEAT_SECONDS",
+            "train_stale_after_seconds": "SONOSEG_TRAIN_STALE_AFTER_SECONDS",
+            "train_max_attempts": "SONOSEG_TRAIN_MAX_ATTEMPTS",
+        }
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value: object = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, float):
+                text = repr(value)
+            elif isinstance(value, tuple):
+                text = ",".join(str(part) for part in value)
+            else:  # str, int, Path
+                text = str(value)
+            if text:
+                env[variables[f.name]] = text
+        back = Settings.from_env(env)
+        lost = [variables[f.name] for f in dataclasses.fields(self) if getattr(back, f.name) != getattr(self, f.name)]
+        if lost:
+            raise InvalidInput(
+                f"{', '.join(lost)}: these settings have no environment form that reads back the same "
+                "(an empty value where the default is not empty, a value from_env would strip or split, NaN)"
+            )
+        return env

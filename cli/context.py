@@ -1,6 +1,7 @@
-"""What every CLI command needs: settings, an engine on a migrated database, the store.
+"""What every CLI command needs: the process's :class:`~backend.runtime.Runtime`.
 
 Built lazily, once per invocation, so `sonoseg --help` touches neither the database nor torch.
+Each command opens its own unit of work (``with unit_of_work(c.factory) as session:``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from functools import cached_property
 import click
 from sqlalchemy import Engine
 
-from backend.db.migrate import require_up_to_date
-from backend.db.session import SessionFactory, make_engine, make_session_factory
+from backend.db.session import SessionFactory
 from backend.errors import SonosegError
+from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from backend.storage.private import private_dir
 
 
 @dataclass
@@ -25,19 +25,22 @@ class CliContext:
     settings: Settings = field(default_factory=Settings.from_env)
 
     @cached_property
-    def engine(self) -> Engine:
-        private_dir(self.settings.data_dir)
-        return make_engine(self.settings.database_url)
+    def runtime(self) -> Runtime:
+        return Runtime.from_settings(self.settings)
 
-    @cached_property
+    @property
+    def engine(self) -> Engine:
+        """The engine, on any revision (``sonoseg db`` commands)."""
+        return self.runtime.engine
+
+    @property
     def factory(self) -> SessionFactory:
         """Session factory on a database at the head revision (else a clear error)."""
-        require_up_to_date(self.engine)
-        return make_session_factory(self.engine)
+        return self.runtime.factory
 
-    @cached_property
+    @property
     def store(self) -> LocalBlobStore:
-        return LocalBlobStore(self.settings.store_dir)
+        return self.runtime.store
 
 
 pass_ctx = click.make_pass_decorator(CliContext, ensure=True)

@@ -141,13 +141,11 @@ def sync(c: CliContext, ls_project_ids: tuple[int, ...]) -> None:
 
     from backend.db.models import Project
     from backend.db.session import unit_of_work
-    from backend.labelstudio.images import TaskImageFetcher
-    from backend.services.sync import LabelStudioMirror
+    from backend.services.reconciliation import reconcile_project
 
     try:
         factory = c.factory
-        fetcher = TaskImageFetcher.from_settings(c.settings)
-        mirror = LabelStudioMirror(c.settings, factory, c.store, fetcher)
+        mirror = c.runtime.mirror
         ids = list(ls_project_ids)
         if not ids:
             with unit_of_work(factory) as session:
@@ -156,7 +154,7 @@ def sync(c: CliContext, ls_project_ids: tuple[int, ...]) -> None:
             raise click.ClickException("no Label Studio project known yet: pass --project ID")
         failed = False
         for ls_id in ids:
-            report = mirror.reconcile(ls_id)
+            report = reconcile_project(mirror, ls_id)
             click.echo(
                 f"project {ls_id}: {report.tasks} tasks, {report.annotations} annotations: {report.created} created, "
                 f"{report.updated} updated, {report.unchanged} unchanged, {report.skips} skips, "

@@ -170,7 +170,7 @@ def train(c: CliContext, project_name: str, from_scratch: bool, inline: bool) ->
     """
     from backend.db.session import unit_of_work
     from backend.services.projects import get_project
-    from backend.services.retrain import request_training
+    from backend.services.training.requests import request_training
 
     try:
         with unit_of_work(c.factory) as session:
@@ -200,8 +200,8 @@ def train(c: CliContext, project_name: str, from_scratch: bool, inline: bool) ->
 
 def _train_inline(c: CliContext, run_id: int) -> None:
     from backend.db.session import unit_of_work
-    from backend.services.run_execution import execute_run
-    from backend.services.run_queue import claim_run
+    from backend.services.training.execute import execute_run
+    from backend.services.training.queue import claim_run
 
     with unit_of_work(c.factory) as session:
         claimed = claim_run(session, run_id, worker=f"cli {socket.gethostname()} pid {os.getpid()}", task_id=None)
@@ -238,7 +238,7 @@ def evaluate(c: CliContext, project_name: str, version: str | None, split: str, 
     from backend.db.session import unit_of_work
     from backend.model.checkpoint import load_checkpoint
     from backend.services.projects import get_project
-    from backend.services.run_training import (
+    from backend.services.training.plan import (
         evaluate_checkpoint,
         labelled_images,
         load_pairs,
@@ -288,11 +288,10 @@ def predict(c: CliContext, project_name: str, inline: bool) -> None:
     except SonosegError as exc:
         raise fail(exc) from exc
     if inline:
-        from workers.celery_app import runtime_of
-        from workers.tasks.prediction import repredict_unlabelled
+        from backend.services.repredict import repredict_unlabelled
 
         try:
-            report = repredict_unlabelled(runtime_of(_celery_app(c)), pid, None)
+            report = repredict_unlabelled(c.runtime.mirror, c.settings, pid, None)
         except SonosegError as exc:
             raise fail(exc) from exc
         click.echo(json.dumps(report.to_json()))
@@ -335,7 +334,8 @@ def retrain_policy(
     SONOSEG_TRAIN_MAX_MINUTES, and whether it retrains automatically)."""
     from backend.db.session import unit_of_work
     from backend.services.projects import get_project
-    from backend.services.retrain import changed_since_last_version, policy_for
+    from backend.services.training.policy import policy_for
+    from backend.services.training.requests import changed_since_last_version
 
     try:
         with unit_of_work(c.factory) as session:

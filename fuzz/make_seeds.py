@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.labelstudio.rle import mask_to_rle  # noqa: E402
 from fuzz.harness import rle_input  # noqa: E402
-from tests import imaging_samples as samples  # noqa: E402
+from tests.support import imaging as samples  # noqa: E402
 
 CORPUS = ROOT / "fuzz" / "corpus"
 

@@ -228,8 +228,25 @@ def test_no_credential_is_ever_written_to_the_log(
     assert c.post("/predict", json=body, headers=basic(USER, PASSWORD)).status_code == 200  # LS unreachable: empty
     from backend.api.app import EventDrainer
 
-    EventDrainer(state.mirror, state.metrics).drain_once()  # START_TRAINING tries to reconcile: fails, logged
+    EventDrainer(
+        state.mirror, state.settings, state.metrics
+    ).drain_once()  # START_TRAINING tries to reconcile: fails, logged
     text = caplog.text
     assert "a.png" in text  # the failures were logged...
     for secret in (PASSWORD, SECRET, API_KEY):
         assert secret not in text  # ...without any credential
+
+
+def test_every_core_error_class_has_an_http_status_from_the_one_table() -> None:
+    """The core error classes carry no HTTP; the API's table covers each of them (by MRO)."""
+    import backend.errors as core
+    from backend.api.errors import HTTP_STATUS, http_status_of
+
+    classes = [c for c in vars(core).values() if isinstance(c, type) and issubclass(c, core.SonosegError)]
+    assert len(classes) >= 10
+    for cls in classes:
+        assert not hasattr(cls, "http_status"), cls
+        status = http_status_of(cls("x"))
+        assert 400 <= status <= 599, cls
+    assert http_status_of(core.UnknownLabel("x")) == 400 and http_status_of(core.PayloadTooLarge("x")) == 413
+    assert http_status_of(core.InvalidImage("x")) == 422 and HTTP_STATUS[core.NotReady] == 503

@@ -22,19 +22,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from backend.api.app import AppState, create_app
-from backend.db.models import MaskVersion, ModelVersion, Prediction, Project
+from backend.db.models import MaskVersion, Prediction, Project
 from backend.db.session import unit_of_work
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.settings import Settings
-from tests.labelstudio_server import (
-    ServedApp,
-    ThresholdModel,
-    dataset_pairs,
-    fake_loader,
-    png_bytes,
-    register_model,
-    save_tiny_checkpoint,
-)
+from tests.support.frames import dataset_pairs, png_bytes
+from tests.support.models import ThresholdModel, fake_loader, record_version, register_model, save_tiny_checkpoint
+from tests.support.servers import ServedApp
 
 PROJECT = "7.1700000000"
 
@@ -47,18 +41,19 @@ class Env:
     root: Path
     model: ThresholdModel
     loads: list[str]
+    fail: set[str]  # uids whose checkpoint the stand-in loader treats as corrupt
 
 
 @pytest.fixture
 def env(settings: Settings, tmp_path: Path) -> Iterator[Env]:
     root = tmp_path / "docroot"
     root.mkdir()
-    model, loads = ThresholdModel(), []
+    model, loads, fail = ThresholdModel(), [], set()
     app = create_app(
-        settings.replace(local_files_root=root), start_background=False, loader=fake_loader(model, loads, {"broken"})
+        settings.replace(local_files_root=root), start_background=False, loader=fake_loader(model, loads, fail)
     )
     state: AppState = app.extensions["sonoseg"]
-    yield Env(app, app.test_client(), state, root, model, loads)
+    yield Env(app, app.test_client(), state, root, model, loads, fail)
     state.close()
 
 
@@ -74,14 +69,15 @@ def predict(env: Env, tasks: list[dict[str, Any]], **extra: Any) -> Any:
     return resp.get_json()
 
 
-def add_serving(env: Env, uid: str) -> None:
-    """A serving ModelVersion row for the project (the stand-in loader needs no checkpoint)."""
+def add_serving(env: Env, *, broken: bool = False) -> str:
+    """A new version of the project, registered and promoted (the stand-in loader needs no checkpoint);
+    returns its uid. A ``broken`` version's checkpoint fails to load, as a corrupt one does."""
     with unit_of_work(env.state.factory) as session:
         project = session.scalars(select(Project).where(Project.ls_project_id == 7)).one()
-        for mv in session.scalars(select(ModelVersion).where(ModelVersion.status == "serving")):
-            mv.status = "retired"
-        session.flush()
-        session.add(ModelVersion(project_id=project.id, uid=uid, status="serving", checkpoint_key=f"x/{uid}"))
+        uid = record_version(session, project).uid
+    if broken:
+        env.fail.add(uid)
+    return uid
 
 
 def decode_region(region: dict[str, Any]) -> np.ndarray:
@@ -96,7 +92,7 @@ def test_health_answers_without_the_database(env: Env) -> None:
     def broken() -> None:
         raise AssertionError("health must not touch the database")
 
-    env.state.factory = broken  # type: ignore[assignment]
+    env.state.runtime.factory = broken  # type: ignore[assignment]
     env.state.mirror.factory = broken  # type: ignore[assignment]
     for path in ("/health", "/"):
         resp = env.client.get(path)
@@ -147,7 +143,7 @@ def test_predict_before_any_model_answers_empty_untrained_items_and_records_them
 
 def test_predict_returns_one_valid_brush_result_per_label_per_task_in_order(env: Env) -> None:
     env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG})
-    add_serving(env, "p1-v1")
+    v1 = add_serving(env)
     env.state.holder.refresh()
     pairs = dataset_pairs(3)
     small = np.full((300, 400), 200, np.uint8)  # another size: its own batch, its own natural size
@@ -161,7 +157,7 @@ def test_predict_returns_one_valid_brush_result_per_label_per_task_in_order(env:
     results = predict(env, tasks)["results"]
 
     assert len(results) == len(tasks)
-    assert [r["model_version"] for r in results] == ["p1-v1"] * len(tasks)
+    assert [r["model_version"] for r in results] == [v1] * len(tasks)
     assert results[1]["result"] == [] and results[-1]["result"] == [] and results[-2]["result"] == []
     assert env.model.calls == [4]  # the four readable images, batched into one call
     expected_images = [pairs[0][1], small, pairs[1][1], pairs[2][1]]
@@ -183,7 +179,7 @@ def test_predict_returns_one_valid_brush_result_per_label_per_task_in_order(env:
     with unit_of_work(env.state.factory) as session:
         preds = session.scalars(select(Prediction).order_by(Prediction.id)).all()
         assert sorted(p.ls_task_id for p in preds) == [100, 101, 102, 201]
-        assert all(p.model_version_uid == "p1-v1" and p.mask_version_id is not None for p in preds)
+        assert all(p.model_version_uid == v1 and p.mask_version_id is not None for p in preds)
         masks = session.scalars(select(MaskVersion).where(MaskVersion.source == "prediction")).all()
         assert len(masks) == 4 and not any(m.is_current for m in masks)
     # Asking again for the same tasks reuses the stored images and prediction masks.
@@ -194,26 +190,26 @@ def test_predict_returns_one_valid_brush_result_per_label_per_task_in_order(env:
 
 def test_a_promotion_is_picked_up_and_swapped_atomically(env: Env) -> None:
     env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG})
-    add_serving(env, "p1-v1")
+    v1 = add_serving(env)
     assert env.state.holder.refresh() is True
-    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": "p1-v1"}
+    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": v1}
     in_flight = env.state.holder.get(env.state.mirror.project_ref(7, None).project_id)
     assert in_flight is not None
-    add_serving(env, "p1-v2")
+    v2 = add_serving(env)
     assert env.state.holder.refresh() is True
-    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": "p1-v2"}
-    assert in_flight.uid == "p1-v1" and len(in_flight.predict([np.zeros((8, 8), np.uint8)])) == 1
+    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": v2}
+    assert in_flight.uid == v1 and len(in_flight.predict([np.zeros((8, 8), np.uint8)])) == 1
     assert env.state.holder.refresh() is False  # nothing changed, nothing loaded
-    assert env.loads == ["p1-v1", "p1-v2"]
+    assert env.loads == [v1, v2]
     # A version whose checkpoint cannot load is logged; the previous one keeps serving.
-    add_serving(env, "broken")
+    add_serving(env, broken=True)
     assert env.state.holder.refresh() is False
-    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": "p1-v2"}
+    assert env.client.post("/setup", json={"project": PROJECT}).get_json() == {"model_version": v2}
 
 
 def test_twenty_concurrent_single_task_requests_all_succeed(env: Env) -> None:
     env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG})
-    add_serving(env, "p1-v1")
+    v1 = add_serving(env)
     env.state.holder.refresh()
     name, img, _ = dataset_pairs(1)[0]
     url = put_image(env, name, img)
@@ -236,7 +232,7 @@ def test_twenty_concurrent_single_task_requests_all_succeed(env: Env) -> None:
     finally:
         served.close()
     assert [code for code, _ in answers] == [200] * 20
-    assert all(len(body["results"]) == 1 and body["results"][0]["model_version"] == "p1-v1" for _, body in answers)
+    assert all(len(body["results"]) == 1 and body["results"][0]["model_version"] == v1 for _, body in answers)
     assert all(body["results"][0]["result"] for _, body in answers) == bool((img > 170).any() or (img < 15).any())
     with unit_of_work(env.state.factory) as session:
         assert session.scalar(select(func.count()).select_from(Prediction)) == 20
@@ -244,9 +240,8 @@ def test_twenty_concurrent_single_task_requests_all_succeed(env: Env) -> None:
 
 def test_versions_and_metrics(env: Env) -> None:
     env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG})
-    add_serving(env, "p1-v1")
-    add_serving(env, "p1-v2")
-    assert env.client.get("/versions").get_json() == {"versions": ["p1-v1", "p1-v2"]}
+    v1, v2 = add_serving(env), add_serving(env)
+    assert env.client.get("/versions").get_json() == {"versions": [v1, v2]}
     assert env.client.get("/versions?project=8.123").get_json() == {"versions": []}
     env.client.get("/health")
     text = env.client.get("/metrics").get_data(as_text=True)
@@ -265,7 +260,7 @@ def test_a_real_checkpoint_is_loaded_once_and_serves(settings: Settings, tmp_pat
         project_id = state.mirror.project_ref(7, None).project_id
         ckpt = tmp_path / "tiny.safetensors"
         save_tiny_checkpoint(ckpt)
-        register_model(state.factory, state.store, project_id, ckpt, "p7-tiny")
+        uid = register_model(state.factory, state.store, project_id, ckpt).uid
         assert state.holder.refresh() is True and state.holder.loads == 1
         name, img, _ = dataset_pairs(1)[0]
         (root / name).write_bytes(png_bytes(img))
@@ -279,7 +274,7 @@ def test_a_real_checkpoint_is_loaded_once_and_serves(settings: Settings, tmp_pat
                 },
             ).get_json()
             (item,) = body["results"]
-            assert item["model_version"] == "p7-tiny" and 0.0 <= item["score"] <= 1.0
+            assert item["model_version"] == uid and 0.0 <= item["score"] <= 1.0
             for region in item["result"]:
                 assert decode_region(region).shape == img.shape
         assert state.holder.loads == 1  # loaded once, not per request
@@ -291,7 +286,7 @@ def test_a_large_batch_is_answered_in_order_in_bounded_chunks(env: Env) -> None:
     from backend.services.predictions import CHUNK_TASKS
 
     env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG})
-    add_serving(env, "p1-v1")
+    add_serving(env)
     env.state.holder.refresh()
     n = CHUNK_TASKS + 4
     tasks = []

@@ -31,7 +31,7 @@ from backend.services.masks import (
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from cli.main import cli
-from tests.synthetic_data import synthetic_frame
+from tests.support.frames import synthetic_frame
 
 CLASSES = ("Nerve", "Vessel")
 
@@ -188,7 +188,7 @@ def test_dicom_without_pixel_data_is_rejected(
     tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
 ) -> None:
     pytest.importorskip("pydicom")
-    from tests.imaging_samples import write_dicom
+    from tests.support.imaging import write_dicom
 
     path = write_dicom(tmp_path / "nopix.dcm", np.zeros((8, 8), np.uint8), pixel_data=False)
     report = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[path])

@@ -21,7 +21,7 @@ from backend.imaging.io import (
     read_mask,
     xy_to_rowcol,
 )
-from tests import imaging_samples as samples
+from tests.support import imaging as samples
 
 needs_pydicom = pytest.mark.skipif(
     importlib.util.find_spec("pydicom") is None, reason="pydicom (test-only dependency) writes the sample DICOMs"

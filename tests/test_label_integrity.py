@@ -22,8 +22,8 @@ from backend.services.label_issues import choose_version
 from backend.services.masks import current_mask_version, read_mask
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.labelstudio_server import annotation_event
-from tests.synthetic_data import synthetic_frame
+from tests.support.frames import synthetic_frame
+from tests.support.payloads import annotation_event
 from tests.test_webhooks import Hooks, hooks  # noqa: F401  (the fixture)
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from backend.errors import InvalidInput, NotReady, UpstreamError
 from backend.labelstudio.client import LabelStudioClient, TokenKind, token_kind
-from tests.labelstudio_server import LEGACY_TOKEN, FakeCloud, FakeLabelStudio, ServedApp, fake_jwt
+from tests.support.fake_labelstudio import LEGACY_TOKEN, FakeCloud, FakeLabelStudio, fake_jwt
+from tests.support.servers import ServedApp
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_iter_tasks_walks_every_page(ls: tuple[FakeLabelStudio, ServedApp]) -> N
 
 
 def test_unreachable_label_studio_is_an_upstream_error() -> None:
-    from tests.labelstudio_server import free_port
+    from tests.support.servers import free_port
 
     client = LabelStudioClient(f"http://127.0.0.1:{free_port()}", LEGACY_TOKEN)
     with pytest.raises(UpstreamError, match="cannot reach Label Studio"):

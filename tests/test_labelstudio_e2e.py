@@ -40,20 +40,18 @@ from backend.db.session import unit_of_work
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.services.masks import read_mask
 from backend.settings import Settings
-from tests.labelstudio_server import (
+from tests.support.frames import blob_pairs, dataset_pairs, png_bytes
+from tests.support.models import register_model, train_tiny_model
+from tests.support.payloads import brush_results
+from tests.support.processes import (
     WORKER_PRESET,
     LabelStudio,
-    ServedApp,
-    brush_results,
-    dataset_pairs,
     label_studio_available,
-    png_bytes,
-    register_model,
     start_label_studio,
     start_worker,
-    train_tiny_model,
     wait_for,
 )
+from tests.support.servers import ServedApp
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -190,13 +188,13 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
         # -- a trained model starts serving: /setup reports it, Label Studio asks again ----------------------
         with unit_of_work(state.factory) as session:
             project_id = session.scalars(select(Project.id).where(Project.ls_project_id == pid)).one()
-        register_model(state.factory, state.store, project_id, model_path, "e2e-v1")
-        wait_for(lambda: state.holder.uid(project_id) == "e2e-v1", 60, "the serving model to load")
+        served_uid = register_model(state.factory, state.store, project_id, model_path).uid
+        wait_for(lambda: state.holder.uid(project_id) == served_uid, 60, "the serving model to load")
         _retrieve_predictions(ls, api, pid, [t["id"] for t in tasks])
         overlaps = []
         for task in tasks:
             img, mask = truth[task["id"]]
-            served = [p for p in _predictions(ls, api, task["id"]) if p["model_version"] == "e2e-v1"]
+            served = [p for p in _predictions(ls, api, task["id"]) if p["model_version"] == served_uid]
             assert len(served) == 1, served
             regions = served[0]["result"]
             assert regions, f"task {task['id']}: the trained model predicted nothing"
@@ -235,7 +233,7 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
         with unit_of_work(state.factory) as session:
             dices = session.scalars(
                 select(Prediction.correction_dice).where(
-                    Prediction.model_version_uid == "e2e-v1", Prediction.ls_task_id.in_([t["id"] for t in tasks[:3]])
+                    Prediction.model_version_uid == served_uid, Prediction.ls_task_id.in_([t["id"] for t in tasks[:3]])
                 )
             ).all()
         assert len(dices) == 3 and all(d is not None and 0.0 <= d <= 1.0 for d in dices)
@@ -295,9 +293,7 @@ LOOP_WAIT_SECONDS = 120.0
 
 def _loop_frames(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Small generated frames (128 px) a tiny network learns to find within seconds."""
-    from backend.model.synthetic import make_blob_pairs
-
-    return [(image, mask.astype(np.uint8)) for image, mask in make_blob_pairs(n, size=(128, 128), seed=23)]
+    return blob_pairs(n, seed=23)
 
 
 def _subjects_for_splits(settings: Settings, project_id: int, wanted: dict[str, int]) -> list[tuple[str, str]]:

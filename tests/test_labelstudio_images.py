@@ -11,7 +11,8 @@ from backend.errors import InvalidInput, NotFound, NotReady, PayloadTooLarge
 from backend.labelstudio.client import LabelStudioClient
 from backend.labelstudio.images import TaskImageFetcher
 from backend.settings import Settings
-from tests.labelstudio_server import LEGACY_TOKEN, FakeCloud, FakeLabelStudio, ServedApp
+from tests.support.fake_labelstudio import LEGACY_TOKEN, FakeCloud, FakeLabelStudio
+from tests.support.servers import ServedApp
 
 PNG = b"\x89PNG\r\n\x1a\n-fake-image-bytes"
 

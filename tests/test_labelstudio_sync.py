@@ -16,11 +16,16 @@ from backend.db.session import SessionFactory, unit_of_work
 from backend.labelstudio.client import LabelStudioClient
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.labelstudio.images import TaskImageFetcher
+from backend.services.annotations import apply_annotation
 from backend.services.masks import read_mask
-from backend.services.sync import LabelStudioMirror
+from backend.services.reconciliation import reconcile_project
+from backend.services.sync import ImageLimits, LabelStudioMirror
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.labelstudio_server import LEGACY_TOKEN, FakeLabelStudio, ServedApp, annotation, dataset_pairs, png_bytes
+from tests.support.fake_labelstudio import LEGACY_TOKEN, FakeLabelStudio
+from tests.support.frames import dataset_pairs, png_bytes
+from tests.support.payloads import annotation
+from tests.support.servers import ServedApp
 
 
 @dataclass
@@ -49,7 +54,14 @@ def world(settings: Settings, factory: SessionFactory, store: LocalBlobStore) ->
         ls.files[f"/data/upload/4/{name}"] = png_bytes(img)
         ls.tasks[i] = {"id": i, "project": 4, "data": {"image": f"/data/upload/4/{name}"}, "annotations": []}
     fetcher = TaskImageFetcher(settings, LabelStudioClient(served.url, LEGACY_TOKEN))
-    yield World(ls, served.url, LabelStudioMirror(settings, factory, store, fetcher), [m for _, _, m in pairs])
+    yield World(
+        ls,
+        served.url,
+        LabelStudioMirror(
+            factory, store, fetcher, limits=ImageLimits.from_settings(settings), key_dir=settings.data_dir
+        ),
+        [m for _, _, m in pairs],
+    )
     served.close()
 
 
@@ -67,9 +79,10 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
             from backend.db.models import Project
             from backend.labelstudio.payloads import LsAnnotation
 
-            mirror.apply_annotation(
+            apply_annotation(
                 session,
-                session.get(Project, project_id),
+                mirror.store,
+                session.get_one(Project, project_id),
                 config,
                 image.image_id,
                 LsAnnotation.parse(annotation(ann_id, task_id, mask)),
@@ -79,7 +92,7 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
     ls.tasks[1]["annotations"] = [annotation(11, 1, masks[0])]
     ls.tasks[2]["annotations"] = [annotation(12, 2, masks[1]), annotation(14, 2, None, cancelled=True)]
 
-    report = mirror.reconcile(4)
+    report = reconcile_project(mirror, 4)
     assert (report.tasks, report.annotations, report.created, report.updated, report.deactivated) == (3, 3, 1, 1, 1)
     assert report.errors == []
     assert world.labels() == {11: (True, True), 12: (True, True), 13: (False, False)}
@@ -92,11 +105,11 @@ def test_reconcile_records_missed_changed_and_gone_annotations(world: World) -> 
     # Only task 2's image was new: stored images are not downloaded again.
     assert sum(1 for s in ls.seen if s.path.startswith("/data/upload/")) == downloads + 1
 
-    again = mirror.reconcile(4)  # idempotent
+    again = reconcile_project(mirror, 4)  # idempotent
     assert (again.created, again.updated, again.deactivated, again.unchanged) == (0, 0, 0, 2)
 
     del ls.tasks[2]  # deleted in Label Studio
-    gone = mirror.reconcile(4)
+    gone = reconcile_project(mirror, 4)
     assert (gone.tasks_gone, gone.deactivated) == (1, 1)
     assert world.labels()[12] == (False, False)
     with unit_of_work(mirror.factory) as session:
@@ -110,7 +123,7 @@ def test_a_bad_annotation_is_reported_and_the_rest_sync(world: World) -> None:
     ls.tasks[2]["annotations"] = [annotation(22, 2, world.masks[1])]
     ls.tasks[3]["data"]["image"] = "/data/upload/4/missing.png"
     ls.tasks[3]["annotations"] = [annotation(23, 3, world.masks[2])]
-    report = world.mirror.reconcile(4)
+    report = reconcile_project(world.mirror, 4)
     assert report.created == 1 and len(report.errors) == 2
     assert any("annotation 21" in e and "brush regions must cover" in e for e in report.errors)
     assert any(e.startswith("task 3:") for e in report.errors)

@@ -15,21 +15,19 @@ from safetensors.torch import save_file
 from backend.errors import CheckpointError
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from backend.model.networks import build_model
-from backend.model.spec import ModelSpec, Normalization
-from tests.model_samples import tiny_spec as shared_tiny_spec
+from backend.model.spec import Normalization
+from tests.support.models import tiny_spec
 
 torch.set_num_threads(1)
 
 
-def tiny_spec(**kw: object) -> ModelSpec:
-    """The shared tiny spec with dataset statistics, so normalisation round-trips are visible."""
-    kw.setdefault("normalization", Normalization("zscore_dataset", mean=50.0, std=10.0))
-    return shared_tiny_spec(**kw)
+# Dataset statistics rather than the default per-image scheme, so normalisation round-trips are visible.
+DATASET_STATS = Normalization("zscore_dataset", mean=50.0, std=10.0)
 
 
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, str, Checkpoint]:
-    spec = tiny_spec()
+    spec = tiny_spec(normalization=DATASET_STATS)
     torch.manual_seed(0)
     ckpt = Checkpoint(spec, build_model(spec).state_dict(), summary={"epochs": 3}, metrics={"val_fg_dice": 0.5})
     path = tmp_path / "m.safetensors"
@@ -83,7 +81,7 @@ def test_mismatched_architecture_or_classes_are_refused(saved: tuple[Path, str, 
 
 
 def test_weights_that_do_not_fit_the_stored_spec_are_refused(tmp_path: Path) -> None:
-    spec = tiny_spec()
+    spec = tiny_spec(normalization=DATASET_STATS)
     wider = dataclasses.replace(spec, features=(4, 8, 32))
     path = tmp_path / "lie.safetensors"
     save_checkpoint(path, Checkpoint(spec, build_model(wider).state_dict()))  # spec says 16, tensors say 32
@@ -101,7 +99,7 @@ def test_foreign_safetensors_and_unknown_arch_are_refused(tmp_path: Path) -> Non
     save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lacks metadata"):
         load_checkpoint(foreign)
-    spec = tiny_spec()
+    spec = tiny_spec(normalization=DATASET_STATS)
     path = tmp_path / "arch.safetensors"
     meta = {
         "format": "sonoseg-checkpoint",

@@ -28,7 +28,7 @@ from backend.model.losses import (
 )
 from backend.model.spec import Normalization
 from backend.model.synthetic import make_blob_pairs
-from tests.model_samples import tiny_spec
+from tests.support.models import tiny_spec
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ from backend.model.predict import (
     keep_largest_component,
     normalized_entropy,
 )
-from tests.model_samples import tiny_spec
+from tests.support.models import tiny_spec
 
 torch.set_num_threads(1)
 

@@ -9,13 +9,14 @@ import numpy as np
 from sqlalchemy import select
 
 from backend.db.base import utcnow
-from backend.db.models import Image, ModelVersion, Project, TrainingRun
+from backend.db.models import Image, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
-from backend.services import retrain, run_queue, run_training
 from backend.services.images import SourceInfo, add_image
 from backend.services.masks import add_mask_version, deactivate_annotation
+from backend.services.training import plan, policy, queue, requests
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from tests.support.models import record_version
 
 S = dt.timedelta(seconds=1)
 
@@ -57,41 +58,37 @@ def _images(factory: SessionFactory, pid: int, split: str) -> list[int]:
         return list(s.scalars(select(Image.id).where(Image.project_id == pid, Image.split == split).order_by(Image.id)))
 
 
-def _register_version(factory: SessionFactory, pid: int, status: str = "serving") -> int:
-    """A model version whose snapshot is the current training labels (as a run would record)."""
+def _register_version(factory: SessionFactory, pid: int, *, serve: bool = True) -> int:
+    """A model version whose snapshot is the current training labels (as a run would record),
+    serving or left a candidate."""
     with unit_of_work(factory) as s:
-        plan_masks = run_training.labelled_images(s, pid, "train")
+        plan_masks = plan.labelled_images(s, pid, "train")
         from backend.db.models import MaskVersion
 
         masks = list(s.scalars(select(MaskVersion).where(MaskVersion.id.in_([m.mask_version_id for m in plan_masks]))))
-        mv = ModelVersion(
-            project_id=pid, uid=f"v{utcnow().timestamp()}", status=status, checkpoint_key="k", training_masks=masks
-        )
-        s.add(mv)
-        s.flush()
-        return mv.id
+        return record_version(s, s.get_one(Project, pid), serve=serve, training_masks=masks).id
 
 
 # -- pure policy --------------------------------------------------------------------------------
 def test_count_changes_counts_new_changed_and_removed_images() -> None:
-    assert retrain.count_changes({1: 10, 2: 20}, {1: 10, 2: 20}) == 0
-    assert retrain.count_changes({1: 10, 2: 21, 3: 30}, {1: 10, 2: 20, 4: 40}) == 3  # changed 2, new 3, gone 4
-    assert retrain.count_changes({}, {}) == 0
+    assert policy.count_changes({1: 10, 2: 20}, {1: 10, 2: 20}) == 0
+    assert policy.count_changes({1: 10, 2: 21, 3: 30}, {1: 10, 2: 20, 4: 40}) == 3  # changed 2, new 3, gone 4
+    assert policy.count_changes({}, {}) == 0
 
 
 def test_retrain_due_threshold_and_switches() -> None:
-    policy = retrain.RetrainPolicy(retrain_after=20, debounce_seconds=60, max_minutes=30, auto=True)
-    assert not retrain.retrain_due(19, policy)
-    assert retrain.retrain_due(20, policy)
-    assert not retrain.retrain_due(99, retrain.RetrainPolicy(20, 60, 30, auto=False))
-    assert not retrain.retrain_due(99, retrain.RetrainPolicy(0, 60, 30, auto=True))
+    rules = policy.RetrainPolicy(retrain_after=20, debounce_seconds=60, max_minutes=30, auto=True)
+    assert not policy.retrain_due(19, rules)
+    assert policy.retrain_due(20, rules)
+    assert not policy.retrain_due(99, policy.RetrainPolicy(20, 60, 30, auto=False))
+    assert not policy.retrain_due(99, policy.RetrainPolicy(0, 60, 30, auto=True))
 
 
 def test_debounce_extends_but_is_capped() -> None:
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    assert retrain.debounce_until(t0, t0, 60) == t0 + 60 * S
-    assert retrain.debounce_until(t0 + 100 * S, t0, 60) == t0 + 160 * S
-    assert retrain.debounce_until(t0 + 1000 * S, t0, 60) == t0 + 300 * S  # 5 periods after queueing
+    assert policy.debounce_until(t0, t0, 60) == t0 + 60 * S
+    assert policy.debounce_until(t0 + 100 * S, t0, 60) == t0 + 160 * S
+    assert policy.debounce_until(t0 + 1000 * S, t0, 60) == t0 + 300 * S  # 5 periods after queueing
 
 
 def test_project_overrides_win_over_settings(
@@ -99,8 +96,8 @@ def test_project_overrides_win_over_settings(
 ) -> None:
     pid = _project(factory, store, 0, retrain_after=3, train_max_minutes=2.5)
     with factory() as s:
-        policy = retrain.policy_for(s.get_one(Project, pid), settings.replace(retrain_after=20, train_max_minutes=30))
-    assert (policy.retrain_after, policy.max_minutes, policy.auto) == (3, 2.5, True)
+        rules = policy.policy_for(s.get_one(Project, pid), settings.replace(retrain_after=20, train_max_minutes=30))
+    assert (rules.retrain_after, rules.max_minutes, rules.auto) == (3, 2.5, True)
 
 
 # -- what changed ---------------------------------------------------------------------------------
@@ -110,11 +107,11 @@ def test_changes_are_counted_against_the_last_trained_snapshot(factory: SessionF
     def sql_and_reference() -> tuple[int, int]:
         with factory() as s:
             project = s.get_one(Project, pid)
-            last = retrain.last_trained_version(s, pid)
-            reference = retrain.count_changes(
-                retrain.current_labels(s, pid, "train"), retrain.training_snapshot(last) if last else {}
+            last = requests.last_trained_version(s, pid)
+            reference = policy.count_changes(
+                requests.current_labels(s, pid, "train"), requests.training_snapshot(last) if last else {}
             )
-            return retrain.changed_since_last_version(s, project), reference
+            return requests.changed_since_last_version(s, project), reference
 
     assert sql_and_reference() == (5, 5)  # no model yet: every training label counts, val never does
     _register_version(factory, pid)
@@ -130,7 +127,7 @@ def test_changes_are_counted_against_the_last_trained_snapshot(factory: SessionF
     with unit_of_work(factory) as s:
         _label(s, store, s.get_one(Project, pid), s.get_one(Image, train_ids[0]), 5, ann=1000)  # corrected twice
     assert sql_and_reference() == (2, 2)
-    _register_version(factory, pid, status="candidate")  # a rejected candidate is the new baseline
+    _register_version(factory, pid, serve=False)  # a rejected candidate is the new baseline
     assert sql_and_reference() == (0, 0)
 
 
@@ -142,19 +139,19 @@ def test_threshold_queues_one_debounced_run_and_bursts_extend_it(
     pid = _project(factory, store, 3)
     t0 = utcnow()
     with unit_of_work(factory) as s:
-        assert retrain.maybe_request_retrain(s, s.get_one(Project, pid), settings, now=t0) is None  # 3 < 4
+        assert requests.maybe_request_retrain(s, s.get_one(Project, pid), settings, now=t0) is None  # 3 < 4
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
         image = add_image(s, store, p, np.full((16, 16), 99, np.uint8), subject="x", source=SourceInfo("import")).image
         image.split = "train"
         _label(s, store, p, image, 1)
-        run = retrain.maybe_request_retrain(s, p, settings, now=t0)
+        run = requests.maybe_request_retrain(s, p, settings, now=t0)
         assert run is not None and run.trigger == "annotations" and run.status == "queued"
         assert run.not_before == t0 + 60 * S and run.progress["changed_labels"] == 4
         run_id = run.id
     for later in (10, 100, 1000):  # more saves while it waits
         with unit_of_work(factory) as s:
-            assert retrain.maybe_request_retrain(s, s.get_one(Project, pid), settings, now=t0 + later * S) is None
+            assert requests.maybe_request_retrain(s, s.get_one(Project, pid), settings, now=t0 + later * S) is None
     with factory() as s:
         runs = list(s.scalars(select(TrainingRun)))
         assert [r.id for r in runs] == [run_id]
@@ -169,21 +166,21 @@ def test_running_run_is_left_alone_and_auto_off_never_triggers(
     settings = settings.replace(retrain_after=2)
     pid = _project(factory, store, 3)
     with unit_of_work(factory) as s:
-        run = retrain.maybe_request_retrain(s, s.get_one(Project, pid), settings)
+        run = requests.maybe_request_retrain(s, s.get_one(Project, pid), settings)
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        assert run_queue.claim_run(s, run_id, worker="w", task_id="t", now=utcnow() + 3600 * S) is not None
+        assert queue.claim_run(s, run_id, worker="w", task_id="t", now=utcnow() + 3600 * S) is not None
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
-        assert retrain.maybe_request_retrain(s, p, settings) is None
+        assert requests.maybe_request_retrain(s, p, settings) is None
         assert not p.retrain_pending  # the count is taken again when the run ends
     manual_pid = _project(factory, store, 5, auto_retrain=False)
     with unit_of_work(factory) as s:
         p = s.get_one(Project, manual_pid)
-        assert retrain.maybe_request_retrain(s, p, settings) is None
-        assert retrain.request_scheduled(s, p, settings) is None
-        assert retrain.request_training(s, p, "manual") is not None  # by hand still works
+        assert requests.maybe_request_retrain(s, p, settings) is None
+        assert requests.request_scheduled(s, p, settings) is None
+        assert requests.request_training(s, p, "manual") is not None  # by hand still works
 
 
 def test_second_trigger_while_active_marks_pending_and_finish_starts_one_more(
@@ -191,20 +188,20 @@ def test_second_trigger_while_active_marks_pending_and_finish_starts_one_more(
 ) -> None:
     pid = _project(factory, store, 2)
     with unit_of_work(factory) as s:
-        first = retrain.request_training(s, s.get_one(Project, pid), "start_training")
+        first = requests.request_training(s, s.get_one(Project, pid), "start_training")
         assert first is not None and first.not_before is not None
         first_id = first.id
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
-        assert retrain.request_training(s, p, "manual", from_scratch=True) is None
+        assert requests.request_training(s, p, "manual", from_scratch=True) is None
         assert p.retrain_pending
     with unit_of_work(factory) as s:
-        claimed = run_queue.claim_run(s, first_id, worker="w", task_id="t")
+        claimed = queue.claim_run(s, first_id, worker="w", task_id="t")
         assert claimed is not None
     with unit_of_work(factory) as s:
-        run = run_queue.owned_run(s, claimed)
+        run = queue.owned_run(s, claimed)
         assert run is not None
-        follow_up = run_queue.finish_run(s, run, "failed", error="boom", settings=settings)
+        follow_up = queue.finish_run(s, run, "failed", error="boom", settings=settings)
         assert follow_up is not None and follow_up.trigger == "manual" and follow_up.status == "queued"
         assert follow_up.progress["follow_up_of"] == first_id
         assert not s.get_one(Project, pid).retrain_pending
@@ -219,12 +216,12 @@ def test_schedule_runs_only_if_something_changed(
     pid = _project(factory, store, 2)
     _register_version(factory, pid)
     with unit_of_work(factory) as s:
-        assert retrain.request_scheduled(s, s.get_one(Project, pid), settings) is None
+        assert requests.request_scheduled(s, s.get_one(Project, pid), settings) is None
     first_image = _images(factory, pid, "train")[0]
     with unit_of_work(factory) as s:
         p = s.get_one(Project, pid)
         _label(s, store, p, s.get_one(Image, first_image), 6)
-        run = retrain.request_scheduled(s, p, settings)
+        run = requests.request_scheduled(s, p, settings)
         assert run is not None and run.trigger == "schedule"
 
 
@@ -233,16 +230,16 @@ def test_claim_is_a_compare_and_set(factory: SessionFactory, store: LocalBlobSto
     pid = _project(factory, store, 1)
     t0 = utcnow()
     with unit_of_work(factory) as s:
-        run = retrain.request_training(s, s.get_one(Project, pid), "manual", now=t0 + 30 * S)
+        run = requests.request_training(s, s.get_one(Project, pid), "manual", now=t0 + 30 * S)
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        assert run_queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0) is None  # not due yet
+        assert queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0) is None  # not due yet
     with unit_of_work(factory) as s:
-        claimed = run_queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0 + 31 * S)
+        claimed = queue.claim_run(s, run_id, worker="w1", task_id="a", now=t0 + 31 * S)
     with unit_of_work(factory) as s:
-        assert run_queue.claim_run(s, run_id, worker="w2", task_id="b", now=t0 + 32 * S) is None  # duplicate message
-        assert run_queue.claim_run(s, 999_999, worker="w2", task_id="c") is None
+        assert queue.claim_run(s, run_id, worker="w2", task_id="b", now=t0 + 32 * S) is None  # duplicate message
+        assert queue.claim_run(s, 999_999, worker="w2", task_id="c") is None
     assert claimed is not None and claimed.attempt == 1 and claimed.project_id == pid
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
@@ -253,44 +250,44 @@ def test_outbox_sends_due_runs_and_resends_lost_messages(factory: SessionFactory
     a, b = _project(factory, store, 1), _project(factory, store, 1)
     t0 = utcnow()
     with unit_of_work(factory) as s:
-        due = retrain.request_training(s, s.get_one(Project, a), "manual", now=t0)
-        later = retrain.request_training(s, s.get_one(Project, b), "manual", now=t0 + 60 * S)
+        due = requests.request_training(s, s.get_one(Project, a), "manual", now=t0)
+        later = requests.request_training(s, s.get_one(Project, b), "manual", now=t0 + 60 * S)
         assert due is not None and later is not None
         due_id, later_id = due.id, later.id
     with unit_of_work(factory) as s:
-        assert run_queue.runs_to_dispatch(s, now=t0, redispatch_after_seconds=300) == [due_id]
-        run_queue.mark_dispatched(s, due_id, now=t0)
+        assert queue.runs_to_dispatch(s, now=t0, redispatch_after_seconds=300) == [due_id]
+        queue.mark_dispatched(s, due_id, now=t0)
     with unit_of_work(factory) as s:
-        assert run_queue.runs_to_dispatch(s, now=t0 + 10 * S, redispatch_after_seconds=300) == []
-        assert run_queue.runs_to_dispatch(s, now=t0 + 301 * S, redispatch_after_seconds=300) == [due_id, later_id]
-        assert run_queue.claim_run(s, due_id, worker="w", task_id=None, now=t0 + 302 * S) is not None
+        assert queue.runs_to_dispatch(s, now=t0 + 10 * S, redispatch_after_seconds=300) == []
+        assert queue.runs_to_dispatch(s, now=t0 + 301 * S, redispatch_after_seconds=300) == [due_id, later_id]
+        assert queue.claim_run(s, due_id, worker="w", task_id=None, now=t0 + 302 * S) is not None
     with unit_of_work(factory) as s:
-        assert run_queue.runs_to_dispatch(s, now=t0 + 400 * S, redispatch_after_seconds=300) == [later_id]
+        assert queue.runs_to_dispatch(s, now=t0 + 400 * S, redispatch_after_seconds=300) == [later_id]
 
 
 def test_reaper_requeues_then_fails_runs_whose_worker_died(factory: SessionFactory, store: LocalBlobStore) -> None:
     pid = _project(factory, store, 1)
     t0 = utcnow()
     with unit_of_work(factory) as s:
-        run = retrain.request_training(s, s.get_one(Project, pid), "manual", now=t0)
+        run = requests.request_training(s, s.get_one(Project, pid), "manual", now=t0)
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        first = run_queue.claim_run(s, run_id, worker="dead-1", task_id="a", now=t0)
+        first = queue.claim_run(s, run_id, worker="dead-1", task_id="a", now=t0)
     with unit_of_work(factory) as s:
-        assert run_queue.reap_stale_runs(s, now=t0 + 100 * S, stale_after_seconds=120, max_attempts=2) == []
-        reaped = run_queue.reap_stale_runs(s, now=t0 + 121 * S, stale_after_seconds=120, max_attempts=2)
+        assert queue.reap_stale_runs(s, now=t0 + 100 * S, stale_after_seconds=120, max_attempts=2) == []
+        reaped = queue.reap_stale_runs(s, now=t0 + 121 * S, stale_after_seconds=120, max_attempts=2)
     assert [(r.run_id, r.requeued) for r in reaped] == [(run_id, True)]
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
         assert row.status == "queued" and row.dispatched_at is None and "lost its worker dead-1" in (row.error or "")
     assert first is not None
     with unit_of_work(factory) as s:
-        assert run_queue.owned_run(s, first) is None  # the old attempt can no longer register anything
-        second = run_queue.claim_run(s, run_id, worker="dead-2", task_id="b", now=t0 + 122 * S)
+        assert queue.owned_run(s, first) is None  # the old attempt can no longer register anything
+        second = queue.claim_run(s, run_id, worker="dead-2", task_id="b", now=t0 + 122 * S)
         assert second is not None and second.attempt == 2
     with unit_of_work(factory) as s:
-        reaped = run_queue.reap_stale_runs(s, now=t0 + 400 * S, stale_after_seconds=120, max_attempts=2)
+        reaped = queue.reap_stale_runs(s, now=t0 + 400 * S, stale_after_seconds=120, max_attempts=2)
     assert [(r.run_id, r.requeued) for r in reaped] == [(run_id, False)]
     with factory() as s:
         row = s.get_one(TrainingRun, run_id)
@@ -301,17 +298,17 @@ def test_reaper_requeues_then_fails_runs_whose_worker_died(factory: SessionFacto
 def test_heartbeat_notices_a_lost_claim(factory: SessionFactory, store: LocalBlobStore) -> None:
     pid = _project(factory, store, 1)
     with unit_of_work(factory) as s:
-        run = retrain.request_training(s, s.get_one(Project, pid), "manual")
+        run = requests.request_training(s, s.get_one(Project, pid), "manual")
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        claimed = run_queue.claim_run(s, run_id, worker="w", task_id=None)
+        claimed = queue.claim_run(s, run_id, worker="w", task_id=None)
     assert claimed is not None
-    heartbeat = run_queue.Heartbeat(factory, claimed, interval_seconds=60)
+    heartbeat = queue.Heartbeat(factory, claimed, interval_seconds=60)
     heartbeat.report(phase="training", epoch=3)
     assert heartbeat.beat() and not heartbeat.lost()
     with factory() as s:
         assert s.get_one(TrainingRun, run_id).progress["epoch"] == 3
     with unit_of_work(factory) as s:
-        run_queue.reap_stale_runs(s, now=utcnow() + 3600 * S, stale_after_seconds=1, max_attempts=5)
+        queue.reap_stale_runs(s, now=utcnow() + 3600 * S, stale_after_seconds=1, max_attempts=5)
     assert not heartbeat.beat() and heartbeat.lost()

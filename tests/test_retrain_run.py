@@ -15,38 +15,23 @@ from sqlalchemy import select
 
 from backend.db.models import Image, ModelVersion, Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
-from backend.services import retrain, run_execution, run_queue, run_training
 from backend.services.images import SourceInfo, add_image
 from backend.services.masks import add_mask_version
 from backend.services.status import collect_status
+from backend.services.training import execute, plan, queue, requests
 from backend.services.versions import serving_version
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from tests.support.models import WORKER_TINY, tiny_spec
 
 TINY = "test_tiny"
-
-
-def tiny_spec(classes: tuple[str, ...]) -> Any:
-    """Three stages, 4-16 channels, frames scaled by 1/4: a training step takes milliseconds."""
-    from backend.model.spec import ModelSpec
-
-    return ModelSpec(
-        arch="resunet_2d",
-        classes=tuple(classes),
-        features=(4, 8, 16),
-        encoder_blocks=(1, 1, 1),
-        decoder_blocks=(1, 1),
-        patch_size=(32, 32),
-        input_scale=0.25,
-        full_resolution_skip=True,
-    )
 
 
 @pytest.fixture(autouse=True)
 def tiny_preset() -> Iterator[None]:
     from backend.model.spec import PRESETS
 
-    PRESETS[TINY] = tiny_spec
+    PRESETS[TINY] = lambda classes: tiny_spec(classes, **WORKER_TINY)  # a training step takes milliseconds
     yield
     PRESETS.pop(TINY, None)
 
@@ -74,17 +59,15 @@ def _project(factory: SessionFactory, store: LocalBlobStore, n_train: int = 5, n
         return p.id
 
 
-def _run(
-    factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, **kw: Any
-) -> run_execution.RunOutcome:
+def _run(factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, **kw: Any) -> execute.RunOutcome:
     with unit_of_work(factory) as s:
-        run = retrain.request_training(s, s.get_one(Project, pid), "manual")
+        run = requests.request_training(s, s.get_one(Project, pid), "manual")
         assert run is not None
         run_id = run.id
     with unit_of_work(factory) as s:
-        claimed = run_queue.claim_run(s, run_id, worker="test", task_id=None)
+        claimed = queue.claim_run(s, run_id, worker="test", task_id=None)
     assert claimed is not None
-    return run_execution.execute_run(factory, store, settings, claimed, **kw)
+    return execute.execute_run(factory, store, settings, claimed, **kw)
 
 
 def _checkpoint_files(store: LocalBlobStore) -> set[str]:
@@ -105,7 +88,7 @@ def test_a_run_registers_an_immutable_version_with_its_snapshot_and_serves_it(
     with factory() as s:
         version = serving_version(s, pid)
         assert version is not None and version.uid == outcome.model_version_uid
-        assert {mv.id for mv in version.training_masks} == set(retrain.current_labels(s, pid, "train").values())
+        assert {mv.id for mv in version.training_masks} == set(requests.current_labels(s, pid, "train").values())
         assert len(version.training_masks) == 5
         assert version.metrics["n_val"] == 2 and 0.0 <= version.metrics["fg_mDice"] <= 1.0
         assert set(version.metrics["val_report"]["per_class"]) == {"Nerve", "Vessel"}
@@ -115,7 +98,7 @@ def test_a_run_registers_an_immutable_version_with_its_snapshot_and_serves_it(
         assert (run.status, run.device, run.model_version_id, run.error) == ("succeeded", "cpu", version.id, None)
         assert run.progress["phase"] == "succeeded" and run.progress["epoch"] >= 1
     assert _checkpoint_files(store) == {version.checkpoint_key}
-    assert not list(run_execution.run_dirs_root(run_settings).iterdir())
+    assert not list(execute.run_dirs_root(run_settings).iterdir())
 
 
 def test_a_worse_candidate_is_not_promoted_and_rollback_restores_the_previous_version(
@@ -158,7 +141,7 @@ def test_a_failure_after_the_checkpoint_was_stored_leaves_no_orphan(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("evaluation exploded")
 
-    monkeypatch.setattr(run_execution, "evaluate_checkpoint", broken)
+    monkeypatch.setattr(execute, "evaluate_checkpoint", broken)
     outcome = _run(factory, store, run_settings, pid)
     assert outcome.status == "failed" and outcome.error == "RuntimeError: evaluation exploded"
     with factory() as s:
@@ -241,19 +224,19 @@ def test_other_runtime_errors_are_not_retried(
 def test_images_are_read_from_the_snapshot(factory: SessionFactory, store: LocalBlobStore) -> None:
     pid = _project(factory, store, n_train=2, n_val=1)
     with factory() as s:
-        items = run_training.labelled_images(s, pid, "train")
+        items = plan.labelled_images(s, pid, "train")
         image_ids = set(s.scalars(select(Image.id).where(Image.split == "train")))
-    pairs = run_training.load_pairs(store, items)
+    pairs = plan.load_pairs(store, items)
     assert {i.image_id for i in items} == image_ids
     assert all(img.shape == (128, 128) and img.dtype == np.uint8 and mask.max() <= 2 for img, mask in pairs)
 
 
 def test_sweep_removes_scratch_dirs_of_dead_runs(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    root = run_execution.run_dirs_root(settings)
+    root = execute.run_dirs_root(settings)
     for name in ("run-1-aaaa", "run-2-bbbb", "unrelated"):
         (root / name).mkdir(parents=True)
-    removed = run_execution.sweep_run_dirs(settings, running_run_ids={2})
+    removed = execute.sweep_run_dirs(settings, running_run_ids={2})
     assert [p.name for p in removed] == ["run-1-aaaa"]
     assert sorted(p.name for p in root.iterdir()) == ["run-2-bbbb", "unrelated"]
 

@@ -191,12 +191,12 @@ def test_the_dispatch_tick_records_the_heartbeat_with_the_sender(factory: Sessio
 
 def test_beat_writes_its_own_heartbeat_after_sending_a_tick(factory: SessionFactory, settings: Settings) -> None:
     """So a worker busy with a long run (ticks queued behind it) does not make a live beat look dead."""
-    from workers.celery_app import WorkerRuntime
+    from backend.runtime import Runtime
     from workers.signals import BeatHeartbeat
 
     beat = BeatHeartbeat()
     beat.sent()  # not started: not a beat process, nothing happens
-    runtime = WorkerRuntime(settings)
+    runtime = Runtime.from_settings(settings)
     try:
         beat.start(runtime, period=0.2)
         time.sleep(0.5)
@@ -256,7 +256,7 @@ def test_health_reports_the_scheduler_and_reads_the_row_at_most_every_few_second
         if statement.lstrip().upper().startswith("SELECT") and "scheduler_heartbeat" in statement:
             reads.append(statement)
 
-    event.listen(state.engine, "before_cursor_execute", count)
+    event.listen(state.runtime.engine, "before_cursor_execute", count)
     try:
         client = app.test_client()
         resp = client.get("/health")
@@ -270,7 +270,7 @@ def test_health_reports_the_scheduler_and_reads_the_row_at_most_every_few_second
         assert len(reads) == 1  # cached: one read for 21 requests
         assert client.get("/health").get_json()["scheduler"]["ok"] is False  # not re-read yet
     finally:
-        event.remove(state.engine, "before_cursor_execute", count)
+        event.remove(state.runtime.engine, "before_cursor_execute", count)
         state.close()
 
 
@@ -296,7 +296,7 @@ def test_health_stays_200_when_the_database_cannot_be_read(settings: Settings) -
     def broken() -> None:
         raise RuntimeError("database unreachable")
 
-    state.factory = broken  # type: ignore[assignment]
+    state.runtime.factory = broken  # type: ignore[assignment]
     try:
         resp = app.test_client().get("/health")
         assert resp.status_code == 200 and resp.get_json()["status"] == "UP"
@@ -328,7 +328,7 @@ def test_the_startup_check_warns_without_a_heartbeat_and_not_with_one(
 @pytest.mark.sqlite
 @pytest.mark.xdist_group("sonoseg-workers")
 def test_a_worker_started_without_beat_logs_a_warning_naming_the_fix(tmp_path: Path) -> None:
-    from tests.labelstudio_server import WORKER_BOOT, worker_environment
+    from tests.support.processes import WORKER_BOOT, worker_environment
     from tests.test_worker_shutdown import group_processes, migrated_factory
 
     settings = Settings(
@@ -370,7 +370,7 @@ def test_a_worker_started_without_beat_logs_a_warning_naming_the_fix(tmp_path: P
 @pytest.mark.xdist_group("sonoseg-workers")
 def test_beat_is_seen_even_when_no_worker_runs_its_ticks(tmp_path: Path) -> None:
     """`--beat` on a worker that consumes only `train`: no tick ever runs, beat's own heartbeat shows."""
-    from tests.labelstudio_server import WORKER_BOOT, worker_environment
+    from tests.support.processes import WORKER_BOOT, worker_environment
     from tests.test_worker_shutdown import group_processes, migrated_factory
 
     settings = Settings(

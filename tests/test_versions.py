@@ -8,23 +8,23 @@ from backend.db.models import ModelVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import Conflict
 from backend.services.versions import promote, rollback, serving_version
+from tests.support.models import record_version
 
 
 def _versions(factory: SessionFactory, n: int) -> tuple[int, list[int]]:
+    """A project with ``n`` registered candidate versions (none serving); their ids, oldest first."""
     with unit_of_work(factory) as s:
         p = Project(name="p", class_names=["Nerve"])
         s.add(p)
         s.flush()
-        vs = [ModelVersion(project_id=p.id, uid=f"v{i}", status="candidate", checkpoint_key=f"k{i}") for i in range(n)]
-        s.add_all(vs)
-        s.flush()
+        vs = [record_version(s, p, serve=False, checkpoint_key=f"k{i}") for i in range(n)]
         return p.id, [v.id for v in vs]
 
 
-def _serving_uid(factory: SessionFactory, pid: int) -> str | None:
+def _serving_id(factory: SessionFactory, pid: int) -> int | None:
     with factory() as s:
         v = serving_version(s, pid)
-        return v.uid if v else None
+        return v.id if v else None
 
 
 def test_promote_retires_previous(factory: SessionFactory) -> None:
@@ -41,17 +41,17 @@ def test_rollback_walks_back_through_history(factory: SessionFactory) -> None:
     for vid in ids:
         with unit_of_work(factory) as s:
             promote(s, s.get_one(ModelVersion, vid))
-    assert _serving_uid(factory, pid) == "v2"
+    assert _serving_id(factory, pid) == ids[2]
     with unit_of_work(factory) as s:
         rollback(s, pid)
-    assert _serving_uid(factory, pid) == "v1"
+    assert _serving_id(factory, pid) == ids[1]
     with unit_of_work(factory) as s:
         rollback(s, pid)
-    assert _serving_uid(factory, pid) == "v0"
+    assert _serving_id(factory, pid) == ids[0]
     with pytest.raises(Conflict, match="no earlier served version"):
         with unit_of_work(factory) as s:
             rollback(s, pid)
-    assert _serving_uid(factory, pid) == "v0"
+    assert _serving_id(factory, pid) == ids[0]
 
 
 def test_failed_version_cannot_serve(factory: SessionFactory) -> None:
@@ -61,4 +61,4 @@ def test_failed_version_cannot_serve(factory: SessionFactory) -> None:
     with pytest.raises(Conflict):
         with unit_of_work(factory) as s:
             promote(s, s.get_one(ModelVersion, ids[0]))
-    assert _serving_uid(factory, pid) is None
+    assert _serving_id(factory, pid) is None

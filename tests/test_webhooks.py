@@ -14,21 +14,15 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from backend.api.app import AppState, create_app
-from backend.db.models import ImageSource, MaskVersion, ModelVersion, Prediction, Project, TrainingRun, WebhookEvent
+from backend.db.models import ImageSource, MaskVersion, Prediction, Project, TrainingRun, WebhookEvent
 from backend.db.session import unit_of_work
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.services.masks import read_mask
 from backend.services.webhooks import event_key, process_pending_events
 from backend.settings import Settings
-from tests.labelstudio_server import (
-    ThresholdModel,
-    annotation,
-    annotation_event,
-    dataset_pairs,
-    deleted_event,
-    fake_loader,
-    png_bytes,
-)
+from tests.support.frames import dataset_pairs, png_bytes
+from tests.support.models import ThresholdModel, fake_loader, record_version
+from tests.support.payloads import annotation, annotation_event, deleted_event
 
 
 @dataclass
@@ -46,7 +40,7 @@ class Hooks:
         return body
 
     def process(self) -> Any:
-        return process_pending_events(self.state.mirror)
+        return process_pending_events(self.state.mirror, self.state.settings)
 
     def versions(self, **where: Any) -> list[MaskVersion]:
         with unit_of_work(self.state.factory) as session:
@@ -182,7 +176,7 @@ def test_correction_dice_is_stored_against_the_served_prediction(hooks: Hooks) -
     client.post("/setup", json={"project": "3.17", "schema": DEFAULT_LABEL_CONFIG})
     with unit_of_work(hooks.state.factory) as session:
         project = session.scalars(select(Project)).one()
-        session.add(ModelVersion(project_id=project.id, uid="p3-v1", status="serving", checkpoint_key="x/y"))
+        served_uid = record_version(session, project).uid
     hooks.state.holder.refresh()
     body = client.post(
         "/predict",
@@ -192,7 +186,7 @@ def test_correction_dice_is_stored_against_the_served_prediction(hooks: Hooks) -
             "label_config": DEFAULT_LABEL_CONFIG,
         },
     ).get_json()
-    assert body["results"][0]["model_version"] == "p3-v1"
+    assert body["results"][0]["model_version"] == served_uid
     hooks.post(annotation_event("ANNOTATION_CREATED", 1, 10, hooks.urls[0], hooks.masks[0]))
     hooks.process()
     image = hooks.images[0]

@@ -19,7 +19,10 @@ from backend.api.app import AppState, create_app
 from backend.db.models import MaskVersion, WebhookEvent
 from backend.db.session import unit_of_work
 from backend.settings import Settings
-from tests.labelstudio_server import ServedApp, annotation_event, generated_pair, png_bytes, wait_for
+from tests.support.frames import png_bytes, synthetic_frame
+from tests.support.payloads import annotation_event
+from tests.support.processes import wait_for
+from tests.support.servers import ServedApp
 
 EVENTS = 1000
 TASKS = 100
@@ -32,7 +35,7 @@ def test_a_flood_of_webhooks_loses_nothing(settings: Settings, tmp_path: Path) -
     root.mkdir()
     masks = {}
     for t in range(TASKS):
-        image, mask = generated_pair(t, size=(48, 64))
+        image, mask = synthetic_frame(t, size=(48, 64))
         (root / f"t{t}.png").write_bytes(png_bytes(image))
         masks[t] = mask
     payloads = [

@@ -33,7 +33,7 @@ from backend.db.models import Project, SchedulerHeartbeat, TrainingRun
 from backend.db.session import SessionFactory, make_engine, make_session_factory, unit_of_work
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.labelstudio_server import WORKER_BOOT, WORKER_PRESET, worker_environment
+from tests.support.processes import WORKER_BOOT, WORKER_PRESET, worker_environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.sqlite, pytest.mark.xdist_group("sonoseg-workers")]
 
@@ -156,7 +156,7 @@ def queue_a_training_run(factory: SessionFactory, store: LocalBlobStore) -> int:
     from backend.model.synthetic import make_blob_pairs
     from backend.services.images import SourceInfo, add_image
     from backend.services.masks import add_mask_version
-    from backend.services.retrain import request_training
+    from backend.services.training.requests import request_training
 
     with unit_of_work(factory) as s:
         project = Project(name="nerves", class_names=["Nerve", "Vessel"], auto_retrain=False)

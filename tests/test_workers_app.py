@@ -17,7 +17,7 @@ from backend.db.migrate import upgrade
 from backend.db.models import Project, TrainingRun
 from backend.db.session import make_engine, make_session_factory, unit_of_work
 from backend.errors import InvalidInput
-from backend.services import retrain
+from backend.services.training import requests
 from backend.settings import Settings
 from workers.celery_app import make_celery, runtime_of
 from workers.names import QUEUES, TASK_DISPATCH, TASK_PREDICT_PROJECT, TASK_ROUTES, TASK_TRAIN
@@ -89,7 +89,7 @@ def test_a_worker_thread_dispatches_runs_and_a_duplicate_message_is_a_no_op(embe
         project = Project(name="empty", class_names=["Nerve"])
         s.add(project)
         s.flush()
-        run = retrain.request_training(s, project, "manual")
+        run = requests.request_training(s, project, "manual")
         assert run is not None
         run_id = run.id
     factory = make_session_factory(rt.engine)

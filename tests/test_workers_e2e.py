@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,27 +32,14 @@ from backend.db.session import SessionFactory, make_engine, make_session_factory
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from tests.conftest import POSTGRES_URL, REDIS_URL
-from tests.labelstudio_server import worker_environment
+from tests.support.frames import blob_pairs
+from tests.support.models import WORKER_TINY, register_model, save_tiny_checkpoint, tiny_spec
+from tests.support.processes import WORKER_BOOT, WORKER_PRESET, worker_environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sonoseg-workers")]
 
 REPO = Path(__file__).resolve().parents[1]
 LS_PROJECT = 3
-TINY_SPEC = {
-    "arch": "resunet_2d",
-    "features": (4, 8, 16),
-    "encoder_blocks": (1, 1, 1),
-    "decoder_blocks": (1, 1),
-    "patch_size": (32, 32),
-    "input_scale": 0.25,
-    "full_resolution_skip": True,
-}
-BOOT = textwrap.dedent(f"""
-    from backend.model.spec import PRESETS, ModelSpec
-    PRESETS["test_tiny"] = lambda classes: ModelSpec(classes=tuple(classes), **{TINY_SPEC!r})
-    from cli.main import main
-    main()
-""")
 
 
 @dataclass
@@ -91,7 +77,7 @@ def make_settings(backend: Backend, tmp_path: Path, **changes: Any) -> Settings:
         broker_url=backend.broker_url,
         result_backend=backend.result_backend,
         local_files_root=tmp_path / "files",
-        model_preset="test_tiny",
+        model_preset=WORKER_PRESET,
         device="cpu",
         train_max_minutes=0.04,
         retrain_after=4,
@@ -114,7 +100,7 @@ class Worker:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill9()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", BOOT, "worker", "--pool", "solo", "--beat"],
+            [sys.executable, "-c", WORKER_BOOT, "worker", "--pool", "solo", "--beat"],
             cwd=REPO,
             env=worker_environment(settings),
             stdout=self._log,
@@ -195,9 +181,7 @@ def checkpoint_files(store: LocalBlobStore) -> set[str]:
 
 
 def frames(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from backend.model.synthetic import make_blob_pairs
-
-    return [(image, mask.astype(np.uint8)) for image, mask in make_blob_pairs(n, size=(128, 128), seed=11)]
+    return blob_pairs(n, seed=11)
 
 
 def subjects_for_splits(key: bytes, project_id: int, wanted: dict[str, int]) -> list[tuple[str, str]]:
@@ -224,7 +208,8 @@ def test_corrections_posted_to_the_backend_train_one_run_and_setup_serves_the_ne
     from backend.api.app import AppState, create_app
     from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
     from backend.services.pseudonyms import load_or_create_key
-    from tests.labelstudio_server import annotation_event, png_bytes
+    from tests.support.frames import png_bytes
+    from tests.support.payloads import annotation_event
 
     settings = make_settings(backend, tmp_path)
     factory = migrated_factory(settings)
@@ -281,31 +266,10 @@ def test_corrections_posted_to_the_backend_train_one_run_and_setup_serves_the_ne
 
 
 def register_serving_model(factory: SessionFactory, store: LocalBlobStore, project_id: int, tmp_path: Path) -> str:
-    import torch
-
-    from backend.model.checkpoint import Checkpoint, save_checkpoint
-    from backend.model.networks import build_model
-    from backend.model.spec import ModelSpec
-    from backend.services.versions import promote
-
-    spec = ModelSpec(classes=("Nerve", "Vessel"), **TINY_SPEC)  # type: ignore[arg-type]  # the workers' preset
-    torch.manual_seed(0)
+    """An untrained network of the workers' preset, serving: the model that must keep serving."""
     path = tmp_path / "v0.safetensors"
-    save_checkpoint(path, Checkpoint(spec=spec, state_dict=build_model(spec).state_dict()))
-    blob = store.put_file("checkpoints", path, ".safetensors")
-    with unit_of_work(factory) as s:
-        mv = ModelVersion(
-            project_id=project_id,
-            uid="v0-before-the-crash",
-            status="candidate",
-            arch=spec.arch,
-            checkpoint_key=blob.key,
-            checkpoint_sha256=blob.sha256,
-        )
-        s.add(mv)
-        s.flush()
-        promote(s, mv, reason="test fixture")
-        return mv.uid
+    save_tiny_checkpoint(path, spec=tiny_spec(**WORKER_TINY))
+    return register_model(factory, store, project_id, path).uid
 
 
 def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serving(

@@ -23,18 +23,13 @@ the stale-run reaper (``workers/tasks/housekeeping.py``) make that harmless.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from functools import cached_property
 
 from celery import Celery
 from kombu.entity import Queue
-from sqlalchemy import Engine
 
-from backend.db.session import SessionFactory, dispose_after_fork, make_engine, make_session_factory
 from backend.errors import NotReady
+from backend.runtime import Runtime
 from backend.settings import Settings
-from backend.storage.blobs import LocalBlobStore
-from backend.storage.private import private_dir
 from workers.names import QUEUE_HOUSEKEEPING, QUEUES, TASK_MODULES, TASK_ROUTES
 
 log = logging.getLogger(__name__)
@@ -52,42 +47,6 @@ def visibility_timeout_seconds(settings: Settings) -> int:
     redelivery harmless anyway, it only costs a no-op task.
     """
     return int(max(3600.0, 2 * settings.train_max_minutes * 60 + 600))
-
-
-@dataclass
-class WorkerRuntime:
-    """Per-process resources of a worker: settings, one engine and session factory, the store.
-
-    Built lazily, so the prefork parent never opens a database connection that children would
-    inherit; :meth:`after_fork` drops any that were.
-    """
-
-    settings: Settings
-    _engine: Engine | None = field(default=None, init=False, repr=False)
-
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            private_dir(self.settings.data_dir)
-            self._engine = make_engine(self.settings.database_url)
-        return self._engine
-
-    @cached_property
-    def factory(self) -> SessionFactory:
-        return make_session_factory(self.engine)
-
-    @cached_property
-    def store(self) -> LocalBlobStore:
-        return LocalBlobStore(self.settings.store_dir)
-
-    def after_fork(self) -> None:
-        if self._engine is not None:
-            dispose_after_fork(self._engine)
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -127,14 +86,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
         if settings.result_backend.startswith(("redis://", "rediss://")):
             conf["result_backend_transport_options"] = {"visibility_timeout": visibility_timeout_seconds(settings)}
     app.conf.update(conf)
-    app.sonoseg_runtime = WorkerRuntime(settings)
+    app.sonoseg_runtime = Runtime.from_settings(settings)
     return app
 
 
-def runtime_of(app: Celery) -> WorkerRuntime:
-    """The :class:`WorkerRuntime` of an app made by :func:`make_celery`."""
+def runtime_of(app: Celery) -> Runtime:
+    """The process's :class:`~backend.runtime.Runtime` of an app made by :func:`make_celery`.
+
+    Built lazily (first use in each process), so the prefork parent never opens a database
+    connection its children would inherit; :mod:`workers.signals` drops any that were.
+    """
     rt = getattr(app, "sonoseg_runtime", None)
-    if not isinstance(rt, WorkerRuntime):
+    if not isinstance(rt, Runtime):
         raise NotReady("this Celery app was not built by workers.celery_app.make_celery: no sonoseg settings")
     return rt
 

@@ -28,15 +28,17 @@ from typing import Any
 from celery import current_app
 from celery.signals import after_task_publish, beat_embedded_init, beat_init, worker_process_init, worker_ready
 
+from backend.runtime import Runtime
+from backend.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
 @worker_process_init.connect
 def dispose_inherited_engines(**_kwargs: Any) -> None:
-    from workers.celery_app import WorkerRuntime
 
     runtime = getattr(current_app, "sonoseg_runtime", None)
-    if isinstance(runtime, WorkerRuntime):
+    if isinstance(runtime, Runtime):
         runtime.after_fork()
         log.debug("worker process init: inherited database connections dropped")
 
@@ -64,7 +66,7 @@ class BeatHeartbeat:
         self._first = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, runtime: Any, period: float) -> None:
+    def start(self, runtime: Runtime, period: float) -> None:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -82,7 +84,7 @@ class BeatHeartbeat:
             self._sent_at = utcnow()
         self._first.set()
 
-    def _loop(self, runtime: Any, period: float) -> None:
+    def _loop(self, runtime: Runtime, period: float) -> None:
         from backend.db.session import unit_of_work
         from backend.services.scheduler import record_heartbeat
 
@@ -107,10 +109,9 @@ BEAT_HEARTBEAT = BeatHeartbeat()
 @beat_init.connect
 def start_beat_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
     from backend.services.scheduler import allowance_seconds
-    from workers.celery_app import WorkerRuntime
 
     runtime = getattr(getattr(sender, "app", None), "sonoseg_runtime", None)
-    if not isinstance(runtime, WorkerRuntime):
+    if not isinstance(runtime, Runtime):
         return
     runtime.after_fork()  # the embedded beat is a fork of the worker: never share its connections
     BEAT_HEARTBEAT.start(runtime, period=allowance_seconds(runtime.settings) / 3)
@@ -125,7 +126,7 @@ def note_dispatch_sent(sender: Any = None, **_kwargs: Any) -> None:
 
 
 # -- a worker without beat says when no scheduler runs ------------------------------------------------
-def warn_without_scheduler(settings: Any, waited_seconds: float) -> bool:
+def warn_without_scheduler(settings: Settings, waited_seconds: float) -> bool:
     """Log a WARNING when no scheduler heartbeat is fresh; True when one is. Own engine, closed."""
     from backend.db.session import make_engine, make_session_factory, unit_of_work
     from backend.services.scheduler import scheduler_health
@@ -149,13 +150,12 @@ def warn_without_scheduler(settings: Any, waited_seconds: float) -> bool:
 @worker_ready.connect
 def check_for_a_scheduler(sender: Any = None, **_kwargs: Any) -> None:
     from backend.services.scheduler import allowance_seconds
-    from workers.celery_app import WorkerRuntime
 
     controller = getattr(sender, "controller", None)
     if controller is None or getattr(controller, "beat", None) is not None:
         return  # beat runs inside this worker
     runtime = getattr(getattr(sender, "app", None), "sonoseg_runtime", None)
-    if not isinstance(runtime, WorkerRuntime):
+    if not isinstance(runtime, Runtime):
         return
     grace = allowance_seconds(runtime.settings)
     timer = threading.Timer(grace, warn_without_scheduler, args=(runtime.settings, grace))

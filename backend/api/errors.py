@@ -1,8 +1,9 @@
 """The one place where errors become HTTP answers: always JSON, always with a message.
 
 Label Studio shows the exception text of a failed call rather than our body, but people using
-curl, and our logs, read the message. A :class:`SonosegError` keeps its ``http_status``; Flask's
-own errors (404, 405, 413...) keep theirs; anything else is a logged 500 without internals.
+curl, and our logs, read the message. A :class:`SonosegError` gets the status of the nearest
+class in :data:`HTTP_STATUS` (the one table; the core error classes know nothing of HTTP);
+Flask's own errors (404, 405, 413...) keep theirs; anything else is a logged 500 without internals.
 """
 
 from __future__ import annotations
@@ -12,9 +13,43 @@ import logging
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend.errors import SonosegError
+from backend.errors import (
+    CheckpointError,
+    Conflict,
+    InvalidImage,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    SonosegError,
+    Unauthorized,
+    UpstreamError,
+)
 
 log = logging.getLogger(__name__)
+
+
+HTTP_STATUS: dict[type[SonosegError], int] = {
+    InvalidInput: 400,  # UnknownLabel and InvalidLabelConfig too
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    InvalidImage: 422,
+    CheckpointError: 422,
+    UpstreamError: 502,
+    NotReady: 503,
+    SonosegError: 500,
+}
+
+
+def http_status_of(exc: SonosegError) -> int:
+    """The status of the most specific class of ``exc`` in :data:`HTTP_STATUS` (by its MRO)."""
+    for cls in type(exc).__mro__:
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
 
 
 def error_response(status: int, message: str) -> tuple[Response, int]:
@@ -24,7 +59,7 @@ def error_response(status: int, message: str) -> tuple[Response, int]:
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(SonosegError)
     def _sonoseg(exc: SonosegError) -> tuple[Response, int]:
-        status = exc.http_status
+        status = http_status_of(exc)
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc.message)
         else:

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
 from backend.api.auth import authorize
 from backend.api.json_body import request_body, request_json_object
+from backend.api.state import AppState, state_of
 from backend.db.models import ModelVersion, Project
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput
 from backend.labelstudio.payloads import HANDLED_ACTIONS, LsTask, ls_project_id_of
 from backend.services.predictions import UNTRAINED, predict_tasks
 from backend.services.webhooks import record_event
-
-if TYPE_CHECKING:
-    from backend.api.app import AppState
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,7 @@ MODEL_NAME = "sonoseg U-Mamba"
 
 
 def _state() -> AppState:
-    state: AppState = current_app.extensions["sonoseg"]
-    return state
+    return state_of()
 
 
 def _json_object() -> Mapping[str, Any]:

@@ -7,6 +7,7 @@ batch mode can only drop a constraint it can name.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, MetaData
@@ -60,3 +61,14 @@ def utcnow() -> dt.datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=CONVENTION)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON (PostgreSQL's JSONB refuses them): store None instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +222,16 @@ def deactivate_annotation(session: Session, ls_annotation_id: int) -> list[MaskV
             max(remaining, key=label_order_key).is_current = True
     session.flush()
     return versions
+
+
+def lock_images(session: Session, image_ids: Sequence[int]) -> None:
+    """Row-lock images (in id order, so concurrent writers cannot deadlock) before adding mask versions.
+
+    A mask version's number is the image's highest version plus one: two transactions adding a
+    version to the same image must not interleave (PostgreSQL; SQLite transactions are serial).
+    """
+    if image_ids:
+        session.execute(select(Image.id).where(Image.id.in_(list(image_ids))).order_by(Image.id).with_for_update())
 
 
 def read_mask(store: BlobStore, mv: MaskVersion) -> NDArray[Any]:

@@ -20,15 +20,14 @@ from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Image, MaskVersion, Prediction, Project
+from backend.db.models import Image, Prediction, Project
 from backend.db.session import unit_of_work
-from backend.errors import InvalidInput, SonosegError
+from backend.errors import SonosegError
 from backend.labelstudio.config import ClassMap, LabelConfig
 from backend.labelstudio.payloads import LsTask
 from backend.labelstudio.results import mask_to_results
-from backend.model.metrics import image_dice
-from backend.services.masks import add_mask_version, read_mask
-from backend.storage.blobs import BlobStore, staged_writes
+from backend.services.masks import add_mask_version, lock_images
+from backend.storage.blobs import StagedWrites, staged_writes
 
 if TYPE_CHECKING:
     from backend.services.sync import LabelStudioMirror, ProjectRef, TaskImage
@@ -215,7 +214,7 @@ def _record(mirror: LabelStudioMirror, project_id: int, model: ServingModel | No
 
 
 def _prediction_mask(
-    session: Session, store: Any, project: Project, item: _Served, model_version_id: int
+    session: Session, store: StagedWrites, project: Project, item: _Served, model_version_id: int
 ) -> int | None:
     """The prediction's mask version; the same model on the same image reuses its earlier one."""
     earlier = session.scalar(
@@ -234,53 +233,3 @@ def _prediction_mask(
     if image is None or item.mask is None:
         return None
     return add_mask_version(session, store, project, image, item.mask, source="prediction").mask_version.id
-
-
-def lock_images(session: Session, image_ids: Sequence[int]) -> None:
-    """Row-lock images (in id order, so concurrent writers cannot deadlock) before adding mask versions.
-
-    A mask version's number is the image's highest version plus one: two transactions adding a
-    version to the same image must not interleave (PostgreSQL; SQLite transactions are serial).
-    """
-    if image_ids:
-        session.execute(select(Image.id).where(Image.id.in_(list(image_ids))).order_by(Image.id).with_for_update())
-
-
-def correction_dice(predicted: NDArray[Any], corrected: NDArray[Any], n_classes: int) -> float:
-    """Mean Dice over the foreground classes present in either mask; 1.0 when both are empty."""
-    if predicted.shape != corrected.shape:
-        raise InvalidInput(f"prediction {predicted.shape} and correction {corrected.shape} differ in size")
-    present = [c for c in range(1, n_classes + 1) if (predicted == c).any() or (corrected == c).any()]
-    if not present:
-        return 1.0
-    return float(np.mean([image_dice(predicted, corrected, c) for c in present]))
-
-
-def record_correction(
-    session: Session, store: BlobStore, image: Image, corrected: MaskVersion, corrected_mask: NDArray[Any]
-) -> Prediction | None:
-    """Link the image's latest served prediction to this label and store their Dice.
-
-    A later correction of the same image (an updated annotation) replaces the link, so the
-    Dice always measures the prediction against the label as finally saved.
-    """
-    prediction = session.scalars(
-        select(Prediction)
-        .where(Prediction.image_id == image.id, Prediction.mask_version_id.is_not(None))
-        .order_by(Prediction.id.desc())
-        .limit(1)
-    ).first()
-    if prediction is None or prediction.mask_version_id is None:
-        return None
-    served = session.get(MaskVersion, prediction.mask_version_id)
-    if served is None:
-        return None
-    project = session.get(Project, image.project_id)
-    n_classes = len(project.class_names) if project is not None else int(corrected_mask.max(initial=0))
-    prediction.corrected_mask_version_id = corrected.id
-    prediction.correction_dice = correction_dice(read_mask(store, served), corrected_mask, n_classes)
-    session.flush()
-    log.info(
-        "prediction %s corrected by mask version %s: Dice %.3f", prediction.id, corrected.id, prediction.correction_dice
-    )
-    return prediction

@@ -2,26 +2,27 @@
 
 Label Studio posts each webhook once, with no retry, so deliveries get lost. ``sonoseg sync``,
 ``START_TRAINING`` and every training run pull the project's tasks and annotations through the
-same :class:`~backend.services.sync.LabelStudioMirror` that webhooks use, so a reconciled
-annotation produces exactly the rows its webhook would have, and reconciling twice changes nothing.
+same :class:`~backend.services.sync.LabelStudioMirror` and the same
+:mod:`backend.services.annotations` functions that webhooks use, so a reconciled annotation
+produces exactly the rows its webhook would have, and reconciling twice changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
-from backend.db.models import Image, ImageSource, MaskVersion, Project
-from backend.db.session import SessionFactory, unit_of_work
+from backend.db.models import Project
+from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, NotReady, SonosegError
 from backend.labelstudio.payloads import LsAnnotation, LsTask
-from backend.services.masks import deactivate_annotation
-
-if TYPE_CHECKING:
-    from backend.services.sync import LabelStudioMirror
+from backend.services.annotations import (
+    active_task_ids,
+    apply_annotation,
+    deactivate_missing_annotations,
+    retire_tasks,
+)
+from backend.services.sync import LabelStudioMirror
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
                     project_row = session.get(Project, project_id)
                     if project_row is None:
                         raise NotReady(f"project {project_id} disappeared during sync")
-                    outcome = mirror.apply_annotation(session, project_row, config, image.image_id, ann)
+                    outcome = apply_annotation(session, mirror.store, project_row, config, image.image_id, ann)
             except SonosegError as exc:
                 report.errors.append(f"task {task_id} annotation {ann.id}: {exc.message}")
                 continue
@@ -107,8 +108,11 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
                 report.skips += 1
             else:
                 report.unchanged += 1
-    report.deactivated += _deactivate_missing(mirror.factory, project_id, seen_annotations)
-    report.tasks_gone = _retire_missing_tasks(mirror, project_id, seen_tasks)
+    with unit_of_work(mirror.factory) as session:
+        report.deactivated += deactivate_missing_annotations(session, project_id, seen_annotations)
+        retired = retire_tasks(session, project_id, active_task_ids(session, project_id) - seen_tasks)
+    mirror.forget_tasks(project_id, retired)
+    report.tasks_gone = len(retired)
     log.info(
         "sync of Label Studio project %s: %d tasks, %d annotations, %d created, %d updated, %d deactivated, "
         "%d tasks gone, %d errors",
@@ -124,34 +128,12 @@ def reconcile_project(mirror: LabelStudioMirror, ls_project_id: int) -> SyncRepo
     return report
 
 
-def _deactivate_missing(factory: SessionFactory, project_id: int, seen: set[int]) -> int:
-    with unit_of_work(factory) as session:
-        held = session.scalars(
-            select(MaskVersion.ls_annotation_id)
-            .join(Image, Image.id == MaskVersion.image_id)
-            .where(
-                Image.project_id == project_id,
-                MaskVersion.active,
-                MaskVersion.source == "annotation",
-                MaskVersion.ls_annotation_id.is_not(None),
-            )
-            .distinct()
-        ).all()
-        gone = [a for a in held if a is not None and a not in seen]
-        for ann_id in gone:
-            deactivate_annotation(session, ann_id)
-    return len(gone)
-
-
-def _retire_missing_tasks(mirror: LabelStudioMirror, project_id: int, seen: set[int]) -> int:
+def reconcile_stored_project(mirror: LabelStudioMirror, project_id: int) -> SyncReport | None:
+    """Reconcile sonoseg project ``project_id`` (by its own id); None for a project not linked to
+    Label Studio (imported offline)."""
     with unit_of_work(mirror.factory) as session:
-        sources = session.scalars(
-            select(ImageSource).where(
-                ImageSource.project_id == project_id, ImageSource.ls_task_id.is_not(None), ImageSource.active
-            )
-        ).all()
-        gone = [s for s in sources if s.ls_task_id not in seen]
-        for source in gone:
-            source.active = False
-    mirror.forget_tasks(project_id, [s.ls_task_id for s in gone if s.ls_task_id is not None])
-    return len(gone)
+        project = session.get(Project, project_id)
+        ls_project_id = project.ls_project_id if project is not None else None
+    if ls_project_id is None:
+        return None
+    return reconcile_project(mirror, ls_project_id)

@@ -1,9 +1,10 @@
 """Mirror Label Studio into the database: projects, task images, annotations.
 
-Webhook processing, ``/predict`` and reconciliation (:mod:`backend.services.reconciliation`,
-behind :meth:`LabelStudioMirror.reconcile`) all go through :class:`LabelStudioMirror`,
-so an annotation recorded from a webhook and the same annotation pulled by reconciliation
-produce the same rows, and applying either twice changes nothing.
+Webhook processing, ``/predict`` and reconciliation (:mod:`backend.services.reconciliation`)
+find a task's stored image and its project through :class:`LabelStudioMirror`, and record
+annotations through :mod:`backend.services.annotations`, so an annotation recorded from a
+webhook and the same annotation pulled by reconciliation produce the same rows, and applying
+either twice changes nothing.
 
 Network I/O (downloading an image, listing tasks) never happens inside a database transaction:
 with SQLite every transaction holds the write lock, and webhooks must be recorded within Label
@@ -18,27 +19,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend.db.models import Image, ImageSource, MaskVersion, Project
+from backend.db.models import Image, ImageSource, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import NotFound, NotReady
-from backend.labelstudio.config import ClassMap, LabelConfig, parse_label_config
+from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.images import TaskImageFetcher
-from backend.labelstudio.payloads import LsAnnotation, LsTask
-from backend.labelstudio.results import results_to_mask
+from backend.labelstudio.payloads import LsTask
 from backend.services.images import SourceInfo, add_image, load_pixels
-from backend.services.label_issues import record_issue
-from backend.services.masks import add_mask_version, deactivate_annotation
-from backend.services.predictions import lock_images, record_correction
 from backend.services.projects import get_or_create_project
 from backend.services.pseudonyms import load_or_create_key, pseudonymise, source_ref
-from backend.services.reconciliation import SyncReport, reconcile_project
 from backend.settings import Settings
 from backend.storage.blobs import BlobStore, staged_writes
 
@@ -57,24 +54,6 @@ class TaskImage:
 
 
 @dataclass(frozen=True)
-class AnnotationOutcome:
-    """What applying one annotation did (see :meth:`LabelStudioMirror.apply_annotation`)."""
-
-    kind: Literal["created", "updated", "unchanged", "history", "deactivated", "ignored", "refused"]
-    reason: str | None = None
-
-    @property
-    def changed(self) -> bool:
-        """Whether the image's current label may have changed (a retrain trigger counts these)."""
-        return self.kind in ("created", "updated", "deactivated")
-
-    @property
-    def recorded(self) -> bool:
-        """Whether anything was written (a history version counts; an unchanged replay does not)."""
-        return self.changed or self.kind == "history"
-
-
-@dataclass(frozen=True)
 class ProjectRef:
     """A Label Studio project as the request path needs it, cached in memory per label config."""
 
@@ -89,21 +68,42 @@ def config_digest(label_config: str) -> str:
     return hashlib.sha256(label_config.encode()).hexdigest()
 
 
-def author_of(annotation: LsAnnotation) -> str | None:
-    """A stable, non-identifying author reference: Label Studio's user id, never the e-mail."""
-    return f"ls-user:{annotation.completed_by}" if annotation.completed_by is not None else None
+@dataclass(frozen=True)
+class ImageLimits:
+    """How large a task image may be, and the process-wide decode memory budget."""
+
+    max_side: int
+    max_bytes: int
+    decode_memory_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        return cls(settings.max_image_side, settings.max_image_bytes, settings.decode_memory_bytes)
 
 
 class LabelStudioMirror:
-    """Records Label Studio projects, task images and annotations; one per process."""
+    """Label Studio projects and task images as stored here, with their in-memory caches.
+
+    One per process (built by :class:`backend.runtime.Runtime`). It opens its own short units of
+    work on purpose: a task image is downloaded between two of them, never inside one (see the
+    module docstring). Annotations are applied by :mod:`backend.services.annotations` in the
+    caller's session.
+    """
 
     def __init__(
-        self, settings: Settings, factory: SessionFactory, store: BlobStore, fetcher: TaskImageFetcher
+        self,
+        factory: SessionFactory,
+        store: BlobStore,
+        fetcher: TaskImageFetcher,
+        *,
+        limits: ImageLimits,
+        key_dir: Path,
     ) -> None:
-        self.settings = settings
         self.factory = factory
         self.store = store
         self.fetcher = fetcher
+        self.limits = limits
+        self.key_dir = key_dir
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
         self._projects: dict[int, ProjectRef] = {}
@@ -248,9 +248,9 @@ class LabelStudioMirror:
         frames = read_image_bytes(
             data,
             name,
-            max_side=self.settings.max_image_side,
-            max_bytes=self.settings.max_image_bytes,
-            budget=shared_budget(self.settings.decode_memory_bytes),
+            max_side=self.limits.max_side,
+            max_bytes=self.limits.max_bytes,
+            budget=shared_budget(self.limits.decode_memory_bytes),
         )
         if len(frames) > 1:
             log.info("%s has %d frames; Label Studio shows the first, so sonoseg uses frame 0", name, len(frames))
@@ -276,93 +276,14 @@ class LabelStudioMirror:
                 if self._key is not None:
                     return self._key
                 try:
-                    key = load_or_create_key(self.settings.data_dir)
+                    key = load_or_create_key(self.key_dir)
                 except (FileExistsError, ValueError):  # being created: missing or partly written
                     key = b""
                 if len(key) == 32:
                     self._key = key
                     return key
                 time.sleep(0.02)
-        raise NotReady(f"the pseudonym key in {self.settings.data_dir} is unreadable or malformed")
-
-    # -- annotations ---------------------------------------------------------------------------
-    def apply_annotation(
-        self,
-        session: Session,
-        project: Project,
-        config: LabelConfig,
-        image_id: int,
-        annotation: LsAnnotation,
-        *,
-        webhook_event_id: int | None = None,
-    ) -> AnnotationOutcome:
-        """Record one Label Studio annotation of one image; idempotent.
-
-        Outcomes: ``created`` (first version from this annotation), ``updated`` (its mask
-        changed), ``unchanged``, ``history`` (stored, but an older edit than the current label,
-        or content the image already has from another origin), ``deactivated`` (it is now a
-        skip), ``ignored`` (a skip we never held as a label), or ``refused`` (every region
-        carries a label the class map does not know: recorded as a label issue, never a label).
-        """
-        ann_id = annotation.id
-        if annotation.was_cancelled:
-            return AnnotationOutcome("deactivated" if deactivate_annotation(session, ann_id) else "ignored")
-        lock_images(session, [image_id])
-        image = session.get(Image, image_id)
-        if image is None:
-            raise NotReady(f"image {image_id} is gone")
-        decoded = results_to_mask(
-            annotation.results, config, ClassMap(tuple(project.class_names)), image.height, image.width
-        )
-        if decoded.region_count == 0 and decoded.ignored_labels:
-            reason = (
-                f"annotation {ann_id} (task {annotation.task_id}): every region carries labels the class map does "
-                f"not know ({', '.join(decoded.ignored_labels)}; known: {', '.join(project.class_names)}); "
-                "not used as a label, so the model is not taught that nothing is there"
-            )
-            record_issue(
-                session,
-                project_id=project.id,
-                kind="unknown_labels",
-                detail=reason,
-                dedupe=(ann_id, annotation.updated_at),
-                image_id=image.id,
-                ls_annotation_id=ann_id,
-            )
-            return AnnotationOutcome("refused", reason)
-        had_versions = (
-            session.scalar(
-                select(MaskVersion.id)
-                .where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.image_id == image.id, MaskVersion.active)
-                .limit(1)
-            )
-            is not None
-        )
-        with staged_writes(self.store) as staged:
-            write = add_mask_version(
-                session,
-                staged,
-                project,
-                image,
-                decoded.mask,
-                source="annotation",
-                author=author_of(annotation),
-                ls_annotation_id=ann_id,
-                webhook_event_id=webhook_event_id,
-                ls_updated_at=annotation.updated_at,
-            )
-        if not write.created:
-            return AnnotationOutcome("unchanged")
-        if not write.current:
-            return AnnotationOutcome("history")
-        record_correction(session, self.store, image, write.mask_version, decoded.mask)
-        return AnnotationOutcome("updated" if had_versions else "created")
-
-    # -- reconciliation ------------------------------------------------------------------------
-    def reconcile(self, ls_project_id: int) -> SyncReport:
-        """Pull every task and annotation of a project from Label Studio and record what we missed
-        (see :func:`backend.services.reconciliation.reconcile_project`)."""
-        return reconcile_project(self, ls_project_id)
+        raise NotReady(f"the pseudonym key in {self.key_dir} is unreadable or malformed")
 
 
 T = TypeVar("T")

@@ -20,14 +20,14 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend.db.base import utcnow
-from backend.db.models import Image, ImageSource, MaskVersion, Project, WebhookEvent
+from backend.db.models import Project, WebhookEvent
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, NotReady, SonosegError
 from backend.labelstudio.payloads import (
@@ -39,13 +39,19 @@ from backend.labelstudio.payloads import (
     scrub_webhook,
     webhook_action,
 )
+from backend.services.annotations import AnnotationOutcome, apply_annotation, retire_tasks
 from backend.services.masks import deactivate_annotation
-from backend.services.retrain import maybe_request_retrain, request_training
-from backend.services.sync import AnnotationOutcome, LabelStudioMirror
+from backend.services.reconciliation import reconcile_project
+from backend.services.sync import LabelStudioMirror
+from backend.services.training.requests import maybe_request_retrain, request_training
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
+
+EventOutcome = Literal["processed", "ignored", "failed", "skipped"]
+"""What processing one event did; ``skipped``: another processor had already taken it."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def record_event(session: Session, payload: object) -> RecordedEvent:
 
 
 # -- processing -----------------------------------------------------------------------------------
-def process_pending_events(mirror: LabelStudioMirror, *, limit: int = 200) -> ProcessReport:
+def process_pending_events(mirror: LabelStudioMirror, settings: Settings, *, limit: int = 200) -> ProcessReport:
     """Apply up to ``limit`` pending events, oldest first. Safe to run in several processes.
 
     An event that fails is marked ``failed`` with its reason (reconciliation will pick up the
@@ -143,7 +149,7 @@ def process_pending_events(mirror: LabelStudioMirror, *, limit: int = 200) -> Pr
         ).all()
     for event_id, action, payload in pending:
         try:
-            outcome = _process_one(mirror, event_id, action, dict(payload))
+            outcome = _process_one(mirror, settings, event_id, action, dict(payload))
         except SonosegError as exc:
             _mark(mirror, event_id, "failed", exc.message)
             log.warning("webhook event %s failed: %s", event_id, exc.message)
@@ -169,14 +175,16 @@ def _load_pending(session: Session, event_id: int) -> WebhookEvent | None:
     return event if event is not None and event.status == "pending" else None
 
 
-def _mark(mirror: LabelStudioMirror, event_id: int, status: str, error: str | None = None) -> None:
+def _mark(mirror: LabelStudioMirror, event_id: int, status: EventOutcome, error: str | None = None) -> None:
     with unit_of_work(mirror.factory) as session:
         event = session.get(WebhookEvent, event_id)
         if event is not None and event.status == "pending":
             _finish(event, status, error)
 
 
-def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload: dict[str, Any]) -> str:
+def _process_one(
+    mirror: LabelStudioMirror, settings: Settings, event_id: int, action: str, payload: dict[str, Any]
+) -> EventOutcome:
     """Apply one event; returns 'processed', 'ignored' or 'skipped' (another processor took it).
 
     The stored payload is parsed again with the same parser that admitted it. Slow preparation
@@ -185,7 +193,7 @@ def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload:
     """
     parsed = parse_webhook(payload)
     if action in ANNOTATION_ACTIONS:
-        return _apply_annotations(mirror, event_id, parsed)
+        return _apply_annotations(mirror, settings, event_id, parsed)
     if action == "START_TRAINING":
         return _start_training(mirror, event_id, parsed)
     with unit_of_work(mirror.factory) as session:
@@ -196,16 +204,16 @@ def _process_one(mirror: LabelStudioMirror, event_id: int, action: str, payload:
         if action == "ANNOTATIONS_DELETED":
             changed = sum(len(deactivate_annotation(session, a)) for a in parsed.deleted_ids)
         else:  # TASKS_DELETED
-            task_ids = list(parsed.deleted_ids)
-            changed = _retire_tasks(session, project, task_ids)
+            retired = retire_tasks(session, project.id, parsed.deleted_ids) if project is not None else []
+            changed = len(retired)
             if project is not None:
-                mirror.forget_tasks(project.id, task_ids)
-        outcome = "processed" if changed else "ignored"
+                mirror.forget_tasks(project.id, retired)
+        outcome: EventOutcome = "processed" if changed else "ignored"
         _finish(event, outcome)
     return outcome
 
 
-def _finish(event: WebhookEvent, outcome: str, error: str | None = None) -> None:
+def _finish(event: WebhookEvent, outcome: EventOutcome, error: str | None = None) -> None:
     """Close an event. Its task data (image URLs, which can carry file names) is no longer
     needed once applied, so only the ids and the annotation content are kept."""
     event.status = outcome
@@ -224,7 +232,9 @@ def _without_task_data(payload: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _apply_annotations(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPayload) -> str:
+def _apply_annotations(
+    mirror: LabelStudioMirror, settings: Settings, event_id: int, parsed: WebhookPayload
+) -> EventOutcome:
     """ANNOTATION_CREATED / _UPDATED / ANNOTATIONS_CREATED -> mask versions (or deactivations)."""
     ref = mirror.project_ref(parsed.ls_project_id, parsed.label_config, parsed.project_title)
     project_id, config = ref.project_id, ref.config
@@ -253,12 +263,13 @@ def _apply_annotations(mirror: LabelStudioMirror, event_id: int, parsed: Webhook
         for ann in parsed.annotations:
             image_id = images.get(ann.task_id or 0, 0)
             outcomes.append(
-                mirror.apply_annotation(session, project_row, config, image_id, ann, webhook_event_id=event_id)
+                apply_annotation(session, mirror.store, project_row, config, image_id, ann, webhook_event_id=event_id)
             )
         changed = any(o.changed for o in outcomes)
         refused = [o.reason for o in outcomes if o.kind == "refused" and o.reason]
         if changed:
-            maybe_request_retrain(session, project_row, mirror.settings)  # the 'annotations' trigger
+            maybe_request_retrain(session, project_row, settings)  # the 'annotations' trigger
+        outcome: EventOutcome
         if refused:
             outcome = "failed"
             _finish(event, outcome, "; ".join(refused))
@@ -269,47 +280,16 @@ def _apply_annotations(mirror: LabelStudioMirror, event_id: int, parsed: Webhook
     return outcome
 
 
-def _retire_tasks(session: Session, project: Project | None, task_ids: list[int]) -> int:
-    """Deleted tasks: their sources go inactive; an image left with no active source loses its labels."""
-    if project is None or not task_ids:
-        return 0
-    sources = list(
-        session.scalars(
-            select(ImageSource).where(ImageSource.project_id == project.id, ImageSource.ls_task_id.in_(task_ids))
-        )
-    )
-    for source in sources:
-        source.active = False
-    session.flush()
-    for image_id in {s.image_id for s in sources}:
-        still_used = session.scalars(
-            select(ImageSource.id).where(ImageSource.image_id == image_id, ImageSource.active)
-        ).first()
-        if still_used is not None:
-            continue
-        annotation_ids = session.scalars(
-            select(MaskVersion.ls_annotation_id)
-            .join(Image, Image.id == MaskVersion.image_id)
-            .where(MaskVersion.image_id == image_id, MaskVersion.active, MaskVersion.ls_annotation_id.is_not(None))
-            .distinct()
-        ).all()
-        for ann_id in annotation_ids:
-            if ann_id is not None:
-                deactivate_annotation(session, ann_id)
-    log.info("project %s: %d task source(s) retired", project.id, len(sources))
-    return len(sources)
-
-
-def _start_training(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPayload) -> str:
+def _start_training(mirror: LabelStudioMirror, event_id: int, parsed: WebhookPayload) -> EventOutcome:
     """Reconcile first (when Label Studio is reachable), then queue a run (single-flight).
 
-    The run is only queued here; a worker claims it (:mod:`backend.services.run_queue`) and executes it
-    (:mod:`backend.services.run_execution`).
+    The run is only queued here; a worker claims it (:mod:`backend.services.training.queue`) and executes it
+    (:mod:`backend.services.training.execute`).
     """
     ls_id = parsed.ls_project_id
     if mirror.fetcher.client is not None:
         try:
-            mirror.reconcile(ls_id)
+            reconcile_project(mirror, ls_id)
         except SonosegError as exc:
             log.warning(
                 "START_TRAINING for project %s: reconciliation failed (%s); queueing anyway", ls_id, exc.message

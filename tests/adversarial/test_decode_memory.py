@@ -27,12 +27,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from backend.api.errors import http_status_of
 from backend.errors import NotReady, PayloadTooLarge
 from backend.imaging import budget as budget_mod
 from backend.imaging import io
 from backend.imaging.budget import DecodeBudget, DecodeBusy, shared_budget
 from backend.settings import Settings
-from tests import imaging_samples as samples
+from tests.support import imaging as samples
 
 MiB = 1024 * 1024
 SLACK = 2 * MiB  # Python objects, the sitk reader, dict of tags: small and independent of the image
@@ -231,7 +232,7 @@ def test_an_image_larger_than_the_whole_budget_is_refused_at_once(tmp_path: Path
     assert time.monotonic() - started < 5  # no waiting for memory that can never be there
     message = caught.value.message
     assert "huge.png" in message and str(estimate) in message and str(estimate - 1) in message
-    assert "SONOSEG_DECODE_MEMORY_BYTES" in message and caught.value.http_status == 413
+    assert "SONOSEG_DECODE_MEMORY_BYTES" in message and http_status_of(caught.value) == 413
     assert budget.in_use == 0
 
 
@@ -244,7 +245,7 @@ def test_a_decode_waits_a_bounded_time_then_fails_clearly(tmp_path: Path) -> Non
             io.read_image_bytes(data, "waiting.png", budget=budget)
         waited = time.monotonic() - started
     assert 0.25 <= waited < 5
-    assert isinstance(caught.value, NotReady) and caught.value.http_status == 503
+    assert isinstance(caught.value, NotReady) and http_status_of(caught.value) == 503
     assert "waiting.png" in caught.value.message and "try again" in caught.value.message
     assert budget.in_use == 0
     assert io.read_image_bytes(data, "later.png", budget=budget)[0].pixels.shape == (256, 256)

@@ -21,13 +21,14 @@ import pytest
 from sqlalchemy import select
 
 from backend.api.app import AppState, create_app
-from backend.db.models import ModelVersion, Project
+from backend.db.models import Project
 from backend.db.session import unit_of_work
 from backend.errors import InvalidInput, NotFound, PayloadTooLarge, SonosegError
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.labelstudio.images import TaskImageFetcher, read_local_file
 from backend.settings import Settings
-from tests.labelstudio_server import ThresholdModel, fake_loader, png_bytes
+from tests.support.frames import png_bytes
+from tests.support.models import ThresholdModel, fake_loader, record_version
 
 PNG = b"\x89PNG\r\n\x1a\n-fake-image-bytes"
 LIMIT = 4096
@@ -207,11 +208,11 @@ def env(settings: Settings, root: Path) -> Iterator[Env]:
     state.close()
 
 
-def _serve(env: Env, uid: str) -> None:
+def _serve(env: Env) -> None:
     assert env.client.post("/setup", json={"project": PROJECT, "schema": DEFAULT_LABEL_CONFIG}).status_code == 200
     with unit_of_work(env.state.factory) as session:
         project = session.scalars(select(Project).where(Project.ls_project_id == 7)).one()
-        session.add(ModelVersion(project_id=project.id, uid=uid, status="serving", checkpoint_key=f"x/{uid}"))
+        record_version(session, project)  # serving; the stand-in loader needs no checkpoint
     env.state.holder.refresh()
 
 
@@ -227,7 +228,7 @@ BAD = {
 
 @pytest.mark.parametrize("bad_url", list(BAD.values()), ids=list(BAD))
 def test_one_bad_local_file_fails_alone_in_a_predict_batch(env: Env, bad_url: str) -> None:
-    _serve(env, "p1-v1")
+    _serve(env)
     pixels = np.full((64, 80), 200, np.uint8)
     pixels[:10, :10] = 5
     (env.root / "good.png").write_bytes(png_bytes(pixels))

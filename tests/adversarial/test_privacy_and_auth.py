@@ -21,8 +21,8 @@ from backend.imaging.io import encode_png
 from backend.services.dataset import import_files
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
-from tests.labelstudio_server import annotation_event
-from tests.synthetic_data import synthetic_frame
+from tests.support.frames import synthetic_frame
+from tests.support.payloads import annotation_event
 from tests.test_webhooks import Hooks, hooks  # noqa: F401  (the fixture)
 
 PATIENT = "Doe_John_19600101"

@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 from backend.db.models import MaskVersion, WebhookEvent
 from backend.db.session import unit_of_work
 from backend.labelstudio.payloads import MAX_ID, MAX_REGIONS, max_rle_length
-from tests.labelstudio_server import ServedApp, annotation_event
+from tests.support.payloads import annotation_event
+from tests.support.servers import ServedApp
 from tests.test_webhooks import Hooks, hooks  # noqa: F401  (the fixture)
 
 ROUTES = ("/setup", "/predict", "/webhook")
@@ -281,7 +282,7 @@ def test_unparseable_request_lines_get_an_answer_and_the_server_lives(tmp_path: 
     import sys
     import time
 
-    from tests.labelstudio_server import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     env = {**os.environ, "SONOSEG_DATA_DIR": str(tmp_path / "d"), "SONOSEG_PORT": str(port)}

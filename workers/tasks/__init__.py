@@ -1,1 +1,2 @@
-
+"""Celery tasks, one module per queue: ``training`` (train), ``prediction`` (predict) and
+``housekeeping`` (dispatch, reap, drain webhooks, nightly retrain)."""

@@ -16,9 +16,11 @@ from celery import Task, shared_task
 from sqlalchemy import select
 
 from backend.db.base import utcnow
-from backend.db.models import Project, TrainingRun
+from backend.db.models import TrainingRun
 from backend.db.session import unit_of_work
-from backend.services import retrain, run_execution, run_queue, runs, scheduler
+from backend.services import scheduler
+from backend.services.training import execute, queue, requests
+from backend.services.webhooks import process_pending_events
 from workers.celery_app import runtime_of
 from workers.names import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
 from workers.tasks.training import send_run
@@ -41,9 +43,10 @@ def dispatch_due_runs(self: Task) -> list[int]:
     host, pid = sender_identity(getattr(self.request, "origin", None))
     with unit_of_work(rt.factory) as session:
         scheduler.record_heartbeat(session, host=host, pid=pid, now=utcnow())
-    sweep_retrain_policy(rt)
     with unit_of_work(rt.factory) as session:
-        due = run_queue.runs_to_dispatch(
+        requests.sweep_retrain_policy(session, rt.settings)
+    with unit_of_work(rt.factory) as session:
+        due = queue.runs_to_dispatch(
             session, now=utcnow(), redispatch_after_seconds=rt.settings.train_stale_after_seconds
         )
     for run_id in due:
@@ -68,14 +71,14 @@ def reap_stale_runs(self: Task) -> list[dict[str, Any]]:
     rt = runtime_of(self.app)
     settings = rt.settings
     with unit_of_work(rt.factory) as session:
-        reaped = run_queue.reap_stale_runs(
+        reaped = queue.reap_stale_runs(
             session,
             now=utcnow(),
             stale_after_seconds=settings.train_stale_after_seconds,
             max_attempts=settings.train_max_attempts,
         )
         running = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status == "running")))
-    for path in run_execution.sweep_run_dirs(settings, running):
+    for path in execute.sweep_run_dirs(settings, running):
         log.info("removed scratch files of a run that is not running: %s", path)
     for item in reaped:
         if item.requeued:
@@ -83,36 +86,13 @@ def reap_stale_runs(self: Task) -> list[dict[str, Any]]:
     return [{"run_id": r.run_id, "requeued": r.requeued, "message": r.message} for r in reaped]
 
 
-def sweep_retrain_policy(rt: Any) -> list[int]:
-    """Queue an 'annotations' run for every automatic project past its threshold and idle.
-
-    The server calls :func:`backend.services.retrain.maybe_request_retrain` right after it
-    records labels; this sweep (every dispatcher tick: three indexed counts per project) also
-    covers labels that arrived another way (imports, reconciliation, an event drained here)
-    and never extends a waiting run's debounce.
-    """
-    queued: list[int] = []
-    with unit_of_work(rt.factory) as session:
-        for project in session.scalars(select(Project).where(Project.auto_retrain).order_by(Project.id)):
-            if runs.active_run(session, project) is not None:
-                continue
-            run = retrain.maybe_request_retrain(session, project, rt.settings)
-            if run is not None:
-                queued.append(run.id)
-    return queued
-
-
 @shared_task(name=TASK_DRAIN_WEBHOOKS, bind=True, acks_late=True, ignore_result=True)
 def drain_webhook_events(self: Task) -> dict[str, int]:
     """Apply webhook events the server recorded but has not processed yet, then sweep the policy."""
-    from backend.labelstudio.images import TaskImageFetcher
-    from backend.services.sync import LabelStudioMirror
-    from backend.services.webhooks import process_pending_events
-
     rt = runtime_of(self.app)
-    mirror = LabelStudioMirror(rt.settings, rt.factory, rt.store, TaskImageFetcher.from_settings(rt.settings))
-    report = process_pending_events(mirror)
-    queued = sweep_retrain_policy(rt)
+    report = process_pending_events(rt.mirror, rt.settings)
+    with unit_of_work(rt.factory) as session:
+        queued = requests.sweep_retrain_policy(session, rt.settings)
     if report.total or queued:
         log.info(
             "webhook drain: %d processed, %d ignored, %d failed; %d run(s) queued",
@@ -133,12 +113,8 @@ def drain_webhook_events(self: Task) -> dict[str, int]:
 def scheduled_retrain(self: Task) -> list[int]:
     """The nightly run for every automatic project whose labels changed; sent at once."""
     rt = runtime_of(self.app)
-    queued: list[int] = []
     with unit_of_work(rt.factory) as session:
-        for project in session.scalars(select(Project).order_by(Project.id)):
-            run = retrain.request_scheduled(session, project, rt.settings)
-            if run is not None:
-                queued.append(run.id)
+        queued = requests.request_scheduled_all(session, rt.settings)
     for run_id in queued:
         send_run(self.app, run_id)
     log.info("scheduled retrain: %d project(s) queued", len(queued))

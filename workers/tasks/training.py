@@ -2,7 +2,7 @@
 whatever is due next (a follow-up run, batch re-prediction after a promotion).
 
 A message carries only a run id. Redelivered or duplicated messages are no-ops because the
-claim is a compare-and-set on the run's status; see :mod:`backend.services.run_queue`.
+claim is a compare-and-set on the run's status; see :mod:`backend.services.training.queue`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import os
 import socket
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 
 from backend.db.base import utcnow
 from backend.db.session import unit_of_work
-from backend.services import run_execution, run_queue
-from workers.celery_app import WorkerRuntime, runtime_of
+from backend.services.reconciliation import reconcile_stored_project
+from backend.services.training import execute, queue
+from workers.celery_app import runtime_of
 from workers.names import TASK_PREDICT_PROJECT, TASK_TRAIN
 
 log = logging.getLogger(__name__)
@@ -28,35 +29,12 @@ def worker_name(task: Task) -> str:
     return f"{hostname} pid {os.getpid()}"
 
 
-def reconciler(rt: WorkerRuntime) -> Any:
-    """``reconcile(project_id)`` pulling missed annotations from Label Studio, or None when
-    Label Studio is not configured (offline projects)."""
-    settings = rt.settings
-    if not (settings.label_studio_url and settings.label_studio_api_key):
-        return None
-
-    def reconcile(project_id: int) -> None:
-        from backend.db.models import Project
-        from backend.labelstudio.images import TaskImageFetcher
-        from backend.services.sync import LabelStudioMirror
-
-        with unit_of_work(rt.factory) as session:
-            project = session.get(Project, project_id)
-            ls_project_id = project.ls_project_id if project is not None else None
-        if ls_project_id is None:
-            return
-        mirror = LabelStudioMirror(settings, rt.factory, rt.store, TaskImageFetcher.from_settings(settings))
-        mirror.reconcile(ls_project_id)
-
-    return reconcile
-
-
-def send_run(task_app: Any, run_id: int) -> None:
+def send_run(task_app: Celery, run_id: int) -> None:
     """Hand a queued run to the broker and record when (the outbox's send side)."""
     rt = runtime_of(task_app)
     task_app.send_task(TASK_TRAIN, args=[run_id])
     with unit_of_work(rt.factory) as session:
-        run_queue.mark_dispatched(session, run_id, now=utcnow())
+        queue.mark_dispatched(session, run_id, now=utcnow())
 
 
 @shared_task(name=TASK_TRAIN, bind=True, acks_late=True, ignore_result=False)
@@ -64,7 +42,7 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
     """Execute training run ``run_id`` if it is still queued and due; otherwise do nothing."""
     rt = runtime_of(self.app)
     with unit_of_work(rt.factory) as session:
-        claimed = run_queue.claim_run(session, run_id, worker=worker_name(self), task_id=self.request.id)
+        claimed = queue.claim_run(session, run_id, worker=worker_name(self), task_id=self.request.id)
     if claimed is None:
         log.info("run %s: not claimable (already taken, finished or not due yet); nothing to do", run_id)
         return {"run_id": run_id, "status": "skipped"}
@@ -73,9 +51,13 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
         if self.request.id:
             self.update_state(state="PROGRESS", meta={"run_id": run_id, **state})
 
-    outcome = run_execution.execute_run(
-        rt.factory, rt.store, rt.settings, claimed, on_progress=progress, reconcile=reconciler(rt)
-    )
+    reconcile = None
+    if rt.mirror.fetcher.client is not None:  # Label Studio configured: pull missed labels first
+
+        def reconcile(project_id: int) -> None:
+            reconcile_stored_project(rt.mirror, project_id)
+
+    outcome = execute.execute_run(rt.factory, rt.store, rt.settings, claimed, on_progress=progress, reconcile=reconcile)
     if outcome.follow_up_run_id is not None:
         run_due_now(self.app, outcome.follow_up_run_id)
     if outcome.promoted and rt.settings.repredict_after_promotion and outcome.model_version_uid:
@@ -83,7 +65,7 @@ def train_run(self: Task, run_id: int) -> dict[str, Any]:
     return outcome.to_json()
 
 
-def run_due_now(task_app: Any, run_id: int) -> None:
+def run_due_now(task_app: Celery, run_id: int) -> None:
     """Send a run whose deadline has already passed; a debounced one waits for the dispatcher."""
     from backend.db.models import TrainingRun
 

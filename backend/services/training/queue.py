@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +19,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from backend.db.base import utcnow
+from backend.db.base import json_safe, utcnow
 from backend.db.models import Project, TrainingRun
 from backend.db.session import SessionFactory, unit_of_work
-from backend.services.retrain import maybe_request_retrain, request_training
+from backend.services.training.requests import maybe_request_retrain, request_training
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -257,14 +256,3 @@ class Heartbeat:
         while not self._stop.wait(self._interval):
             if not self.beat():
                 return
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON (PostgreSQL's JSONB refuses them): store None instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

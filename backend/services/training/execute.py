@@ -18,25 +18,24 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select
 
-from backend.db.base import utcnow
+from backend.db.base import json_safe, utcnow
 from backend.db.models import MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import CheckpointError, InvalidInput, SonosegError
 from backend.services import gate, versions
-from backend.services.run_queue import (
-    ClaimedRun,
-    Heartbeat,
-    finish_run,
-    json_safe,
-    owned_run,
-)
-from backend.services.run_training import (
+from backend.services.training.plan import (
     TrainingPlan,
     describe_device,
     evaluate_checkpoint,
     load_pairs,
     plan_run,
     train_with_fallbacks,
+)
+from backend.services.training.queue import (
+    ClaimedRun,
+    Heartbeat,
+    finish_run,
+    owned_run,
 )
 from backend.settings import Settings
 from backend.storage.blobs import BlobStore, sha256_file
@@ -97,6 +96,28 @@ class _Staged:
     blob_keys: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one run's execution works with: one value instead of long parameter lists."""
+
+    factory: SessionFactory
+    store: BlobStore
+    settings: Settings
+    claimed: ClaimedRun
+    staged: _Staged
+    heartbeat: Heartbeat
+    report: Callable[..., None]
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """The candidate's and the serving model's scores on the same validation labels (None: no labels)."""
+
+    candidate: gate.Evaluation | None
+    serving: gate.Evaluation | None
+
+
 def execute_run(
     factory: SessionFactory,
     store: BlobStore,
@@ -138,7 +159,8 @@ def execute_run(
                 plan = plan_run(session, claimed, settings)
             device = describe_device(settings.device)
             _record_start(factory, claimed, device)
-            outcome = _train_and_register(factory, store, settings, claimed, plan, staged, heartbeat, report, device)
+            ctx = RunContext(factory, store, settings, claimed, staged, heartbeat, report, device)
+            outcome = _train_and_register(ctx, plan)
         except RunLost as exc:
             log.warning("run %s: %s", claimed.run_id, exc.message)
             outcome = RunOutcome(
@@ -151,7 +173,8 @@ def execute_run(
             else:
                 message = f"{type(exc).__name__}: {exc}"
                 log.exception("run %s failed", claimed.run_id)
-            outcome = _fail(factory, settings, claimed, message, device, heartbeat.progress)
+            ctx = RunContext(factory, store, settings, claimed, staged, heartbeat, report, device)
+            outcome = _fail(ctx, message)
         finally:
             for key in staged.blob_keys:
                 store.delete(key)
@@ -167,20 +190,14 @@ def _record_start(factory: SessionFactory, claimed: ClaimedRun, device: str) -> 
         run.device = device[:64]
 
 
-def _fail(
-    factory: SessionFactory,
-    settings: Settings,
-    claimed: ClaimedRun,
-    message: str,
-    device: str | None,
-    progress: dict[str, Any],
-) -> RunOutcome:
-    with unit_of_work(factory) as session:
+def _fail(ctx: RunContext, message: str) -> RunOutcome:
+    claimed, device = ctx.claimed, ctx.device
+    with unit_of_work(ctx.factory) as session:
         run = owned_run(session, claimed)
         if run is None:
             return RunOutcome(claimed.run_id, "lost", error=message, device=device, project_id=claimed.project_id)
-        run.progress = cast(dict[str, Any], json_safe(progress))
-        follow_up = finish_run(session, run, "failed", error=message, settings=settings)
+        run.progress = cast(dict[str, Any], json_safe(ctx.heartbeat.progress))
+        follow_up = finish_run(session, run, "failed", error=message, settings=ctx.settings)
         return RunOutcome(
             claimed.run_id,
             "failed",
@@ -191,24 +208,23 @@ def _fail(
         )
 
 
-def _train_and_register(
-    factory: SessionFactory,
-    store: BlobStore,
-    settings: Settings,
-    claimed: ClaimedRun,
-    plan: TrainingPlan,
-    staged: _Staged,
-    heartbeat: Heartbeat,
-    report: Callable[..., None],
-    device: str,
-) -> RunOutcome:
+def _train_and_register(ctx: RunContext, plan: TrainingPlan) -> RunOutcome:
+    """Load the snapshot, train within the budget, store the checkpoint, evaluate, register."""
     from backend.model.checkpoint import load_checkpoint
     from backend.model.data import TrainData
 
+    store, settings, claimed, staged, heartbeat, report = (
+        ctx.store,
+        ctx.settings,
+        ctx.claimed,
+        ctx.staged,
+        ctx.heartbeat,
+        ctx.report,
+    )
     if not plan.train:
         raise InvalidInput(f"project {plan.project_id} has no labelled training image yet: nothing to train on")
     started = utcnow()
-    report(phase="loading", n_train=len(plan.train), n_val=len(plan.val), device=device)
+    report(phase="loading", n_train=len(plan.train), n_val=len(plan.val), device=ctx.device)
     train_pairs = load_pairs(store, plan.train)
     val_pairs = load_pairs(store, plan.val)
     init_path: Path | None = None
@@ -276,20 +292,7 @@ def _train_and_register(
         raise RunLost(f"attempt {claimed.attempt} lost the run during evaluation")
 
     report(phase="registering")
-    return _register(
-        factory,
-        settings,
-        claimed,
-        plan,
-        result,
-        blob.key,
-        digest,
-        candidate_eval,
-        serving_eval,
-        staged,
-        device,
-        heartbeat.progress,
-    )
+    return _register(ctx, plan, result, StoredCheckpoint(blob.key, digest), Evaluations(candidate_eval, serving_eval))
 
 
 def _metrics_of(result: TrainResult, evaluation: gate.Evaluation | None, plan: TrainingPlan) -> dict[str, Any]:
@@ -315,22 +318,19 @@ def _metrics_of(result: TrainResult, evaluation: gate.Evaluation | None, plan: T
     return cast(dict[str, Any], json_safe(metrics))
 
 
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    key: str
+    sha256: str
+
+
 def _register(
-    factory: SessionFactory,
-    settings: Settings,
-    claimed: ClaimedRun,
-    plan: TrainingPlan,
-    result: TrainResult,
-    checkpoint_key: str,
-    digest: str,
-    candidate_eval: gate.Evaluation | None,
-    serving_eval: gate.Evaluation | None,
-    staged: _Staged,
-    device: str,
-    progress: dict[str, Any],
+    ctx: RunContext, plan: TrainingPlan, result: TrainResult, checkpoint: StoredCheckpoint, evals: Evaluations
 ) -> RunOutcome:
     """One transaction: the immutable version with its snapshot, the gate, the run's end."""
-    with unit_of_work(factory) as session:
+    settings, claimed, candidate_eval, serving_eval = ctx.settings, ctx.claimed, evals.candidate, evals.serving
+    progress = ctx.heartbeat.progress
+    with unit_of_work(ctx.factory) as session:
         run = owned_run(session, claimed)
         if run is None:
             raise RunLost(f"attempt {claimed.attempt} lost the run before registering its model")
@@ -342,8 +342,8 @@ def _register(
             session,
             project,
             arch=result.spec.arch,
-            checkpoint_key=checkpoint_key,
-            checkpoint_sha256=digest,
+            checkpoint_key=checkpoint.key,
+            checkpoint_sha256=checkpoint.sha256,
             metrics=_metrics_of(result, candidate_eval, plan),
             parent_id=plan.parent_id if result.init_sha256 else None,  # the model it was fine-tuned from
             training_masks=snapshot,
@@ -381,7 +381,7 @@ def _register(
             version.gate_reason = decision.reason
         follow_up = finish_run(session, run, "succeeded", model_version_id=version.id, settings=settings)
         follow_up_id = follow_up.id if follow_up else None
-    staged.blob_keys.clear()  # committed: the checkpoint belongs to the version now
+    ctx.staged.blob_keys.clear()  # committed: the checkpoint belongs to the version now
     log.info(
         "run %s registered %s (%s): %s",
         claimed.run_id,
@@ -395,7 +395,7 @@ def _register(
         model_version_uid=uid,
         promoted=decision.promote,
         gate_reason=decision.reason,
-        device=device,
+        device=ctx.device,
         follow_up_run_id=follow_up_id,
         project_id=plan.project_id,
     )

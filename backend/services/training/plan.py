@@ -16,8 +16,8 @@ from backend.db.base import utcnow
 from backend.db.models import Image, MaskVersion, Project
 from backend.errors import CheckpointError, NotFound
 from backend.services import gate, versions
-from backend.services.retrain import policy_for
-from backend.services.run_queue import ClaimedRun
+from backend.services.training.policy import policy_for
+from backend.services.training.queue import ClaimedRun
 from backend.settings import Settings
 from backend.storage.blobs import BlobStore
 

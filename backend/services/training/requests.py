@@ -1,4 +1,4 @@
-"""When to retrain: the policy, what changed since the last trained version, requesting runs.
+"""Requesting training runs: what changed since the last trained version, and single flight.
 
 Per project (see ``docs/workers.md``):
 
@@ -12,22 +12,29 @@ Per project (see ``docs/workers.md``):
   as ``project.retrain_pending`` and one more run starts when the active one ends.
 - **schedule**: the nightly beat queues a run only if anything changed.
 
-What happens to a queued run is elsewhere: :mod:`backend.services.run_queue` (dispatching,
-claiming, reaping, finishing) and :mod:`backend.services.run_execution` (training, registering).
+Single flight lives in the database (the partial unique index ``uq_training_run_one_active``),
+not in a lock or in the broker, so two server processes, a Celery beat and a webhook racing
+each other still create one run. A trigger that arrives while a run is active is not lost: it
+sets ``project.retrain_pending`` so the worker starts one more run when the current one ends.
+
+The thresholds themselves are pure (:mod:`backend.services.training.policy`). What happens to a
+queued run is elsewhere: :mod:`backend.services.training.queue` (dispatching, claiming, reaping,
+finishing) and :mod:`backend.services.training.execute` (training, registering).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend.db.base import utcnow
 from backend.db.models import (
+    ACTIVE_RUN_STATUSES,
+    RUN_TRIGGER_VALUES,
     Image,
     MaskVersion,
     ModelVersion,
@@ -35,53 +42,13 @@ from backend.db.models import (
     TrainingRun,
     model_version_mask,
 )
-from backend.services import runs
+from backend.errors import InvalidInput
+from backend.services.training.policy import debounce_until, policy_for, retrain_due
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_DEBOUNCE_FACTOR = 5.0
-"""A burst of saves may delay a queued run by at most this many debounce periods in total."""
 TRAINED_STATUSES = ("candidate", "serving", "retired")
-
-
-# -- policy: pure ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RetrainPolicy:
-    """A project's effective policy: its overrides, else the settings."""
-
-    retrain_after: int
-    debounce_seconds: float
-    max_minutes: float
-    auto: bool
-
-
-def policy_for(project: Project, settings: Settings) -> RetrainPolicy:
-    return RetrainPolicy(
-        retrain_after=project.retrain_after if project.retrain_after is not None else settings.retrain_after,
-        debounce_seconds=settings.retrain_debounce_seconds,
-        max_minutes=project.train_max_minutes if project.train_max_minutes is not None else settings.train_max_minutes,
-        auto=bool(project.auto_retrain),
-    )
-
-
-def count_changes(current: Mapping[int, int], snapshot: Mapping[int, int]) -> int:
-    """Images whose label differs between two ``{image_id: mask_version_id}`` maps (new, changed
-    or removed)."""
-    return sum(1 for image_id in set(current) | set(snapshot) if current.get(image_id) != snapshot.get(image_id))
-
-
-def retrain_due(changed: int, policy: RetrainPolicy) -> bool:
-    """Whether ``changed`` training labels warrant an automatic run (``retrain_after`` 0: never)."""
-    return policy.auto and policy.retrain_after > 0 and changed >= policy.retrain_after
-
-
-def debounce_until(now: dt.datetime, first_queued_at: dt.datetime, debounce_seconds: float) -> dt.datetime:
-    """The new start deadline after a save: ``debounce`` from now, but never later than
-    :data:`MAX_DEBOUNCE_FACTOR` periods after the run was queued (a steady stream of saves
-    must not postpone training forever)."""
-    period = dt.timedelta(seconds=max(0.0, debounce_seconds))
-    return min(now + period, first_queued_at + MAX_DEBOUNCE_FACTOR * period)
 
 
 # -- what changed: queries ---------------------------------------------------------------------
@@ -153,7 +120,7 @@ def maybe_request_retrain(
     policy = policy_for(project, settings)
     if not policy.auto:
         return None
-    active = runs.active_run(session, project)
+    active = active_run(session, project)
     if active is not None:
         if active.status == "queued" and active.trigger == "annotations" and active.not_before is not None:
             active.not_before = debounce_until(now, active.created_at, policy.debounce_seconds)
@@ -163,7 +130,7 @@ def maybe_request_retrain(
     changed = changed_since_last_version(session, project)
     if not retrain_due(changed, policy):
         return None
-    run = runs.request_run(session, project, "annotations")
+    run = request_run(session, project, "annotations")
     if run is not None:
         run.not_before = now + dt.timedelta(seconds=policy.debounce_seconds)
         run.progress = {"phase": "queued", "changed_labels": changed}
@@ -183,7 +150,7 @@ def request_training(
 ) -> TrainingRun | None:
     """Queue a run now (``manual``, ``start_training``); None: one is active and another is now
     pending (``from_scratch`` then applies only if a new request is made afterwards)."""
-    run = runs.request_run(session, project, trigger)
+    run = request_run(session, project, trigger)
     if run is not None:
         run.from_scratch = from_scratch
         run.not_before = now or utcnow()
@@ -195,8 +162,71 @@ def request_training(
 def request_scheduled(session: Session, project: Project, settings: Settings) -> TrainingRun | None:
     """The nightly run: only for automatic projects, only if anything changed, never on top of
     an active run (that run already covers the changes)."""
-    if not project.auto_retrain or runs.active_run(session, project) is not None:
+    if not project.auto_retrain or active_run(session, project) is not None:
         return None
     if changed_since_last_version(session, project) == 0:
         return None
     return request_training(session, project, "schedule")
+
+
+# -- single flight: at most one queued or running run per project --------------------------------
+def active_run(session: Session, project: Project) -> TrainingRun | None:
+    """The project's queued or running run, if any."""
+    return session.scalars(
+        select(TrainingRun).where(TrainingRun.project_id == project.id, TrainingRun.status.in_(ACTIVE_RUN_STATUSES))
+    ).first()
+
+
+def request_run(session: Session, project: Project, trigger: str) -> TrainingRun | None:
+    """Queue a training run for ``project``; None when one is already queued or running.
+
+    In that case ``project.retrain_pending`` is set instead, so the request is remembered. The
+    insert happens in a savepoint: losing the race against another process on the unique index
+    is the same outcome as finding the active run, and leaves the caller's transaction usable.
+    The caller commits; enqueueing to Celery must happen after that commit.
+    """
+    if trigger not in RUN_TRIGGER_VALUES:
+        raise InvalidInput(f"unknown training trigger {trigger!r}; expected one of {RUN_TRIGGER_VALUES}")
+    if active_run(session, project) is None:
+        run = TrainingRun(project_id=project.id, trigger=trigger, status="queued")
+        try:
+            with session.begin_nested():
+                session.add(run)
+                session.flush()
+        except IntegrityError:
+            log.info("project %s: lost the race for a training run; marking a retrain as pending", project.id)
+        else:
+            log.info("project %s: training run %s queued (trigger %s)", project.id, run.id, trigger)
+            return run
+    project.retrain_pending = True
+    session.flush()
+    log.info("project %s: a run is already active; retrain pending (trigger %s)", project.id, trigger)
+    return None
+
+
+def sweep_retrain_policy(session: Session, settings: Settings) -> list[int]:
+    """Queue an 'annotations' run for every automatic project past its threshold and idle.
+
+    The server calls :func:`maybe_request_retrain` right after it records labels; this sweep
+    (every dispatcher tick and webhook drain: three indexed counts per project) also covers labels
+    that arrived another way (imports, reconciliation, an event drained by a worker) and never
+    extends a waiting run's debounce. Returns the ids of the runs it queued.
+    """
+    queued: list[int] = []
+    for project in session.scalars(select(Project).where(Project.auto_retrain).order_by(Project.id)):
+        if active_run(session, project) is not None:
+            continue
+        run = maybe_request_retrain(session, project, settings)
+        if run is not None:
+            queued.append(run.id)
+    return queued
+
+
+def request_scheduled_all(session: Session, settings: Settings) -> list[int]:
+    """The nightly run for every automatic project whose labels changed (see :func:`request_scheduled`)."""
+    queued: list[int] = []
+    for project in session.scalars(select(Project).order_by(Project.id)):
+        run = request_scheduled(session, project, settings)
+        if run is not None:
+            queued.append(run.id)
+    return queued

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "usgra-seg"  # as in conftest.py
+REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "usgra-seg"  # as in conftest.py
 
 IDENTIFYING = {
     "PatientName": "DOE^JANE^Q",
