@@ -48,7 +48,7 @@ run: install
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when pytest workers,
 # Label Studio and a Celery worker share 2 cores (the scan tests run 6x slower without it).
 test: lint install-ls
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
 
 # Types (mypy --strict, settings in pyproject.toml), style (ruff check + format) and the layer
 # rules (import-linter contracts in pyproject.toml). `make test` runs this first.

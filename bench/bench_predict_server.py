@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.api.app import AppState, create_app
 from backend.db.migrate import upgrade
-from backend.db.models import ModelVersion, Project
+from backend.db.models import Project
 from backend.db.session import make_engine, unit_of_work
 from backend.imaging.io import encode_png, read_image
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
@@ -52,6 +52,7 @@ from backend.model.checkpoint import Checkpoint, save_checkpoint
 from backend.model.data import prepare_image
 from backend.model.networks import build_model
 from backend.model.spec import preset_spec
+from backend.services.versions import promote, register_version
 from backend.settings import Settings
 
 SHARED = ROOT.parent / "shared" / "data" / "usgra-seg" / "images" / "0000.png"
@@ -123,6 +124,8 @@ def main() -> None:
     http = requests.Session()
     http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=args.concurrent))
 
+    served_uid = ""  # set once the benchmark model is registered
+
     def post(task_id: int, session: requests.Session = http) -> float:
         body = {
             "tasks": [{"id": task_id, "data": {"image": image_url}}],
@@ -134,7 +137,7 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         resp.raise_for_status()
         (item,) = resp.json()["results"]
-        if item["model_version"] != "bench-v1":
+        if item["model_version"] != served_uid:
             raise RuntimeError(f"served {item['model_version']!r}, not the benchmark model")
         return elapsed
 
@@ -143,16 +146,11 @@ def main() -> None:
         blob = state.store.put_file("checkpoints", ckpt, ".safetensors")
         with unit_of_work(state.factory) as session:
             project = session.query(Project).one()
-            session.add(
-                ModelVersion(
-                    project_id=project.id,
-                    uid="bench-v1",
-                    status="serving",
-                    arch=spec.arch,
-                    checkpoint_key=blob.key,
-                    checkpoint_sha256=blob.sha256,
-                )
+            version = register_version(
+                session, project, arch=spec.arch, checkpoint_key=blob.key, checkpoint_sha256=blob.sha256
             )
+            promote(session, version, reason="benchmark model")
+            served_uid = version.uid
         state.holder.refresh()
         served = state.holder.get(project.id)
         if served is None:

@@ -212,6 +212,48 @@ def models_promote(c: CliContext, version: str) -> None:
     click.echo(f"{uid} is serving" + (f" (was {prev_uid})" if prev_uid else ""))
 
 
+@models.command("register")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--project", "project_name", required=True)
+@click.option("--promote-if-better", is_flag=True, help="Promote when the gate passes (as a training run's candidate).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def models_register(c: CliContext, checkpoint: Path, project_name: str, promote_if_better: bool, as_json: bool) -> None:
+    """Register a checkpoint trained offline (`sonoseg model train`) as a candidate version of a project."""
+    from backend.db.session import unit_of_work
+    from backend.services.offline_models import register_checkpoint
+    from backend.services.projects import get_project
+
+    try:
+        with unit_of_work(c.factory) as session:
+            project_id = get_project(session, project_name).id
+        done = register_checkpoint(
+            c.factory, c.store, c.settings, project_id, checkpoint, promote_if_better=promote_if_better
+        )
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "uid": done.uid,
+                    "id": done.version_id,
+                    "arch": done.arch,
+                    "n_val": done.n_val,
+                    "promoted": done.promoted,
+                    "gate_reason": done.decision.reason,
+                    "candidate_score": done.decision.candidate_score,
+                    "serving_score": done.decision.serving_score,
+                }
+            )
+        )
+    else:
+        state = "serving" if done.promoted else "candidate"
+        click.echo(
+            f"{done.uid} registered ({state}, {done.arch}, {done.n_val} validation images): {done.decision.reason}"
+        )
+
+
 @models.command("rollback")
 @click.option("--project", "project_name", required=True)
 @pass_ctx
@@ -281,11 +323,14 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
 
 def _register_subsystems() -> None:
     """Command groups owned by their subsystems (imported here, not at the top: they import ours)."""
-    from cli import export_cmd, import_cmd, model_cmd, serve_cmd, worker_cmd
+    from cli import curate_cmd, export_cmd, import_cmd, model_cmd, project_cmd, serve_cmd, split_cmd, worker_cmd
 
     for command in (
         import_cmd.import_cmd,
         export_cmd.export_cmd,
+        split_cmd.split,
+        project_cmd.project,
+        project_cmd.push,
         model_cmd.model,
         serve_cmd.serve,
         serve_cmd.sync,
@@ -295,6 +340,8 @@ def _register_subsystems() -> None:
         worker_cmd.evaluate,
         worker_cmd.predict,
         worker_cmd.retrain_policy,
+        curate_cmd.stats,
+        curate_cmd.review,
     ):
         cli.add_command(command)
 

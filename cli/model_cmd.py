@@ -243,7 +243,7 @@ def predict_cmd(
     """Segment IMAGE files; writes <name>_mask.png (class indices) and <name>_overlay.png."""
     with _user_errors():
         from backend.model.image_files import read_image, stem_of, write_png
-        from backend.model.overlay import overlay
+        from backend.model.overlay import labelled_overlay
         from backend.model.predict import PredictOptions, Predictor
 
         predictor = Predictor.from_file(
@@ -255,6 +255,9 @@ def predict_cmd(
         for path, frame, result in zip(images, frames, predictor.predict(frames), strict=True):
             stem = stem_of(path)
             write_png(out_dir / f"{stem}_mask.png", result.mask)
-            write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask))
+            title = f"score {result.score:.3f}  uncertainty {result.uncertainty:.3f}"
+            write_png(
+                out_dir / f"{stem}_overlay.png", labelled_overlay(frame, result.mask, predictor.spec.classes, title)
+            )
             click.echo(f"{path.name}: score {result.score:.3f} uncertainty {result.uncertainty:.3f}")
         click.echo(f"wrote {2 * len(images)} files to {out_dir}")

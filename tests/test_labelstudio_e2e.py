@@ -480,3 +480,154 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
     finally:
         backend.close()
         state.close()
+
+
+def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back_to_the_same_frames(
+    label_studio: LabelStudio, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Curators (issue 13): import a cine DICOM with its multi-frame mask, push it into a Label
+    Studio project sonoseg creates, see one task per frame with its mask, correct one in Label
+    Studio, and see the correction arrive as a new mask version of the same stored frame."""
+    import SimpleITK as sitk
+    from click.testing import CliRunner
+
+    from backend.runtime import Runtime
+    from backend.services.dataset import import_files
+    from cli.main import cli
+    from tests.support.frames import synthetic_frame
+    from tests.support.imaging import write_dicom
+
+    ls = label_studio
+    frames = [synthetic_frame(40 + i, (96, 128)) for i in range(3)]
+    dicom = write_dicom(tmp_path / "cine.dcm", np.stack([img for img, _ in frames]), frames=3)
+    mask_dir = tmp_path / "masks"
+    mask_dir.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([m for _, m in frames])), str(mask_dir / "cine.nii.gz"))
+    ls.wait_ready()
+    api = ls.api()
+    settings = Settings(
+        data_dir=tmp_path / "sonoseg",
+        database_url=sqlite_url,
+        label_studio_url=ls.url,
+        label_studio_api_key=ls.personal_access_token(),
+        basic_auth_user=USER,
+        basic_auth_password=PASSWORD,
+        webhook_secret=SECRET,
+        model_poll_seconds=0.2,
+        device="cpu",
+    )
+    runtime = Runtime.from_settings(settings)
+    report = import_files(
+        runtime.factory,
+        runtime.store,
+        settings,
+        project_name="cine",
+        class_names=("Nerve", "Vessel"),
+        paths=[dicom],
+        mask_dir=mask_dir,
+    )
+    assert (report.images_added, report.masks_added, report.errors) == (3, 3, []), report
+    with unit_of_work(runtime.factory) as session:
+        stored = {
+            image.frame_index: (image.id, image.subject)
+            for image in session.scalars(select(Image).order_by(Image.frame_index))
+        }
+    runner = CliRunner()
+    env = settings.to_env()
+    created = runner.invoke(cli, ["project", "create-ls", "--project", "cine"], env=env, catch_exceptions=False)
+    assert created.exit_code == 0, created.output
+    with unit_of_work(runtime.factory) as session:
+        pid = session.scalars(select(Project.ls_project_id).where(Project.name == "cine")).one()
+    assert pid is not None
+
+    pushed = runner.invoke(cli, ["push", "--project", "cine", "--json"], env=env, catch_exceptions=False)
+    assert pushed.exit_code == 0, pushed.output
+    assert '"pushed": 3' in pushed.output and '"annotations": 3' in pushed.output, pushed.output
+    again = runner.invoke(cli, ["push", "--project", "cine", "--json"], env=env, catch_exceptions=False)
+    assert '"pushed": 0' in again.output and '"already_pushed": 3' in again.output, again.output
+
+    tasks = _tasks(ls, api, pid)
+    assert len(tasks) == 3  # idempotent: the second push created nothing
+    by_image = {t["data"]["sonoseg_image_id"]: t for t in tasks}
+    assert set(by_image) == {image_id for image_id, _ in stored.values()}
+    for index, (image_id, subject) in stored.items():
+        task = by_image[image_id]
+        assert task["data"]["sonoseg_subject"] == subject
+        (ann,) = task["annotations"]
+        decoded = np.zeros((96, 128), np.uint8)
+        for region in ann["result"]:
+            decoded[_decode(region) == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
+        np.testing.assert_array_equal(decoded, frames[index][1])
+        served = api.get(f"{ls.url}{task['data']['image']}", timeout=30)  # Label Studio serves the pushed frame
+        assert served.status_code == 200 and served.content.startswith(b"\x89PNG"), served.status_code
+
+    # -- connect sonoseg as the ML backend (its webhook carries the secret), then correct frame 1 ------
+    app = create_app(settings)
+    state: AppState = app.extensions["sonoseg"]
+    backend = ServedApp(app)
+    try:
+        ml = _ok(
+            api.post(
+                f"{ls.url}/api/ml/",
+                json={
+                    "project": pid,
+                    "url": backend.url,
+                    "title": "sonoseg",
+                    "auth_method": "BASIC_AUTH",
+                    "basic_auth_user": USER,
+                    "basic_auth_pass": PASSWORD,
+                },
+            ),
+            201,
+        )
+        assert ml["state"] == "CO", ml
+        hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
+        (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
+        _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+        image_id = stored[1][0]
+        ann_id = by_image[image_id]["annotations"][0]["id"]
+        corrected = frames[1][1].copy()
+        corrected[:20, :20] = 2
+        _ok(api.patch(f"{ls.url}/api/annotations/{ann_id}/", json={"result": brush_results(corrected)}))
+
+        def corrected_version() -> MaskVersion | None:
+            with unit_of_work(state.factory) as session:
+                return session.scalars(
+                    select(MaskVersion).where(MaskVersion.ls_annotation_id == ann_id, MaskVersion.is_current)
+                ).one_or_none()
+
+        mv = wait_for(corrected_version, 60, "the correction to arrive as a mask version")
+        assert mv.image_id == image_id and mv.source == "annotation" and mv.version == 2
+        np.testing.assert_array_equal(read_mask(state.store, mv), corrected)
+        with unit_of_work(state.factory) as session:
+            assert session.scalars(select(Image.id)).all() == sorted(i for i, _ in stored.values())  # no new image
+
+        # -- `export --format labelstudio` imports into Label Studio and its masks decode identically ----------
+        out = tmp_path / "ls-export"
+        exported = runner.invoke(
+            cli, ["export", "--project", "cine", "--out", str(out), "--format", "labelstudio"], env=env
+        )
+        assert exported.exit_code == 0, exported.output
+        import json
+
+        other = _ok(
+            api.post(
+                f"{ls.url}/api/projects/",
+                json={"title": "re-import", "label_config": (out / "label_config.xml").read_text()},
+            ),
+            201,
+        )["id"]
+        _ok(api.post(f"{ls.url}/api/projects/{other}/import", json=json.loads((out / "tasks.json").read_text())), 201)
+        current = {stored[i][0]: frames[i][1] for i in (0, 2)} | {image_id: corrected}
+        reimported = _tasks(ls, api, other)
+        assert len(reimported) == 3
+        for task in reimported:
+            (ann,) = task["annotations"]
+            decoded = np.zeros((96, 128), np.uint8)
+            for region in ann["result"]:
+                decoded[_decode(region) == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
+            np.testing.assert_array_equal(decoded, current[task["data"]["sonoseg_image_id"]])
+    finally:
+        backend.close()
+        state.close()
+        runtime.close()

@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "webhook_event",
     "label_issue",
     "scheduler_heartbeat",
+    "split_change",
 }
 
 
@@ -145,5 +146,39 @@ def test_0003_removes_clear_paths_and_personal_webhook_fields(empty_url: str, wi
         stored_text = stored if isinstance(stored, str) else json.dumps(stored)
         assert "h.example" not in stored_text and "Doe_John" not in stored_text
         assert '"completed_by": 4' in stored_text.replace('":4', '": 4')
+    finally:
+        engine.dispose()
+
+
+def test_0004_keeps_every_row_both_ways(empty_url: str) -> None:
+    """0004 adds a column to ``project``: on SQLite a batch (table recreating) ALTER would drop the
+    table with foreign keys on and cascade-delete every image; the rows must survive both ways."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO project (id, name, class_names, retrain_pending, created_at, auto_retrain) "
+                    "VALUES (1, 'p', '[\"Nerve\"]', false, CURRENT_TIMESTAMP, true)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO image (id, project_id, sha256, blob_key, width, height, subject, split, "
+                    "source_format, frame_index, acquisition, created_at) VALUES (1, 1, 'x', 'k', 2, 2, "
+                    "'subj-1', 'test', 'png', 0, '{}', CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(engine, "0004")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
+            assert conn.execute(text("SELECT test_frozen FROM project")).scalar() in (False, 0)
+        downgrade(engine, "0003")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
+            assert "test_frozen" not in {c["name"] for c in inspect(conn).get_columns("project")}
     finally:
         engine.dispose()

@@ -20,7 +20,7 @@ import logging
 
 from flask import Flask
 
-from backend.api import ls_protocol, metrics_views
+from backend.api import ls_protocol, metrics_views, ui
 from backend.api.errors import install_error_handlers
 from backend.api.events import EVENT_DRAIN_SECONDS, EventDrainer
 from backend.api.metrics import Metrics
@@ -60,6 +60,7 @@ def create_app(
     app.extensions[EXTENSION_KEY] = state
     app.register_blueprint(metrics_views.bp)
     app.register_blueprint(ls_protocol.bp)
+    app.register_blueprint(ui.bp)  # the dashboard under /ui (docs/dashboard.md)
     install_error_handlers(app)
 
     if start_background:

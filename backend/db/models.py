@@ -44,6 +44,7 @@ SERVING_CHANGE_VALUES = ("promote", "rollback")
 IMAGE_SOURCE_VALUES = ("labelstudio", "import")
 LABEL_ISSUE_KIND_VALUES = ("unknown_labels", "conflicting_duplicate")
 LABEL_ISSUE_STATUS_VALUES = ("open", "resolved")
+SPLIT_CHANGE_KIND_VALUES = ("move", "freeze")
 
 ACTIVE_RUN_STATUSES = ("queued", "running")
 
@@ -76,6 +77,10 @@ class Project(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # False: only `sonoseg train` and START_TRAINING start runs (no count trigger, no nightly run).
     auto_retrain: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # True once a curator set test images (`sonoseg import --split test`, a splits CSV, `sonoseg split
+    # move --to test`) or ran `sonoseg split freeze`: automatic assignment then gives new subjects
+    # train or val only, and `sonoseg split move` refuses to move into or out of test without --force.
+    test_frozen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     images: Mapped[list[Image]] = relationship(back_populates="project")
 
@@ -338,6 +343,38 @@ class LabelIssue(Base):
     resolution: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SplitChange(Base):
+    """Audit log of curators' split decisions: who moved which subject (or image) from where to where,
+    and when a project's test split was frozen. Append-only.
+
+    ``kind`` 'move': ``subject`` (always) and ``image_id`` (when the move was asked for by image id)
+    name what moved; ``images`` counts the frames moved from ``from_split``. One move of a subject whose
+    frames sat in several splits writes one row per split. 'freeze': the test split became frozen;
+    ``from_split``/``to_split`` are empty. ``author``: the ``--by`` option or the OS user (a member of
+    staff, never a patient).
+    """
+
+    __tablename__ = "split_change"
+    __table_args__ = (
+        CheckConstraint(_in("kind", SPLIT_CHANGE_KIND_VALUES), name="kind"),
+        CheckConstraint(f"from_split IS NULL OR {_in('from_split', SPLIT_VALUES)}", name="from_split"),
+        CheckConstraint(f"to_split IS NULL OR {_in('to_split', SPLIT_VALUES)}", name="to_split"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str | None] = mapped_column(String(64))  # a pseudonym, as in image.subject
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
+    from_split: Mapped[str | None] = mapped_column(String(8))
+    to_split: Mapped[str | None] = mapped_column(String(8))
+    images: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    forced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class SchedulerHeartbeat(Base):

@@ -27,6 +27,8 @@ number, institution and station names, referring/performing physicians, all date
 all UIDs, device serial numbers and every private tag. Values are stripped of padding and cut
 at 64 characters. **Pixels are not scrubbed:** a file with BurnedInAnnotation = YES (or an
 unset tag on an older scanner) may show identifying text inside the image itself.
+The one exception is :func:`patient_id`: the importer reads PatientID to group one patient's
+files into one subject, and keeps only its keyed pseudonym.
 
 The structural scan (:func:`scan_dicom`) walks the element headers of a Part-10 file without
 decoding pixels, so that a file with no pixel data or one cut short is rejected with a clear
@@ -372,6 +374,20 @@ def dicom_window(tags: Mapping[str, str]) -> tuple[float, float] | None:
     except (KeyError, ValueError):
         return None
     return (center, width) if width > 1.0 else None
+
+
+_PATIENT_ID = "0010|0020"
+
+
+def patient_id(tags: Mapping[str, str]) -> str | None:
+    """The raw PatientID (0010,0020), padding stripped; None when absent or blank.
+
+    Outside the de-identification contract on purpose: it is handed to the importer only so that
+    it can derive a keyed subject pseudonym (``services.pseudonyms``). It is never part of
+    :func:`kept_metadata`, and nothing may store, log or return it.
+    """
+    value = tags.get(_PATIENT_ID, "").strip(" \x00")
+    return value or None
 
 
 def dicom_frame_count(tags: Mapping[str, str]) -> int | None:

@@ -148,13 +148,19 @@ class Geometry:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """One 2D frame: ``pixels`` is uint8 (H, W); ``metadata`` holds only allow-listed DICOM tags."""
+    """One 2D frame: ``pixels`` is uint8 (H, W); ``metadata`` holds only allow-listed DICOM tags.
+
+    ``patient_id``: a DICOM file's raw PatientID, only so that an importer can derive the subject's
+    keyed pseudonym (:func:`backend.imaging.dicom.patient_id`); never store, log or return it (it
+    is left out of ``repr``).
+    """
 
     pixels: NDArray[np.uint8]
     frame_index: int
     geometry: Geometry
     source_format: str
     metadata: dict[str, str] = field(default_factory=dict)
+    patient_id: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -241,9 +247,43 @@ def read_mask(
     """Read a label map as uint8 class indices (H, W); values are never rescaled.
 
     Palette PNGs give their palette indices; a 0/255 binary mask gives 0/1. Lossy JPEG and DICOM
-    are refused. A multi-slice segmentation needs ``frame_index``.
+    are refused. A multi-slice segmentation needs ``frame_index`` (or :func:`read_mask_frames`).
     """
-    with local_source(Path(path), max_bytes) as source:
+    name, labels = _read_labels(Path(path), max_side, max_bytes, max_decoded_bytes, budget)
+    if frame_index is None:
+        if labels.shape[0] != 1:
+            raise InvalidImage(f"{name}: the mask has {labels.shape[0]} slices; pass frame_index")
+        frame_index = 0
+    if not 0 <= frame_index < labels.shape[0]:
+        raise InvalidImage(f"{name}: frame {frame_index} requested, the mask has {labels.shape[0]}")
+    mask = np.ascontiguousarray(labels[frame_index]) if labels.shape[0] == 1 else labels[frame_index].copy()
+    return _binary_to_class_one(mask)
+
+
+def read_mask_frames(
+    path: Path | str,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = None,
+) -> NDArray[np.uint8]:
+    """Every slice of a label map as uint8 class indices (F, H, W), in file order (F = 1 for 2D).
+
+    Slice k is the label map of frame k of the image it belongs to (a 3D NIfTI/MetaImage that
+    ITK-SNAP saved for a cine DICOM or a volume). Each slice follows :func:`read_mask`'s rules; the
+    0/255 binary rule is applied slice by slice, as ``read_mask(frame_index=k)`` would.
+    """
+    _, labels = _read_labels(Path(path), max_side, max_bytes, max_decoded_bytes, budget)
+    for k in range(labels.shape[0]):
+        _binary_to_class_one(labels[k])
+    return labels
+
+
+def _read_labels(
+    path: Path, max_side: int, max_bytes: int, max_decoded_bytes: int, budget: DecodeBudget | None
+) -> tuple[str, NDArray[np.uint8]]:
+    with local_source(path, max_bytes) as source:
         if source.fmt in {"jpeg", "dicom"}:
             raise InvalidImage(
                 f"{source.name}: a {source.fmt.upper()} file cannot hold a label map; "
@@ -251,17 +291,15 @@ def read_mask(
             )
         with _decoding(source, max_side, max_decoded_bytes, budget) as decoded:
             labels = _class_indices(source, decoded.pixels)
-    if frame_index is None:
-        if labels.shape[0] != 1:
-            raise InvalidImage(f"{source.name}: the mask has {labels.shape[0]} slices; pass frame_index")
-        frame_index = 0
-    if not 0 <= frame_index < labels.shape[0]:
-        raise InvalidImage(f"{source.name}: frame {frame_index} requested, the mask has {labels.shape[0]}")
-    mask = np.ascontiguousarray(labels[frame_index]) if labels.shape[0] == 1 else labels[frame_index].copy()
+    return source.name, labels
+
+
+def _binary_to_class_one(mask: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A 0/255 binary export means "class 1": divided in place (``mask`` is a fresh array)."""
     if mask.max(initial=0) == 255 and not any(
         np.count_nonzero((block != 0) & (block != 255)) for block in _row_blocks(mask)
     ):
-        np.floor_divide(mask, 255, out=mask)  # a 0/255 binary export means "class 1"; in place
+        np.floor_divide(mask, 255, out=mask)
     return mask
 
 
@@ -402,12 +440,14 @@ def _load_frames(
     source: Source, max_side: int, max_decoded_bytes: int, budget: DecodeBudget | None
 ) -> list[LoadedImage]:
     with _decoding(source, max_side, max_decoded_bytes, budget) as decoded:
-        grey, geometries, metadata = _grey_frames(source, decoded)
+        grey, geometries, metadata, patient = _grey_frames(source, decoded)
     # SimpleITK's buffer is gone; only the uint8 frames are left (orientation may copy one)
     result = []
     for k in range(grey.shape[0]):
         frame = _ORIENT[source.jpeg_orientation](grey[k])
-        result.append(LoadedImage(np.ascontiguousarray(frame), k, geometries[k], source.fmt, dict(metadata)))
+        result.append(
+            LoadedImage(np.ascontiguousarray(frame), k, geometries[k], source.fmt, dict(metadata), patient_id=patient)
+        )
     logger.debug(
         "read %s: %s, %d frame(s) of %dx%d",
         source.name,
@@ -419,8 +459,10 @@ def _load_frames(
     return result
 
 
-def _grey_frames(source: Source, decoded: _Decoded) -> tuple[NDArray[np.uint8], list[Geometry], dict[str, str]]:
-    """The checks that need pixels, grey uint8 (F, H, W) as a fresh array, geometry, metadata."""
+def _grey_frames(
+    source: Source, decoded: _Decoded
+) -> tuple[NDArray[np.uint8], list[Geometry], dict[str, str], str | None]:
+    """The checks that need pixels, grey uint8 (F, H, W) as a fresh array, geometry, metadata, PatientID."""
     pixels, image, tags = decoded.pixels, decoded.image, decoded.tags
     if source.fmt == "jpeg" and pixels.ndim == 4 and pixels.shape[3] == 4:
         raise InvalidImage(f"{source.name}: CMYK JPEGs are not supported; export as RGB or grey")
@@ -432,7 +474,7 @@ def _grey_frames(source: Source, decoded: _Decoded) -> tuple[NDArray[np.uint8], 
     grey = _to_uint8(pixels, _grey_of(pixels), dicom.dicom_window(tags))
     metadata = dicom.kept_metadata(tags, regions) if source.fmt == "dicom" else {}
     geometries = [_geometry(source, image, tags, regions, k) for k in range(grey.shape[0])]
-    return grey, geometries, metadata
+    return grey, geometries, metadata, dicom.patient_id(tags) if source.fmt == "dicom" else None
 
 
 def _geometry(

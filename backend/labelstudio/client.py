@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -176,6 +176,7 @@ class LabelStudioClient:
         params: dict[str, Any] | None = None,
         json_body: Any = None,
         stream: bool = False,
+        files: Sequence[tuple[str, tuple[str, bytes, str]]] | None = None,
     ) -> requests.Response:
         """One request to Label Studio with credentials; 401 with a PAT refreshes and retries once.
 
@@ -187,13 +188,13 @@ class LabelStudioClient:
         checked = path_or_url if isinstance(path_or_url, CheckedUrl) else self.check(path_or_url)
         url = self._own(checked).url
         header = self._auth_header()
-        resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream)
+        resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream, files=files)
         if resp.status_code == 401 and self.kind is TokenKind.PERSONAL:
             resp.close()
             log.info("Label Studio answered 401; refreshing the access token and retrying once")
             self._invalidate(header)
             header = self._auth_header()
-            resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream)
+            resp = self._send(method, url, header, params=params, json_body=json_body, stream=stream, files=files)
         if resp.status_code == 401:
             resp.close()
             hint = (
@@ -206,7 +207,15 @@ class LabelStudioClient:
         return resp
 
     def _send(
-        self, method: str, url: str, header: str, *, params: dict[str, Any] | None, json_body: Any, stream: bool
+        self,
+        method: str,
+        url: str,
+        header: str,
+        *,
+        params: dict[str, Any] | None,
+        json_body: Any,
+        stream: bool,
+        files: Sequence[tuple[str, tuple[str, bytes, str]]] | None = None,
     ) -> requests.Response:
         try:
             return self._http.request(
@@ -214,6 +223,7 @@ class LabelStudioClient:
                 url,
                 params=params,
                 json=json_body,
+                files=list(files) if files is not None else None,
                 headers={"Authorization": header},
                 timeout=self._timeout,
                 stream=stream,
@@ -269,6 +279,58 @@ class LabelStudioClient:
         if not isinstance(body, dict):
             raise UpstreamError(f"Label Studio returned no project object for project {project_id}")
         return body
+
+    def create_project(self, title: str, label_config: str) -> dict[str, Any]:
+        """A new Label Studio project with this label config (``sonoseg project create-ls``)."""
+        body = self._post_json("/api/projects/", {"title": title[:50], "label_config": label_config}, "project")
+        if not isinstance(body, dict) or not isinstance(body.get("id"), int):
+            raise UpstreamError("Label Studio created no project (its answer has no id)")
+        return body
+
+    def upload_files(self, project_id: int, files: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Upload image files without creating tasks; their ``file_upload_ids``, in order."""
+        resp = self.request(
+            "POST",
+            f"/api/projects/{int(project_id)}/import",
+            params={"commit_to_project": "false"},
+            files=[(f"file{i}", (name, data, "image/png")) for i, (name, data) in enumerate(files)],
+        )
+        body = _checked_json(resp, f"uploading {len(files)} file(s) to project {project_id}")
+        ids = body.get("file_upload_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(files) or not all(isinstance(i, int) for i in ids):
+            raise UpstreamError(f"Label Studio acknowledged {ids!r} uploads for {len(files)} file(s)")
+        return [int(i) for i in ids]
+
+    def uploaded_paths(self, project_id: int, file_upload_ids: Sequence[int]) -> dict[int, str]:
+        """``{file_upload_id: stored name}`` (``upload/<project>/<prefix>-<name>``) of uploaded files."""
+        body = self.get_json(
+            f"/api/projects/{int(project_id)}/file-uploads",
+            params={"ids": json.dumps([int(i) for i in file_upload_ids])},
+        )
+        if not isinstance(body, list):
+            raise UpstreamError("Label Studio's file upload list is not a list")
+        out: dict[int, str] = {}
+        for item in body:
+            if isinstance(item, dict) and isinstance(item.get("id"), int) and isinstance(item.get("file"), str):
+                out[int(item["id"])] = str(item["file"])
+        return out
+
+    def import_tasks(self, project_id: int, tasks: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Create tasks (with their annotations or predictions); the new task ids, in order."""
+        resp = self.request(
+            "POST",
+            f"/api/projects/{int(project_id)}/import",
+            params={"return_task_ids": "true", "commit_to_project": "true"},
+            json_body=list(tasks),
+        )
+        body = _checked_json(resp, f"importing {len(tasks)} task(s) into project {project_id}")
+        ids = body.get("task_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(tasks) or not all(isinstance(i, int) for i in ids):
+            raise UpstreamError(f"Label Studio returned task ids {ids!r} for {len(tasks)} imported task(s)")
+        return [int(i) for i in ids]
+
+    def _post_json(self, path: str, body: Any, what: str) -> Any:
+        return _checked_json(self.request("POST", path, json_body=body), what)
 
     def get_task(self, task_id: int) -> dict[str, Any]:
         body = self.get_json(f"/api/tasks/{int(task_id)}/")
@@ -352,6 +414,14 @@ def read_limited(resp: requests.Response, max_bytes: int, what: str) -> bytes:
         return b"".join(chunks)
     finally:
         resp.close()
+
+
+def _checked_json(resp: requests.Response, what: str) -> Any:
+    """The JSON answer of a write; an HTTP error becomes an UpstreamError with Label Studio's words."""
+    if not resp.ok:
+        detail = resp.text[:300].replace("\n", " ") if resp.text else ""
+        raise UpstreamError(f"Label Studio answered {resp.status_code} {what}: {detail}")
+    return _json_body(resp, what)
 
 
 def _json_body(resp: requests.Response, what: str) -> Any:

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_LABEL_CONFIG",
     "ClassMap",
     "LabelConfig",
+    "label_config_for",
     "parse_label_config",
 ]
 
@@ -51,6 +52,26 @@ DEFAULT_LABEL_CONFIG = """<View>
   </BrushLabels>
 </View>
 """
+
+
+def label_config_for(class_names: tuple[str, ...] | list[str]) -> str:
+    """A brush label config for a project's class map (what ``sonoseg project create-ls`` and the
+    Label Studio export use): image under ``$image``, one ``BrushLabels`` named ``tag``, the
+    labels in class-index order with the overlay colours of :mod:`backend.model.overlay`."""
+    from xml.sax.saxutils import quoteattr
+
+    colours = ((255, 215, 0), (220, 20, 60), (30, 144, 255), (50, 205, 50), (186, 85, 211), (255, 140, 0))
+    names = tuple(class_names)
+    ClassMap(names)  # refuses empty, duplicate, reserved or too many labels
+    labels = "\n".join(
+        f'    <Label value={quoteattr(name)} background="rgba({r},{g},{b},0.6)"/>'
+        for name, (r, g, b) in zip(names, (colours[i % len(colours)] for i in range(len(names))), strict=True)
+    )
+    return (
+        '<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
+        f'  <BrushLabels name="tag" toName="image">\n{labels}\n  </BrushLabels>\n</View>\n'
+    )
+
 
 BACKGROUND = "background"
 """Name of class 0. It is reserved: no label may be called exactly this."""

@@ -123,6 +123,14 @@ class LsTask:
             raise InvalidInput("the task has no id")
         return self.id
 
+    @property
+    def sonoseg_image_id(self) -> int | None:
+        """The stored image a task made by ``sonoseg push`` shows (its data's ``sonoseg_image_id``)."""
+        value = self.data.get("sonoseg_image_id")
+        if value is None:
+            return None
+        return ls_id(value, f"task {self.id}: sonoseg_image_id")
+
     def image_url(self, value_key: str) -> str:
         """The image URL under the label config's ``$key``."""
         url = self.data.get(value_key)

@@ -16,15 +16,19 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from backend.db.models import Image, ImageSource, Project
-from backend.errors import InvalidInput
-from backend.services.splits import assign_split
+from backend.errors import Conflict, InvalidInput
+from backend.services.splits import check_split, split_for_new_image
 from backend.storage.blobs import BlobStore, StagedWrites
 
 log = logging.getLogger(__name__)
+
+
+# Built once: an import looks an image up per frame, and building the statement cost more than running it.
+_IMAGE_BY_HASH = select(Image).where(Image.project_id == bindparam("project_id"), Image.sha256 == bindparam("sha256"))
 
 
 def pixel_hash(pixels: NDArray[Any]) -> str:
@@ -64,14 +68,20 @@ def add_image(
     source_format: str = "png",
     frame_index: int = 0,
     acquisition: dict[str, Any] | None = None,
+    split: str | None = None,
 ) -> AddedImage:
-    """Add a decoded 2D uint8 frame to ``project`` (idempotent by pixel hash)."""
+    """Add a decoded 2D uint8 frame to ``project`` (idempotent by pixel hash).
+
+    ``split``: a curator's choice for a new frame; None: automatic (see
+    :func:`~backend.services.splits.split_for_new_image`). A frame already in the project keeps its
+    split; asking for another one is a :class:`~backend.errors.Conflict` (`sonoseg split move`).
+    """
     from backend.imaging.io import encode_png
 
     if pixels.ndim != 2 or pixels.dtype != np.uint8:
         raise InvalidInput(f"expected a 2D uint8 grey image, got {pixels.dtype} {pixels.shape}")
     sha = pixel_hash(pixels)
-    image = session.scalars(select(Image).where(Image.project_id == project.id, Image.sha256 == sha)).one_or_none()
+    image = session.scalars(_IMAGE_BY_HASH, {"project_id": project.id, "sha256": sha}).one_or_none()
     created = image is None
     if image is None:
         blob = store.put_bytes("images", encode_png(pixels), ".png")
@@ -82,18 +92,28 @@ def add_image(
             width=int(pixels.shape[1]),
             height=int(pixels.shape[0]),
             subject=subject,
-            split=assign_split(subject, salt=str(project.id)),
+            split=split_for_new_image(session, project, subject, split),
             source_format=source_format,
             frame_index=frame_index,
             acquisition=dict(acquisition or {}),
         )
-        session.add(image)
-        session.flush()
+        session.add(image)  # flushed with its source row, below
+    elif split is not None and check_split(split) != image.split:
+        raise Conflict(
+            f"these pixels are already image {image.id} of project {project.name!r}, in {image.split}, not "
+            f"{check_split(split)} (an identical frame in two splits would leak; move its subject with "
+            f"`sonoseg split move --project {project.name} --image {image.id} --to {check_split(split)}`)"
+        )
+    row = _record_source(session, project, image, source, new_image=created)
+    if created:
         log.info("image %s added to project %s (%dx%d)", image.id, project.id, image.width, image.height)
-    return AddedImage(image, created, _record_source(session, project, image, source))
+    return AddedImage(image, created, row)
 
 
-def _record_source(session: Session, project: Project, image: Image, info: SourceInfo) -> ImageSource:
+def _record_source(
+    session: Session, project: Project, image: Image, info: SourceInfo, *, new_image: bool = False
+) -> ImageSource:
+    """The image's source row for ``info``: found again, or new (a new image has no file sources yet)."""
     if info.ls_task_id is not None:
         existing = session.scalars(
             select(ImageSource).where(ImageSource.project_id == project.id, ImageSource.ls_task_id == info.ls_task_id)
@@ -106,7 +126,7 @@ def _record_source(session: Session, project: Project, image: Image, info: Sourc
             existing.active = True
             existing.source_ref = info.ref or existing.source_ref
             return existing
-    else:
+    elif not new_image:
         same = session.scalars(
             select(ImageSource).where(
                 ImageSource.image_id == image.id, ImageSource.kind == info.kind, ImageSource.source_ref == info.ref
@@ -118,7 +138,7 @@ def _record_source(session: Session, project: Project, image: Image, info: Sourc
             return same
     row = ImageSource(
         project_id=project.id,
-        image_id=image.id,
+        image=image,  # by the relationship: a new image and its source are flushed together
         kind=info.kind,
         source_ref=info.ref,
         ls_task_id=info.ls_task_id,
@@ -128,6 +148,11 @@ def _record_source(session: Session, project: Project, image: Image, info: Sourc
     session.add(row)
     session.flush()
     return row
+
+
+def record_source(session: Session, project: Project, image: Image, info: SourceInfo) -> ImageSource:
+    """Record where an already stored image also lives (a Label Studio task made by ``sonoseg push``)."""
+    return _record_source(session, project, image, info)
 
 
 def load_pixels(store: BlobStore, image: Image) -> NDArray[Any]:

@@ -33,7 +33,7 @@ from backend.errors import NotFound, NotReady
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.images import TaskImageFetcher
 from backend.labelstudio.payloads import LsTask
-from backend.services.images import SourceInfo, add_image, load_pixels
+from backend.services.images import SourceInfo, add_image, load_pixels, record_source
 from backend.services.projects import get_or_create_project
 from backend.services.pseudonyms import load_or_create_key, pseudonymise, source_ref
 from backend.settings import Settings
@@ -183,6 +183,7 @@ class LabelStudioMirror:
             task.image_url(config.image_value_key),
             subject_hint=task.subject,
             need_pixels=need_pixels,
+            pushed_image_id=task.sonoseg_image_id,
         )
 
     def task_image(
@@ -193,8 +194,14 @@ class LabelStudioMirror:
         *,
         subject_hint: str | None = None,
         need_pixels: bool = False,
+        pushed_image_id: int | None = None,
     ) -> TaskImage:
-        """The stored image for a task, downloading it only if the task (at this URL) is new."""
+        """The stored image for a task, downloading it only if the task (at this URL) is new.
+
+        ``pushed_image_id``: the ``sonoseg_image_id`` a task made by ``sonoseg push`` carries. It
+        is trusted only for a task never seen here (no source recorded for its id) and only for an
+        image of this project; a task whose URL changed since is downloaded as any other.
+        """
         if task_id is not None and not need_pixels:
             known_here = self._task_images.get((project_id, task_id))
             if known_here is not None and known_here[0] == url:
@@ -213,6 +220,14 @@ class LabelStudioMirror:
                     pixels = load_pixels(self.store, image) if need_pixels and image is not None else None
                     self._task_images[(project_id, task_id)] = (url, known.id, known.width, known.height)
                     return TaskImage(known.id, project_id, known.width, known.height, pixels)
+                pushed = session.get(Image, pushed_image_id) if known is None and pushed_image_id else None
+                if pushed is not None and pushed.project_id == project_id:
+                    project = session.get_one(Project, project_id)
+                    info = SourceInfo("labelstudio", ref=self.source_ref(url), ls_task_id=task_id)
+                    record_source(session, project, pushed, info)
+                    pixels = load_pixels(self.store, pushed) if need_pixels else None
+                    self._task_images[(project_id, task_id)] = (url, pushed.id, pushed.width, pushed.height)
+                    return TaskImage(pushed.id, project_id, pushed.width, pushed.height, pixels)
         fetched = self.fetcher.fetch(url, task_id=task_id)
         pixels = self._decode(fetched.data, fetched.name)
         subject = self._subject(project_id, task_id, url, subject_hint)

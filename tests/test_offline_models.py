@@ -1,0 +1,124 @@
+"""``sonoseg models register``: an offline checkpoint becomes a candidate version, through the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from backend.db.models import Image, ModelVersion, Project, ServingChange
+from backend.db.session import SessionFactory, unit_of_work
+from backend.errors import CheckpointError, InvalidInput, NotFound
+from backend.services.images import SourceInfo, add_image
+from backend.services.masks import add_mask_version
+from backend.services.offline_models import register_checkpoint
+from backend.services.projects import get_or_create_project
+from backend.services.versions import serving_version
+from backend.settings import Settings
+from backend.storage.blobs import LocalBlobStore
+from cli.main import cli
+from tests.support.frames import synthetic_frame
+from tests.support.models import save_tiny_checkpoint, tiny_spec
+
+CLASSES = ("Nerve", "Vessel")
+
+
+def _project(factory: SessionFactory, store: LocalBlobStore, *, val_images: int = 2) -> int:
+    """A project with ``val_images`` labelled validation frames (and one training frame)."""
+    with unit_of_work(factory) as session:
+        project = get_or_create_project(session, "offline", class_names=CLASSES)
+        for i in range(val_images + 1):
+            img, mask = synthetic_frame(i, (64, 64))
+            added = add_image(session, store, project, img, subject=f"s{i}", source=SourceInfo("import", ref=f"r{i}"))
+            added.image.split = "val" if i < val_images else "train"
+            add_mask_version(session, store, project, added.image, mask, source="import", author="import")
+        return project.id
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+def test_a_matching_checkpoint_is_scored_and_registered_as_a_candidate(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+) -> None:
+    pid = _project(factory, store)
+    path = tmp_path / "offline.safetensors"
+    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
+    done = register_checkpoint(factory, store, settings, pid, path)
+    with unit_of_work(factory) as session:
+        version = session.scalars(select(ModelVersion).where(ModelVersion.uid == done.uid)).one()
+        assert version.status == "candidate" and version.checkpoint_sha256 and store.exists(version.checkpoint_key)
+        assert version.metrics["n_val"] == 2 and "fg_mDice" in version.metrics and version.metrics["offline"]
+        assert version.gate_reason and version.gate_reason.startswith("registered offline; gate:")
+        assert serving_version(session, pid) is None  # registering never serves by itself
+    assert done.n_val == 2 and not done.promoted
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+def test_promote_if_better_goes_through_the_gate(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+) -> None:
+    pid = _project(factory, store)
+    path = tmp_path / "offline.safetensors"
+    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
+    strict = settings.replace(gate_min_dice=1.0)  # no untrained network segments perfectly
+    refused = register_checkpoint(factory, store, strict, pid, path, promote_if_better=True)
+    assert not refused.promoted and "below the floor" in refused.decision.reason
+    lenient = settings.replace(gate_min_dice=0.0)
+    accepted = register_checkpoint(factory, store, lenient, pid, path, promote_if_better=True)
+    assert accepted.promoted
+    with unit_of_work(factory) as session:
+        serving = serving_version(session, pid)
+        assert serving is not None and serving.uid == accepted.uid
+        change = session.scalars(select(ServingChange).where(ServingChange.model_version_id == serving.id)).one()
+        assert change.kind == "promote" and "gate (offline checkpoint)" in (change.reason or "")
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+def test_a_checkpoint_with_other_classes_or_damage_is_refused_and_stores_nothing(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+) -> None:
+    pid = _project(factory, store)
+    other = tmp_path / "other.safetensors"
+    save_tiny_checkpoint(
+        other, ("Vessel", "Nerve"), spec=tiny_spec(("Vessel", "Nerve"))
+    )  # the same names, another order: other class indices
+    with pytest.raises(InvalidInput, match="not the project's"):
+        register_checkpoint(factory, store, settings, pid, other)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(other.read_bytes()[:200])
+    with pytest.raises(CheckpointError):
+        register_checkpoint(factory, store, settings, pid, damaged)
+    with pytest.raises(NotFound):
+        register_checkpoint(factory, store, settings, pid, tmp_path / "missing.safetensors")
+    with unit_of_work(factory) as session:
+        assert session.scalars(select(ModelVersion)).all() == []
+    assert [p for p in settings.store_dir.rglob("*.safetensors")] == []  # nothing stored for a refused file
+
+
+def test_models_register_on_the_command_line(tmp_path: Path) -> None:
+    env = {"SONOSEG_DATA_DIR": str(tmp_path / "data")}
+    runner = CliRunner()
+    assert runner.invoke(cli, ["db", "upgrade"], env=env).exit_code == 0
+    settings = Settings.from_env(env)
+    from backend.runtime import Runtime
+
+    runtime = Runtime.from_settings(settings)
+    _project(runtime.factory, runtime.store, val_images=1)
+    path = tmp_path / "m.safetensors"
+    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
+    ok = runner.invoke(cli, ["models", "register", str(path), "--project", "offline", "--json"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert '"promoted": false' in ok.output and '"n_val": 1' in ok.output
+    wrong = tmp_path / "w.safetensors"
+    save_tiny_checkpoint(wrong, ("Nerve",), spec=tiny_spec(("Nerve",)))
+    bad = runner.invoke(cli, ["models", "register", str(wrong), "--project", "offline"], env=env)
+    assert bad.exit_code != 0 and "not the project's" in bad.output
+    with unit_of_work(runtime.factory) as session:
+        assert len(session.scalars(select(ModelVersion)).all()) == 1
+        assert session.scalars(select(Project.name)).all() == ["offline"]
+        assert len(session.scalars(select(Image.id)).all()) == 2
+    runtime.close()
