@@ -51,8 +51,10 @@ def run_migrations_online() -> None:
         from backend.settings import Settings
 
         url = Settings.from_env().database_url
+    from backend.db.migrate import migration_connection
+
     engine = make_engine(url)
-    with engine.connect() as conn:
+    with migration_connection(engine) as conn:
         _run(conn)
     engine.dispose()
 

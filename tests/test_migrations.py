@@ -182,3 +182,43 @@ def test_0004_keeps_every_row_both_ways(empty_url: str) -> None:
             assert "test_frozen" not in {c["name"] for c in inspect(conn).get_columns("project")}
     finally:
         engine.dispose()
+
+
+def test_upgrading_a_database_with_images_from_0001_keeps_every_row(empty_url: str) -> None:
+    """0002 adds columns to ``project`` in batch mode (SQLite recreates the table): with foreign keys
+    on, dropping the old ``project`` cascaded to every image. Migrations run with them off."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as conn:
+            project_cols = {c["name"] for c in inspect(conn).get_columns("project")}
+            image_cols = {c["name"]: c for c in inspect(conn).get_columns("image")}
+            values = {"id": 1, "name": "'p'", "class_names": "'[\"Nerve\"]'", "created_at": "CURRENT_TIMESTAMP"}
+            values |= {"retrain_pending": "false"} if "retrain_pending" in project_cols else {}
+            conn.execute(
+                text(f"INSERT INTO project ({', '.join(values)}) VALUES ({', '.join(map(str, values.values()))})")
+            )
+            row = {
+                "id": 1,
+                "project_id": 1,
+                "sha256": "'x'",
+                "blob_key": "'k'",
+                "width": 2,
+                "height": 2,
+                "subject": "'subj-1'",
+                "split": "'train'",
+                "source_format": "'png'",
+                "frame_index": 0,
+                "acquisition": "'{}'",
+                "created_at": "CURRENT_TIMESTAMP",
+            }
+            row = {k: v for k, v in row.items() if k in image_cols}
+            conn.execute(text(f"INSERT INTO image ({', '.join(row)}) VALUES ({', '.join(map(str, row.values()))})"))
+        upgrade(engine, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
+            assert conn.execute(text("SELECT count(*) FROM project")).scalar() == 1
+    finally:
+        engine.dispose()
