@@ -256,7 +256,7 @@ def test_cli_policy_inline_training_and_evaluation(
     }
     runner = CliRunner()
     policy = runner.invoke(
-        cli, ["retrain-policy", "--project", "nerves", "--after", "3", "--max-minutes", "0.04", "--no-auto"], env=env
+        cli, ["retrain-policy", "--project", "nerves", "--after", "3", "--max-minutes", "0.1", "--no-auto"], env=env
     )
     assert policy.exit_code == 0, policy.output
     assert "auto=False retrain_after=3" in policy.output and "changed_training_labels=5" in policy.output
@@ -270,7 +270,7 @@ def test_cli_policy_inline_training_and_evaluation(
     with factory() as s:
         project = s.get_one(Project, pid)
         version = serving_version(s, pid)
-        assert (project.retrain_after, project.train_max_minutes, project.auto_retrain) == (3, 0.04, False)
+        assert (project.retrain_after, project.train_max_minutes, project.auto_retrain) == (3, 0.1, False)
         assert version is not None and report["version"] == version.uid
         assert report["fg_mDice"] == pytest.approx(version.metrics["fg_mDice"])  # same labels, same model
     none_on_test = runner.invoke(cli, ["evaluate", "--project", "nerves", "--split", "test"], env=env)

@@ -549,7 +549,7 @@ def _one_connection(factory: SessionFactory) -> Iterator[SessionFactory]:
 
 # -- reading ahead, and the blobs written ahead ----------------------------------------------------------
 
-READ_AHEAD_MIN_FILES = 16  # below this, starting the reader process costs more than it saves
+READ_AHEAD_MIN_FILES = 64  # below this, starting the reader process (a fresh interpreter) costs more than it saves
 READ_AHEAD = 2  # files queued for the reader: it and the importer take turns being the slower one
 
 
