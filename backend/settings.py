@@ -37,6 +37,10 @@ class Settings:
     database_url: str = ""  # "" -> sqlite:///<data_dir>/sonoseg.db
     broker_url: str = ""  # "" -> kombu SQLAlchemy transport on <data_dir>/broker.sqlite
     result_backend: str = ""  # "" -> SQLAlchemy result backend on <data_dir>/results.sqlite
+    # Prefix of every Redis key the broker and the result backend write ("" = none): two sonoseg
+    # installations (staging and production, or concurrent test runs) can share one Redis without
+    # one's workers taking the other's tasks. Ignored by the embedded broker (a file per data dir).
+    broker_namespace: str = ""
     host: str = "127.0.0.1"
     port: int = 9090
     log_level: str = "INFO"
@@ -144,6 +148,7 @@ class Settings:
             "SONOSEG_DATABASE_URL": ("database_url", str),
             "SONOSEG_BROKER_URL": ("broker_url", str),
             "SONOSEG_RESULT_BACKEND": ("result_backend", str),
+            "SONOSEG_BROKER_NAMESPACE": ("broker_namespace", str),
             "SONOSEG_HOST": ("host", str),
             "SONOSEG_LOG_LEVEL": ("log_level", str),
             "LABEL_STUDIO_URL": ("label_studio_url", lambda s: s.rstrip("/")),
@@ -205,6 +210,7 @@ class Settings:
             "database_url": "SONOSEG_DATABASE_URL",
             "broker_url": "SONOSEG_BROKER_URL",
             "result_backend": "SONOSEG_RESULT_BACKEND",
+            "broker_namespace": "SONOSEG_BROKER_NAMESPACE",
             "host": "SONOSEG_HOST",
             "port": "SONOSEG_PORT",
             "log_level": "SONOSEG_LOG_LEVEL",

@@ -61,6 +61,7 @@ def any_settings(draw: st.DrawFn) -> Settings:
         database_url=draw(_text),  # "" -> derived from data_dir
         broker_url=draw(_text),
         result_backend=draw(_text),
+        broker_namespace=draw(_text),
         host=draw(_word),
         port=draw(st.integers(1, 65535)),
         log_level=draw(_word),
@@ -113,6 +114,7 @@ def test_to_env_writes_every_field_as_its_own_variable(tmp_path: Path) -> None:
         basic_auth_user="u",
         basic_auth_password="p",
         webhook_secret="s",
+        broker_namespace="staging",
     )
     env = full.to_env()
     assert len(env) == len(dataclasses.fields(Settings))  # nothing left out, no two fields share a variable

@@ -49,6 +49,54 @@ def test_redis_never_redelivers_a_run_that_is_still_within_its_budget(tmp_path: 
     assert conf.worker_enable_remote_control and conf.worker_send_task_events  # Flower / celery events work
 
 
+def test_a_broker_namespace_prefixes_every_redis_key(tmp_path: Path) -> None:
+    plain = make_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0")).conf
+    assert "global_keyprefix" not in plain.broker_transport_options
+    conf = make_celery(
+        Settings(
+            data_dir=tmp_path,
+            broker_url="redis://127.0.0.1:6379/0",
+            result_backend="redis://127.0.0.1:6379/1",
+            broker_namespace="staging",
+        )
+    ).conf
+    assert conf.broker_transport_options["global_keyprefix"] == "staging:"
+    assert conf.result_backend_transport_options["global_keyprefix"] == "staging:"
+
+
+@pytest.mark.redis
+def test_two_namespaces_on_one_redis_never_see_each_others_messages(tmp_path: Path) -> None:
+    """What the namespace is for: a worker of one installation cannot take the other's task."""
+    import uuid
+
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    if not REDIS_URL:
+        pytest.skip("SONOSEG_TEST_REDIS_URL is needed")
+    names = [f"sonoseg-test-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    apps = [
+        make_celery(Settings(data_dir=tmp_path / n, broker_url=REDIS_URL, result_backend=REDIS_URL, broker_namespace=n))
+        for n in names
+    ]
+    try:
+        apps[0].send_task(TASK_DISPATCH, queue="housekeeping")
+        with apps[1].connection_for_read() as conn:
+            other = conn.default_channel.basic_get("housekeeping", no_ack=True)
+        with apps[0].connection_for_read() as conn:
+            mine = conn.default_channel.basic_get("housekeeping", no_ack=True)
+        assert other is None
+        assert mine is not None and mine.headers["task"] == TASK_DISPATCH
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for n in names:
+            keys = list(client.scan_iter(match=f"{n}:*"))
+            if keys:
+                client.delete(*keys)
+        client.close()
+
+
 def test_every_task_has_a_stable_name_and_a_route(tmp_path: Path) -> None:
     app = make_celery(Settings(data_dir=tmp_path))
     app.loader.import_default_modules()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Backend:
     database_url: str
     broker_url: str = ""
     result_backend: str = ""
+    namespace: str = ""
 
 
 @pytest.fixture(
@@ -61,13 +63,25 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return Backend("sqlite", f"sqlite:///{tmp_path / 'data' / 'sonoseg.db'}")
     if not (POSTGRES_URL and REDIS_URL):
         pytest.skip("SONOSEG_TEST_POSTGRES_URL and SONOSEG_TEST_REDIS_URL are needed")
+
+    # A namespace of this test's own: a worker left running by an earlier (killed) test run, or
+    # another run sharing this Redis, must not take this test's messages (it did, in CI).
+    namespace = f"sonoseg-test-{uuid.uuid4().hex[:12]}"
+    request.addfinalizer(lambda: _drop_namespace(namespace))
+    url: str = request.getfixturevalue("pg_scratch")()
+    return Backend("postgres", url, REDIS_URL, REDIS_URL, namespace)
+
+
+def _drop_namespace(namespace: str) -> None:
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    client.delete("train", "predict", "housekeeping")  # wake-ups left by an earlier session, nothing else
-    client.close()
-    url: str = request.getfixturevalue("pg_scratch")()
-    return Backend("postgres", url, REDIS_URL, REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def make_settings(backend: Backend, tmp_path: Path, **changes: Any) -> Settings:
@@ -76,6 +90,7 @@ def make_settings(backend: Backend, tmp_path: Path, **changes: Any) -> Settings:
         database_url=backend.database_url,
         broker_url=backend.broker_url,
         result_backend=backend.result_backend,
+        broker_namespace=backend.namespace,
         local_files_root=tmp_path / "files",
         model_preset=WORKER_PRESET,
         device="cpu",
@@ -300,6 +315,7 @@ def test_kill_9_mid_training_retries_the_run_while_the_previous_model_keeps_serv
         "SONOSEG_DATABASE_URL": settings.database_url,
         "SONOSEG_BROKER_URL": settings.broker_url,
         "SONOSEG_RESULT_BACKEND": settings.result_backend,
+        "SONOSEG_BROKER_NAMESPACE": settings.broker_namespace,
     }
     queued = CliRunner().invoke(cli, ["train", "--project", "nerves"], env=env)
     assert queued.exit_code == 0 and "queued" in queued.output, queued.output

@@ -49,6 +49,18 @@ def visibility_timeout_seconds(settings: Settings) -> int:
     return int(max(3600.0, 2 * settings.train_max_minutes * 60 + 600))
 
 
+def transport_options(settings: Settings) -> dict[str, object]:
+    """Redis transport options: the redelivery delay and the key namespace of this installation.
+
+    ``global_keyprefix`` (kombu and Celery's Redis backend) prefixes every key, queues, unacked
+    sets and results alike, so installations sharing one Redis never see each other's messages.
+    """
+    options: dict[str, object] = {"visibility_timeout": visibility_timeout_seconds(settings)}
+    if settings.broker_namespace:
+        options["global_keyprefix"] = f"{settings.broker_namespace}:"
+    return options
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     """A new Celery app for ``settings`` (default: from the environment), tasks registered."""
     from workers import signals  # noqa: F401  (connects worker_process_init)
@@ -82,9 +94,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
     }
     if not embedded:
         # Redis/SQS-style transports: redeliver only after the longest run (see the docstring).
-        conf["broker_transport_options"] = {"visibility_timeout": visibility_timeout_seconds(settings)}
+        conf["broker_transport_options"] = transport_options(settings)
         if settings.result_backend.startswith(("redis://", "rediss://")):
-            conf["result_backend_transport_options"] = {"visibility_timeout": visibility_timeout_seconds(settings)}
+            conf["result_backend_transport_options"] = transport_options(settings)
     app.conf.update(conf)
     app.sonoseg_runtime = Runtime.from_settings(settings)
     return app

@@ -177,7 +177,20 @@ WORKER_PRESET = "test_tiny"
 # `sonoseg` with one more network preset, tests.support.models.tiny_spec(classes, **WORKER_TINY), so a
 # worker trains in seconds on a CPU. The spec's fields are written out (not imported from tests/),
 # so the boot code runs from any working directory.
-WORKER_BOOT = textwrap.dedent(f"""
+# The worker runs in a process group of its own (the tests signal it as a whole), so it would
+# outlive a test run that is killed before its teardown, keep polling the broker and take the
+# messages of later runs (it did, in CI, on a shared Redis). The guard thread kills the group,
+# beat included, as soon as the test process that started it is gone.
+ORPHAN_GUARD = textwrap.dedent("""
+    import os, signal, threading, time
+    def _guard(parent=os.getppid()):
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+    threading.Thread(target=_guard, name="orphan-guard", daemon=True).start()
+""")
+
+WORKER_BOOT = ORPHAN_GUARD + textwrap.dedent(f"""
     from backend.model.spec import PRESETS, ModelSpec
     PRESETS[{WORKER_PRESET!r}] = lambda classes: ModelSpec(classes=tuple(classes), **{ {**TINY, **WORKER_TINY}!r})
     from cli.main import main
