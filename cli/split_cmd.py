@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -11,10 +13,29 @@ from backend.errors import SonosegError
 from cli.context import CliContext, fail, pass_ctx
 from cli.import_cmd import SPLITS, os_user
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from backend.db.models import Project
+
+T = TypeVar("T")
+
 
 @click.group("split")
 def split() -> None:
     """Train / val / test: freeze the test split, move a subject, list who changed what."""
+
+
+def _read(c: CliContext, project_name: str, read: Callable[[Session, Project], T]) -> T:
+    """``read(session, project)`` in one unit of work; a :class:`SonosegError` becomes the CLI's error."""
+    from backend.db.session import unit_of_work
+    from backend.services.projects import get_project
+
+    try:
+        with unit_of_work(c.factory) as session:
+            return read(session, get_project(session, project_name))
+    except SonosegError as exc:
+        raise fail(exc) from exc
 
 
 @split.command("show")
@@ -23,15 +44,9 @@ def split() -> None:
 @pass_ctx
 def split_show(c: CliContext, project_name: str, as_json: bool) -> None:
     """Images and subjects per split, and whether the test split is frozen."""
-    from backend.db.session import unit_of_work
-    from backend.services.projects import get_project
     from backend.services.splits import split_summary
 
-    try:
-        with unit_of_work(c.factory) as session:
-            summary = split_summary(session, get_project(session, project_name))
-    except SonosegError as exc:
-        raise fail(exc) from exc
+    summary = _read(c, project_name, split_summary)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary)))
         return
@@ -128,15 +143,9 @@ def split_move(
 @pass_ctx
 def split_log_cmd(c: CliContext, project_name: str, as_json: bool) -> None:
     """Every split decision in the project: moves and freezes, with who, when and why."""
-    from backend.db.session import unit_of_work
-    from backend.services.projects import get_project
     from backend.services.splits import split_log
 
-    try:
-        with unit_of_work(c.factory) as session:
-            records = split_log(session, get_project(session, project_name))
-    except SonosegError as exc:
-        raise fail(exc) from exc
+    records = _read(c, project_name, split_log)
     if not records and not as_json:
         click.echo("no split changes recorded")
     for r in records:

@@ -48,7 +48,6 @@ from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import InvalidInput, NotFound, SonosegError
 from backend.services import review as review_service
 from backend.services import stats as stats_service
-from backend.services.masks import LABEL_SOURCES
 from backend.services.versions import serving_stack
 from backend.storage.atomic import write_atomic
 from backend.storage.blobs import BlobStore
@@ -90,25 +89,10 @@ class SplitRow:
         return self.images - self.labelled
 
 
-@dataclass(frozen=True)
-class RunBrief:
-    id: int
-    status: str
-    trigger: str
-    phase: str | None
-    created_at: dt.datetime
-    finished_at: dt.datetime | None
+class _SplitTotals:
+    """Totals over ``splits`` for a page that shows a project's images per split."""
 
-
-@dataclass(frozen=True)
-class ProjectSummary:
-    project: ProjectRef
-    splits: tuple[SplitRow, ...]  # every split, in SPLIT_VALUES order
-    serving_uid: str | None
-    versions: int
-    last_run: RunBrief | None
-    retrain_pending: bool
-    auto_retrain: bool
+    splits: tuple[SplitRow, ...]
 
     @property
     def images(self) -> int:
@@ -121,6 +105,27 @@ class ProjectSummary:
     @property
     def unlabelled(self) -> int:
         return self.images - self.labelled
+
+
+@dataclass(frozen=True)
+class RunBrief:
+    id: int
+    status: str
+    trigger: str
+    phase: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ProjectSummary(_SplitTotals):
+    project: ProjectRef
+    splits: tuple[SplitRow, ...]  # every split, in SPLIT_VALUES order
+    serving_uid: str | None
+    versions: int
+    last_run: RunBrief | None
+    retrain_pending: bool
+    auto_retrain: bool
 
 
 def label_studio_link(label_studio_url: str, ls_project_id: int | None) -> str | None:
@@ -690,32 +695,18 @@ class ClassStats:
 
 
 @dataclass(frozen=True)
-class NamedCount:
-    name: str
-    count: int
-
-
-@dataclass(frozen=True)
-class DatasetPage:
+class DatasetPage(_SplitTotals):
     project: ProjectRef
     splits: tuple[SplitRow, ...]
     subjects: int
-    annotators: tuple[NamedCount, ...]
-    versions_by_source: tuple[NamedCount, ...]
-    current_by_source: tuple[NamedCount, ...]
+    annotators: tuple[stats_service.Count, ...]
+    versions_by_source: tuple[stats_service.Count, ...]
+    current_by_source: tuple[stats_service.Count, ...]
     several_label_versions: int
     conflicting_duplicates: int
     digest: str  # of the current labels (image id, mask key) and the class names
     class_stats: ClassStats | None  # the newest computed, possibly of older labels
     connectivity: int = stats_service.CONNECTIVITY
-
-    @property
-    def images(self) -> int:
-        return sum(s.images for s in self.splits)
-
-    @property
-    def labelled(self) -> int:
-        return sum(s.labelled for s in self.splits)
 
     @property
     def class_stats_current(self) -> bool:
@@ -776,7 +767,7 @@ def dataset_page(session: Session, cache: PageCache, project: ProjectRef) -> Dat
     author = func.coalesce(MaskVersion.author, stats_service.UNKNOWN_AUTHOR)
     annotators = sorted(
         (
-            NamedCount(str(a), int(n))
+            stats_service.Count(str(a), int(n))
             for a, n in session.execute(
                 select(author, func.count(MaskVersion.id))
                 .join(Image, Image.id == MaskVersion.image_id)
@@ -786,23 +777,8 @@ def dataset_page(session: Session, cache: PageCache, project: ProjectRef) -> Dat
         ),
         key=lambda c: (-c.count, c.name),
     )
-    several = (
-        select(MaskVersion.image_id)
-        .join(Image, Image.id == MaskVersion.image_id)
-        .where(in_project, MaskVersion.source.in_(LABEL_SOURCES))
-        .group_by(MaskVersion.image_id)
-        .having(func.count(MaskVersion.id) > 1)
-        .subquery()
-    )
-    n_several = session.scalar(select(func.count()).select_from(several)) or 0
-    conflicts = session.scalar(
-        select(func.count(func.distinct(LabelIssue.image_id))).where(
-            LabelIssue.project_id == pid,
-            LabelIssue.kind == "conflicting_duplicate",
-            LabelIssue.status == "open",
-            LabelIssue.image_id.is_not(None),
-        )
-    )
+    n_several = stats_service.images_with_several_label_versions(session, pid)
+    conflicts = stats_service.conflicting_duplicates(session, pid)
     digest = labels_digest(session, project)
     cached = cache.get(STATS_KIND, pid, digest)
     latest = (digest, cached) if cached is not None else cache.latest(STATS_KIND, pid)
@@ -817,10 +793,10 @@ def dataset_page(session: Session, cache: PageCache, project: ProjectRef) -> Dat
         splits=_split_rows(per_split),
         subjects=int(subjects),
         annotators=tuple(annotators),
-        versions_by_source=tuple(NamedCount(s, by_source.get(s, (0, 0))[0]) for s in MASK_SOURCE_VALUES),
-        current_by_source=tuple(NamedCount(s, by_source.get(s, (0, 0))[1]) for s in MASK_SOURCE_VALUES),
-        several_label_versions=int(n_several),
-        conflicting_duplicates=int(conflicts or 0),
+        versions_by_source=tuple(stats_service.Count(s, by_source.get(s, (0, 0))[0]) for s in MASK_SOURCE_VALUES),
+        current_by_source=tuple(stats_service.Count(s, by_source.get(s, (0, 0))[1]) for s in MASK_SOURCE_VALUES),
+        several_label_versions=n_several,
+        conflicting_duplicates=conflicts,
         digest=digest,
         class_stats=class_stats,
     )
@@ -867,19 +843,12 @@ class ReviewRow:
 
 
 @dataclass(frozen=True)
-class KindRow:
-    kind: str
-    candidates: int
-    listed: int
-
-
-@dataclass(frozen=True)
 class ReviewQueue:
     digest: str
     computed_at: dt.datetime
     model_uid: str | None
     items: tuple[ReviewRow, ...]
-    counts: tuple[KindRow, ...]
+    counts: tuple[review_service.KindCount, ...]
     notes: tuple[str, ...]
     size_rule: str
 
@@ -904,7 +873,7 @@ class ReviewQueue:
             dt.datetime.fromisoformat(raw["computed_at"]),
             raw["model_uid"],
             tuple(ReviewRow(**{**i, "captions": tuple(i["captions"])}) for i in raw["items"]),
-            tuple(KindRow(**c) for c in raw["counts"]),
+            tuple(review_service.KindCount(**c) for c in raw["counts"]),
             tuple(str(n) for n in raw["notes"]),
             str(raw["size_rule"]),
         )
@@ -1062,7 +1031,7 @@ def compute_review(
         utcnow(),
         report.model_uid,
         items,
-        tuple(KindRow(c.kind, c.candidates, c.listed) for c in report.counts),
+        report.counts,
         notes,
         report.size_rule,
     )

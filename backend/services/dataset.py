@@ -1,4 +1,4 @@
-"""Curators' dataset operations: import files from disk, export the labelled dataset.
+"""Curators' dataset operations: import files from disk (exports: :mod:`backend.services.formats`).
 
 Import reads every supported format through backend.imaging (each DICOM cine frame or volume
 slice becomes one image), deduplicates by pixel hash, assigns the split by subject, and stores an
@@ -970,64 +970,6 @@ def _latest_import_labels(session: Session, image_id: int, *, exclude_source: in
     return list(latest.values())
 
 
-def export_dataset(
-    session: Session,
-    store: BlobStore,
-    project: Project,
-    out_dir: Path,
-    *,
-    splits: tuple[str, ...] = ("train", "val", "test"),
-) -> int:
-    """Write ``images/``, ``masks/`` (current label masks, class-index PNGs) and ``manifest.csv``.
-
-    Only images with a current label are exported. File names are image ids; the manifest maps
-    them to subject pseudonyms, splits and mask versions. Returns the number of pairs written.
-    """
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    rows = session.execute(
-        select(Image, MaskVersion)
-        .join(MaskVersion, (MaskVersion.image_id == Image.id) & MaskVersion.is_current)
-        .where(Image.project_id == project.id, Image.split.in_(splits))
-        .order_by(Image.id)
-    ).all()
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            [
-                "file",
-                "image_id",
-                "image_sha256",
-                "subject",
-                "split",
-                "width",
-                "height",
-                "mask_version",
-                "mask_source",
-                "classes",
-            ]
-        )
-        for image, mv in rows:
-            name = f"{image.id:06d}.png"
-            (out_dir / "images" / name).write_bytes(store.get_bytes(image.blob_key))
-            (out_dir / "masks" / name).write_bytes(store.get_bytes(mv.blob_key))
-            writer.writerow(
-                [
-                    name,
-                    image.id,
-                    image.sha256,
-                    image.subject,
-                    image.split,
-                    image.width,
-                    image.height,
-                    mv.version,
-                    mv.source,
-                    "|".join(project.class_names),
-                ]
-            )
-    return len(rows)
-
-
 __all__ = [
     "CsvEntry",
     "ImportItem",
@@ -1036,7 +978,6 @@ __all__ = [
     "ImportReport",
     "MaskIndex",
     "SubjectRule",
-    "export_dataset",
     "import_files",
     "import_items",
     "import_nnunet",

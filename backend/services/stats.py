@@ -181,22 +181,7 @@ def count_dataset(session: Session, project: Project) -> DatasetCounts:
             .group_by(MaskVersion.source)
         ).all()
     )
-    several = (
-        select(MaskVersion.image_id)
-        .join(Image, MaskVersion.image_id == Image.id)
-        .where(in_project, MaskVersion.source.in_(LABEL_SOURCES))
-        .group_by(MaskVersion.image_id)
-        .having(func.count(MaskVersion.id) > 1)
-        .subquery()
-    )
-    conflicts = session.scalar(
-        select(func.count(func.distinct(LabelIssue.image_id))).where(
-            LabelIssue.project_id == pid,
-            LabelIssue.kind == "conflicting_duplicate",
-            LabelIssue.status == "open",
-            LabelIssue.image_id.is_not(None),
-        )
-    )
+    conflicts = conflicting_duplicates(session, pid)
     labels = session.execute(
         select(MaskVersion.image_id, MaskVersion.blob_key)
         .join(Image, MaskVersion.image_id == Image.id)
@@ -214,11 +199,37 @@ def count_dataset(session: Session, project: Project) -> DatasetCounts:
             sorted((Count(a or UNKNOWN_AUTHOR, int(n)) for a, n in annotators), key=lambda c: (-c.count, c.name)),
         ),
         versions_by_source=tuple(Count(s, int(all_versions.get(s, 0))) for s in MASK_SOURCE_VALUES),
-        images_with_several_label_versions=int(session.scalar(select(func.count()).select_from(several)) or 0),
+        images_with_several_label_versions=images_with_several_label_versions(session, pid),
         current_by_source=tuple(Count(s, int(current_versions.get(s, 0))) for s in MASK_SOURCE_VALUES),
-        conflicting_duplicates=int(conflicts or 0),
+        conflicting_duplicates=conflicts,
         labels=tuple(LabelRef(int(i), str(k)) for i, k in labels),
     )
+
+
+def images_with_several_label_versions(session: Session, project_id: int) -> int:
+    """Images with more than one label (annotation/import) version, active or not: one statement."""
+    several = (
+        select(MaskVersion.image_id)
+        .join(Image, MaskVersion.image_id == Image.id)
+        .where(Image.project_id == project_id, MaskVersion.source.in_(LABEL_SOURCES))
+        .group_by(MaskVersion.image_id)
+        .having(func.count(MaskVersion.id) > 1)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(several)) or 0)
+
+
+def conflicting_duplicates(session: Session, project_id: int) -> int:
+    """Images with an open ``conflicting_duplicate`` label issue: one statement."""
+    n = session.scalar(
+        select(func.count(func.distinct(LabelIssue.image_id))).where(
+            LabelIssue.project_id == project_id,
+            LabelIssue.kind == "conflicting_duplicate",
+            LabelIssue.status == "open",
+            LabelIssue.image_id.is_not(None),
+        )
+    )
+    return int(n or 0)
 
 
 class ClassAccumulator:

@@ -10,10 +10,12 @@ ML-backend routes guards every route and asset; the POSTs also need the CSRF tok
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, redirect, render_template, request, url_for
 from markupsafe import Markup
@@ -43,6 +45,7 @@ CSP = (
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 _init_lock = threading.Lock()
+T = TypeVar("T")
 
 
 @dataclass
@@ -160,6 +163,14 @@ def _project(state: AppState, session: Session, project_id: int) -> ProjectRef:
     return dashboard.project_ref(session, project_id, label_studio_url=state.settings.label_studio_url)
 
 
+def _project_page(project_id: int, read: Callable[[Session, ProjectRef], T]) -> tuple[ProjectRef, T]:
+    """The project's header and ``read(session, project)``, in one unit of work."""
+    state = state_of()
+    with unit_of_work(state.factory) as session:
+        project = _project(state, session, project_id)
+        return project, read(session, project)
+
+
 # -- pages ----------------------------------------------------------------------------------------
 @bp.get("")
 def root() -> WerkzeugResponse:
@@ -189,24 +200,22 @@ def _timeline_charts(timeline: dashboard.Timeline) -> tuple[Markup, Markup | Non
         )
         return charts.Point(v.uid, x, v.gate_score, label, v.serving, v.status, tuple(by_name.get(c) for c in classes))
 
-    over_time = charts.scatter(
+    # both charts: the gate metric over the versions, one extra series per class
+    scatter = functools.partial(charts.scatter, y_label=timeline.gate_metric, series_names=classes)
+    over_time = scatter(
         [point(v, v.created_at.timestamp()) for v in timeline.versions],
         title=f"{timeline.gate_metric} on the validation images, by version (x: when it was trained)",
         x_label="created (UTC)",
-        y_label=timeline.gate_metric,
         time_axis=True,
-        series_names=classes,
         css_id="chart-time",
     )
     with_n = [v for v in timeline.versions if v.n_train is not None]
     over_n = (
-        charts.scatter(
+        scatter(
             [point(v, float(v.n_train or 0)) for v in with_n],
             title=f"{timeline.gate_metric} by the number of labelled training images",
             x_label="labelled training images (metrics.n_train)",
-            y_label=timeline.gate_metric,
             time_axis=False,
-            series_names=classes,
             css_id="chart-ntrain",
         )
         if with_n
@@ -218,9 +227,9 @@ def _timeline_charts(timeline: dashboard.Timeline) -> tuple[Markup, Markup | Non
 @bp.get("/projects/<int:project_id>/models")
 def models(project_id: int) -> str:
     state = state_of()
-    with unit_of_work(state.factory) as session:
-        project = _project(state, session, project_id)
-        timeline = dashboard.model_timeline(session, project, gate_metric=state.settings.gate_metric)
+    project, timeline = _project_page(
+        project_id, functools.partial(dashboard.model_timeline, gate_metric=state.settings.gate_metric)
+    )
     over_time, over_n = _timeline_charts(timeline)
     done, uid = request.args.get("done"), request.args.get("uid")
     notice = None
@@ -287,10 +296,7 @@ def rollback(project_id: int) -> WerkzeugResponse:
 
 @bp.get("/projects/<int:project_id>/effort")
 def effort(project_id: int) -> str:
-    state = state_of()
-    with unit_of_work(state.factory) as session:
-        project = _project(state, session, project_id)
-        data = dashboard.correction_effort(session, project)
+    project, data = _project_page(project_id, dashboard.correction_effort)
     accepted_from = round(data.accepted_dice * data.bins)
     histograms = [
         charts.histogram(
@@ -309,18 +315,13 @@ def effort(project_id: int) -> str:
 
 @bp.get("/projects/<int:project_id>/runs")
 def runs(project_id: int) -> str:
-    state = state_of()
-    with unit_of_work(state.factory) as session:
-        project = _project(state, session, project_id)
-        data = dashboard.training_runs(session, project)
+    project, data = _project_page(project_id, dashboard.training_runs)
     return render_template("ui/runs.html", page="runs", project=project, runs=data)
 
 
 @bp.get("/projects/<int:project_id>/runs.json")
 def runs_json(project_id: int) -> Response:
-    state = state_of()
-    with unit_of_work(state.factory) as session:
-        data = dashboard.training_runs(session, _project(state, session, project_id))
+    _header, data = _project_page(project_id, dashboard.training_runs)
     return jsonify(data.to_json())
 
 
