@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
@@ -100,3 +101,35 @@ class Runtime:
         with self._lock:
             if self._engine is not None:
                 self._engine.dispose()
+
+
+class RuntimeParts:
+    """Shortcuts to a process's runtime parts, for the objects the edges pass around.
+
+    :class:`~backend.api.state.AppState` (per app) and ``cli.context.CliContext`` (per
+    command) each hold a :class:`Runtime`, as a field or built on first use; this mixin gives
+    both ``x.factory``, ``x.store``, ``x.mirror`` and ``x.engine`` with one definition.
+    """
+
+    if TYPE_CHECKING:  # a dataclass field in one subclass, a cached_property in the other
+
+        @property
+        def runtime(self) -> Runtime: ...
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, on any revision (``sonoseg db`` commands)."""
+        return self.runtime.engine
+
+    @property
+    def factory(self) -> SessionFactory:
+        """Session factory on a database at the head revision (else a clear error)."""
+        return self.runtime.factory
+
+    @property
+    def store(self) -> LocalBlobStore:
+        return self.runtime.store
+
+    @property
+    def mirror(self) -> LabelStudioMirror:
+        return self.runtime.mirror

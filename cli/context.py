@@ -11,36 +11,22 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import click
-from sqlalchemy import Engine
 
-from backend.db.session import SessionFactory
 from backend.errors import SonosegError
-from backend.runtime import Runtime
+from backend.runtime import Runtime, RuntimeParts
 from backend.settings import Settings
-from backend.storage.blobs import LocalBlobStore
 
 
 @dataclass
-class CliContext:
+class CliContext(RuntimeParts):
+    """The settings of this invocation and its runtime; ``c.factory``, ``c.store``, ``c.engine``
+    and ``c.mirror`` are the runtime's (:class:`~backend.runtime.RuntimeParts`)."""
+
     settings: Settings = field(default_factory=Settings.from_env)
 
     @cached_property
     def runtime(self) -> Runtime:
         return Runtime.from_settings(self.settings)
-
-    @property
-    def engine(self) -> Engine:
-        """The engine, on any revision (``sonoseg db`` commands)."""
-        return self.runtime.engine
-
-    @property
-    def factory(self) -> SessionFactory:
-        """Session factory on a database at the head revision (else a clear error)."""
-        return self.runtime.factory
-
-    @property
-    def store(self) -> LocalBlobStore:
-        return self.runtime.store
 
 
 pass_ctx = click.make_pass_decorator(CliContext, ensure=True)

@@ -8,21 +8,19 @@ from flask import Flask, current_app
 
 from backend.api.events import EventDrainer
 from backend.api.metrics import Metrics
-from backend.db.session import SessionFactory
 from backend.errors import NotReady
-from backend.runtime import Runtime
+from backend.runtime import Runtime, RuntimeParts
 from backend.services.serving import ModelHolder
-from backend.services.sync import LabelStudioMirror
 from backend.settings import Settings
-from backend.storage.blobs import LocalBlobStore
 
 EXTENSION_KEY = "sonoseg"
 
 
 @dataclass
-class AppState:
+class AppState(RuntimeParts):
     """The process's :class:`~backend.runtime.Runtime` plus what only the HTTP side has: the
-    serving models, the metrics and the background webhook-event drain."""
+    serving models, the metrics and the background webhook-event drain. ``factory``, ``store``
+    and ``mirror`` are the runtime's (:class:`~backend.runtime.RuntimeParts`)."""
 
     runtime: Runtime
     holder: ModelHolder
@@ -31,22 +29,9 @@ class AppState:
     background: bool = False
     _closed: bool = field(default=False, repr=False)
 
-    # Shortcuts the views read on every request.
     @property
     def settings(self) -> Settings:
         return self.runtime.settings
-
-    @property
-    def factory(self) -> SessionFactory:
-        return self.runtime.factory
-
-    @property
-    def store(self) -> LocalBlobStore:
-        return self.runtime.store
-
-    @property
-    def mirror(self) -> LabelStudioMirror:
-        return self.runtime.mirror
 
     def nudge_events(self) -> None:
         if self.background:
