@@ -26,35 +26,28 @@ from backend.db.models import Image, MaskVersion, Project, SplitChange
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import Conflict, InvalidInput
 from backend.imaging.io import encode_png
-from backend.services.dataset import (
-    ImportProgress,
-    SubjectRule,
-    import_files,
-    match_splits_csv,
-    parse_splits_csv,
-)
+from backend.services.dataset import ImportProgress, SubjectRule, match_splits_csv, parse_splits_csv
 from backend.services.masks import read_mask
 from backend.services.splits import SplitFractions, assign_split, freeze_test, move_subject, split_log
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from cli.main import cli
+from tests.support.datasets import Importer, write_png
 from tests.support.frames import synthetic_frame
 
-CLASSES = ("Nerve", "Vessel")
 
-
-def _write(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(array))
-    return path
+@pytest.fixture
+def importer(factory: SessionFactory, store: LocalBlobStore, settings: Settings) -> Importer:
+    """``import_files`` into this test's database and store (project ``p``, Nerve and Vessel)."""
+    return Importer(factory, store, settings)
 
 
 def _frames(tmp_path: Path, folder: str, n: int, seed: int, *, masks: bool = False) -> Path:
     for i in range(n):
         img, mask = synthetic_frame(seed + i, size=(32, 40))
-        _write(tmp_path / folder / "images" / f"{i:03d}.png", img)
+        write_png(tmp_path / folder / "images" / f"{i:03d}.png", img)
         if masks:
-            _write(tmp_path / folder / "masks" / f"{i:03d}.png", mask)
+            write_png(tmp_path / folder / "masks" / f"{i:03d}.png", mask)
     return tmp_path / folder
 
 
@@ -86,20 +79,10 @@ def test_frozen_assignment_renormalises_fractions() -> None:
 
 
 def test_split_test_freezes_and_automatic_assignment_never_adds_to_test(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, importer: Importer
 ) -> None:
     held_out = _frames(tmp_path, "test", 5, seed=100, masks=True)
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[held_out / "images"],
-        mask_dir=held_out / "masks",
-        split="test",
-        author="curator-a",
-    )
+    report = importer([held_out / "images"], mask_dir=held_out / "masks", split="test", author="curator-a")
     assert (report.images_added, report.masks_added, report.errors) == (5, 5, [])
     assert report.added_by_split == {"test": 5} and report.froze_test
     with factory() as s:
@@ -109,23 +92,19 @@ def test_split_test_freezes_and_automatic_assignment_never_adds_to_test(
         assert (freeze.kind, freeze.author) == ("freeze", "curator-a")
     # 60 new subjects: unfrozen, about 9 would hash to test; frozen, none may
     auto = _frames(tmp_path, "auto", 60, seed=200)
-    report = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[auto / "images"])
+    report = importer([auto / "images"])
     assert report.images_added == 60 and not report.froze_test
     assert _splits(factory)["test"] == 5
     assert set(_splits(factory)) == {"train", "val", "test"}
     # re-importing the held-out files is idempotent and keeps them in test
-    again = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[held_out / "images"], split="test"
-    )
+    again = importer([held_out / "images"], split="test")
     assert (again.images_existing, again.errors) == (5, [])
     assert _splits(factory)["test"] == 5
 
 
-def test_split_freeze_stops_test_assignment(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
+def test_split_freeze_stops_test_assignment(tmp_path: Path, factory: SessionFactory, importer: Importer) -> None:
     first = _frames(tmp_path, "a", 40, seed=300)
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[first])
+    importer([first])
     before = _splits(factory).get("test", 0)
     assert before > 0  # the hash put some subjects in test
     with unit_of_work(factory) as s:
@@ -133,27 +112,23 @@ def test_split_freeze_stops_test_assignment(
     with unit_of_work(factory) as s:
         assert not freeze_test(s, s.scalars(select(Project)).one(), author="me")  # already frozen: no record
     more = _frames(tmp_path, "b", 40, seed=400)
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[more])
+    importer([more])
     assert _splits(factory)["test"] == before  # nothing moved out, nothing new in
     with factory() as s:
         assert s.scalar(select(func.count(SplitChange.id))) == 1
 
 
-def test_explicit_split_never_splits_a_subject(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
-    a = _write(tmp_path / "p1" / "a.png", synthetic_frame(1, (24, 24))[0])
-    b = _write(tmp_path / "p1" / "b.png", synthetic_frame(2, (24, 24))[0])
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[a], subject="P1", split="val")
-    report = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[b], subject="P1", split="train"
-    )
+def test_explicit_split_never_splits_a_subject(tmp_path: Path, factory: SessionFactory, importer: Importer) -> None:
+    a = write_png(tmp_path / "p1" / "a.png", synthetic_frame(1, (24, 24))[0])
+    b = write_png(tmp_path / "p1" / "b.png", synthetic_frame(2, (24, 24))[0])
+    importer([a], subject="P1", split="val")
+    report = importer([b], subject="P1", split="train")
     assert report.images_added == 0 and len(report.errors) == 1
     assert "already in val" in report.errors[0][1] and "split move" in report.errors[0][1]
-    auto = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[b], subject="P1")
+    auto = importer([b], subject="P1")
     assert auto.added_by_split == {"val": 1}  # automatic: the subject's split, whatever the hash says
     # the same pixels already in val cannot be imported into test either
-    same = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[a], split="test")
+    same = importer([a], split="test")
     assert len(same.errors) == 1 and "already image" in same.errors[0][1]
     with factory() as s:
         assert not s.scalars(select(Project)).one().test_frozen  # the refused file froze nothing
@@ -231,13 +206,9 @@ def test_split_move_refuses_frozen_test_without_force_and_logs(tmp_path: Path, d
     engine.dispose()
 
 
-def test_move_subject_service_rules(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
-    cine = [_write(tmp_path / "s" / f"{i}.png", synthetic_frame(40 + i, (24, 24))[0]) for i in range(3)]
-    import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=cine, subject="S", split="train"
-    )
+def test_move_subject_service_rules(tmp_path: Path, factory: SessionFactory, importer: Importer) -> None:
+    cine = [write_png(tmp_path / "s" / f"{i}.png", synthetic_frame(40 + i, (24, 24))[0]) for i in range(3)]
+    importer(cine, subject="S", split="train")
     with unit_of_work(factory) as s:
         project = s.scalars(select(Project)).one()
         subject = s.scalars(select(Image.subject)).first()
@@ -259,7 +230,7 @@ def test_move_subject_service_rules(
 
 
 def _all_rows_text(factory: SessionFactory) -> str:
-    parts = []
+    parts: list[str] = []
     with factory() as s:
         for table in Base.metadata.sorted_tables:
             parts.extend(repr(tuple(row)) for row in s.execute(select(table)))
@@ -270,7 +241,7 @@ def _all_rows_text(factory: SessionFactory) -> str:
 
 
 def test_patient_id_keeps_a_patients_files_together_and_is_never_stored(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, db_url: str
+    tmp_path: Path, factory: SessionFactory, importer: Importer, settings: Settings, db_url: str
 ) -> None:
     pytest.importorskip("pydicom")
     from tests.support.imaging import IDENTIFYING, write_dicom
@@ -281,7 +252,7 @@ def test_patient_id_keeps_a_patients_files_together_and_is_never_stored(
         pixels = synthetic_frame(700 + i, (24, 32))[0]
         (tmp_path / f"dir{i}").mkdir()
         files.append(write_dicom(tmp_path / f"dir{i}" / f"scan{i}.dcm", pixels, extra={"PatientID": pid}))
-    report = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=files)
+    report = importer(files)
     assert (report.images_added, report.errors) == (5, [])
     with factory() as s:
         rows = s.execute(select(Image.subject, Image.split).order_by(Image.id)).all()
@@ -295,10 +266,8 @@ def test_patient_id_keeps_a_patients_files_together_and_is_never_stored(
         assert patient.encode() not in raw and b"OTHER-77" not in raw
     # a CSV subject or --subject overrides the PatientID; --no-patient-id falls back to the file
     other = write_dicom(tmp_path / "later.dcm", synthetic_frame(799, (24, 32))[0], extra={"PatientID": patient})
-    import_files(factory, store, settings, project_name="q", class_names=CLASSES, paths=[other, files[0]])
-    import_files(
-        factory, store, settings, project_name="r", class_names=CLASSES, paths=[other, files[0]], use_patient_id=False
-    )
+    importer([other, files[0]], project="q")
+    importer([other, files[0]], project="r", use_patient_id=False)
     with factory() as s:
         by_project = {
             name: {subj for (subj,) in s.execute(select(Image.subject).join(Project).where(Project.name == name))}
@@ -307,21 +276,11 @@ def test_patient_id_keeps_a_patients_files_together_and_is_never_stored(
     assert len(by_project["q"]) == 1 and len(by_project["r"]) == 2
 
 
-def test_subject_from_folder_levels(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
+def test_subject_from_folder_levels(tmp_path: Path, factory: SessionFactory, importer: Importer) -> None:
     for i, rel in enumerate(["pat1/visitA/x.png", "pat1/visitB/y.png", "pat2/visitA/z.png"]):
-        _write(tmp_path / "data" / rel, synthetic_frame(800 + i, (24, 24))[0])
+        write_png(tmp_path / "data" / rel, synthetic_frame(800 + i, (24, 24))[0])
     for project, rule, expected in (("lvl2", "2", 2), ("parent", "parent", 2), ("file", "file", 3)):
-        import_files(
-            factory,
-            store,
-            settings,
-            project_name=project,
-            class_names=CLASSES,
-            paths=[tmp_path / "data"],
-            subject_from=rule,
-        )
+        importer([tmp_path / "data"], project=project, subject_from=rule)
         with factory() as s:
             subjects = s.scalars(select(Image.subject).join(Project).where(Project.name == project)).all()
         # lvl2: pat1 twice, pat2; parent: visitA twice (pat1 and pat2 share the folder name), visitB
@@ -415,7 +374,7 @@ def test_csv_matching_rules(tmp_path: Path) -> None:
         match_splits_csv(parse_splits_csv("file,split\na.png,test\np1/a.png,val\n"), files[:1])
 
 
-def test_splits_csv_import(tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings) -> None:
+def test_splits_csv_import(tmp_path: Path, factory: SessionFactory, importer: Importer) -> None:
     from backend.services.images import pixel_hash
 
     root = tmp_path / "set"
@@ -423,13 +382,11 @@ def test_splits_csv_import(tmp_path: Path, factory: SessionFactory, store: Local
     sha = {}
     for i, rel in enumerate(names):
         img = synthetic_frame(900 + i, (24, 24))[0]
-        _write(root / rel, img)
+        write_png(root / rel, img)
         sha[rel] = pixel_hash(img)
     sheet = tmp_path / "splits.csv"
     sheet.write_text("File,Split,Subject,notes\r\np1/a.png,test,P1,x\r\nb.png,,P1,\r\n\r\nd.png,VAL,,\r\n")
-    report = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[root], splits_csv=sheet
-    )
+    report = importer([root], splits_csv=sheet)
     assert report.errors == [] and report.froze_test
     with factory() as s:
         by_sha = {img.sha256: img for img in s.scalars(select(Image))}
@@ -442,16 +399,14 @@ def test_splits_csv_import(tmp_path: Path, factory: SessionFactory, store: Local
     bad.write_text("file,split\nmissing.png,test\n")
     before = _splits(factory)
     other = tmp_path / "other"
-    _write(other / "e.png", synthetic_frame(950, (24, 24))[0])
+    write_png(other / "e.png", synthetic_frame(950, (24, 24))[0])
     with pytest.raises(InvalidInput, match="missing.png"):
-        import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[other], splits_csv=bad)
+        importer([other], splits_csv=bad)
     assert _splits(factory) == before
     # a CSV split that would put a subject on both sides is a per-file error
     clash = tmp_path / "clash.csv"
     clash.write_text("file,split,subject\ne.png,train,P1\n")
-    report = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[other], splits_csv=clash
-    )
+    report = importer([other], splits_csv=clash)
     assert len(report.errors) == 1 and "already in test" in report.errors[0][1]
 
 
@@ -459,7 +414,7 @@ def test_splits_csv_import(tmp_path: Path, factory: SessionFactory, store: Local
 
 
 def test_multi_frame_dicom_takes_a_multi_frame_mask(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     pytest.importorskip("pydicom")
     from tests.support.imaging import write_dicom
@@ -471,15 +426,7 @@ def test_multi_frame_dicom_takes_a_multi_frame_mask(
     (tmp_path / "lbl").mkdir()
     write_dicom(tmp_path / "img" / "cine.dcm", cine, frames=4)
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "lbl" / "cine.nii.gz"))
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[tmp_path / "img"],
-        mask_dir=tmp_path / "lbl",
-    )
+    report = importer([tmp_path / "img"], mask_dir=tmp_path / "lbl")
     assert (report.images_added, report.masks_added, report.errors) == (4, 4, [])
     with factory() as s:
         for mv in s.scalars(select(MaskVersion).join(Image).order_by(Image.frame_index)):
@@ -489,7 +436,7 @@ def test_multi_frame_dicom_takes_a_multi_frame_mask(
 
 
 def test_multi_frame_volume_and_mismatched_masks(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     pairs = [synthetic_frame(1100 + k, (20, 28)) for k in range(3)]
     volume = np.stack([img for img, _ in pairs])
@@ -501,9 +448,7 @@ def test_multi_frame_volume_and_mismatched_masks(
     sitk.WriteImage(sitk.GetImageFromArray(labels[:2]), str(tmp_path / "m" / "short.nii"))
     (tmp_path / "m" / "flat.png").write_bytes(encode_png(labels[0]))
     paths = [tmp_path / f"{n}.mha" for n in ("ok", "short", "flat")]
-    report = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=paths, mask_dir=tmp_path / "m"
-    )
+    report = importer(paths, mask_dir=tmp_path / "m")
     assert (report.images_added, report.masks_added) == (3, 3)
     errors = dict(report.errors)
     assert "short.nii has 2 frames but short.mha has 3" in errors[str(paths[1])]
@@ -514,7 +459,7 @@ def test_multi_frame_volume_and_mismatched_masks(
 
 
 def test_mask_folder_is_listed_once_per_import(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, importer: Importer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _frames(tmp_path, "d", 6, seed=1200, masks=True)
     listed: list[Path] = []
@@ -526,28 +471,15 @@ def test_mask_folder_is_listed_once_per_import(
 
     monkeypatch.setattr(Path, "iterdir", counting)
     seen: list[ImportProgress] = []
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[data / "images"],
-        mask_dir=data / "masks",
-        on_item=seen.append,
-    )
+    report = importer([data / "images"], mask_dir=data / "masks", on_item=seen.append)
     assert (report.images_added, report.masks_added) == (6, 6)
     assert [p for p in listed if p == data / "masks"] == [data / "masks"]
     assert [(p.done, p.total, p.ok) for p in seen] == [(i, 6, True) for i in range(1, 7)]
 
 
-def test_files_inside_the_mask_folder_are_not_images(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
+def test_files_inside_the_mask_folder_are_not_images(tmp_path: Path, importer: Importer) -> None:
     data = _frames(tmp_path, "d", 2, seed=1300, masks=True)
-    report = import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[data], mask_dir=data / "masks"
-    )
+    report = importer([data], mask_dir=data / "masks")
     assert (report.files, report.images_added, report.masks_added) == (2, 2, 2)
 
 
@@ -564,24 +496,15 @@ def test_import_progress_lines_without_a_terminal(tmp_path: Path, db_url: str) -
 # -- the shared dataset: its test/ folder stays the test split ---------------------------------------
 
 
-def test_usgra_test_folder_stays_in_test(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, shared_data: Path | None
-) -> None:
+def test_usgra_test_folder_stays_in_test(factory: SessionFactory, importer: Importer, shared_data: Path | None) -> None:
     if shared_data is None:
         pytest.skip("../shared/data/usgra-seg is absent")
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="usgra",
-        class_names=CLASSES,
-        paths=[shared_data / "test" / "images"],
-        mask_dir=shared_data / "test" / "masks",
-        split="test",
+    report = importer(
+        [shared_data / "test" / "images"], project="usgra", mask_dir=shared_data / "test" / "masks", split="test"
     )
     assert (report.images_added, report.masks_added, report.errors) == (40, 40, [])
     train = sorted((shared_data / "images").glob("*.png"))[:20]
-    import_files(factory, store, settings, project_name="usgra", class_names=CLASSES, paths=train)
+    importer(train, project="usgra")
     splits = _splits(factory)
     assert splits["test"] == 40 and splits.get("train", 0) + splits.get("val", 0) == 20
 
@@ -643,10 +566,10 @@ def test_nnunet_without_validation_cases_is_split_by_subject(
     root = tmp_path / "Dataset007_Nerves"
     for i in range(48):  # enough subjects that the automatic assignment surely puts some in val
         img, mask = synthetic_frame(1800 + i, (24, 24))
-        _write(root / "imagesTr" / f"case{i:03d}_0000.png", img)
-        _write(root / "labelsTr" / f"case{i:03d}.png", mask)
+        write_png(root / "imagesTr" / f"case{i:03d}_0000.png", img)
+        write_png(root / "labelsTr" / f"case{i:03d}.png", mask)
     for i in range(2):
-        _write(root / "imagesTs" / f"held{i}_0000.png", synthetic_frame(1900 + i, (24, 24))[0])
+        write_png(root / "imagesTs" / f"held{i}_0000.png", synthetic_frame(1900 + i, (24, 24))[0])
     (root / "dataset.json").write_text(
         json.dumps(
             {
@@ -676,7 +599,7 @@ def _store_matches_rows(factory: SessionFactory, store: LocalBlobStore) -> None:
 
 
 def test_read_ahead_failures_leave_nothing_and_shared_blobs_survive(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Enough files for the reader process; files failing in it or in their unit of work, some of
     them sharing an (empty) mask blob with files that succeed, before and after them."""
@@ -688,8 +611,8 @@ def test_read_ahead_failures_leave_nothing_and_shared_blobs_survive(
     sheet = ["file,split,subject"]
     for i in range(24):
         img, mask = synthetic_frame(2000 + i, (24, 24))
-        _write(root / "images" / f"{i:02d}.png", img)
-        _write(root / "masks" / f"{i:02d}.png", empty if i % 3 == 0 else mask)
+        write_png(root / "images" / f"{i:02d}.png", img)
+        write_png(root / "masks" / f"{i:02d}.png", empty if i % 3 == 0 else mask)
     sheet += [
         "07.png,test,P",  # imported first (test items are), so P is in test
         "00.png,train,P",  # refused in its unit of work; it was the first to write the empty mask blob
@@ -698,32 +621,15 @@ def test_read_ahead_failures_leave_nothing_and_shared_blobs_survive(
         "12.png,train,Q",  # refused, with the empty mask that 03, 06, 09 committed
     ]
     (root / "images" / "10.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # refused by the reader
-    _write(root / "masks" / "11.png", np.full((24, 24), 7, np.uint8))  # unknown class: refused when stored
+    write_png(root / "masks" / "11.png", np.full((24, 24), 7, np.uint8))  # unknown class: refused when stored
     (tmp_path / "splits.csv").write_text("\n".join(sheet) + "\n")
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[root / "images"],
-        mask_dir=root / "masks",
-        splits_csv=tmp_path / "splits.csv",
-    )
+    report = importer([root / "images"], mask_dir=root / "masks", splits_csv=tmp_path / "splits.csv")
     rejected = sorted(Path(path).name for path, _ in report.errors)
     assert rejected == ["00.png", "05.png", "10.png", "11.png", "12.png"], report.errors
     assert report.images_added == 19 and report.masks_added == 19
     _store_matches_rows(factory, store)
     # the same files again: nothing new, and still nothing left behind
-    again = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[root / "images"],
-        mask_dir=root / "masks",
-    )
+    again = importer([root / "images"], mask_dir=root / "masks")
     assert again.images_added == 3 and sorted(Path(p).name for p, _ in again.errors) == ["10.png", "11.png"]
     _store_matches_rows(factory, store)
 

@@ -20,26 +20,19 @@ from backend.db.models import Image, ImageSource, MaskVersion, Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import InvalidInput, UnknownLabel
 from backend.imaging.io import encode_png
-from backend.services.dataset import import_files
 from backend.services.images import load_pixels
-from backend.services.masks import (
-    add_mask_version,
-    current_mask_version,
-    deactivate_annotation,
-    read_mask,
-)
+from backend.services.masks import add_mask_version, current_mask_version, deactivate_annotation, read_mask
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
 from cli.main import cli
+from tests.support.datasets import Importer, write_png
 from tests.support.frames import synthetic_frame
 
-CLASSES = ("Nerve", "Vessel")
 
-
-def _write(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(array))
-    return path
+@pytest.fixture
+def importer(factory: SessionFactory, store: LocalBlobStore, settings: Settings) -> Importer:
+    """``import_files`` into this test's database and store (project ``p``, Nerve and Vessel)."""
+    return Importer(factory, store, settings)
 
 
 def _counts(factory: SessionFactory) -> tuple[int, int, int]:
@@ -56,13 +49,13 @@ def _files_in(store: LocalBlobStore) -> list[Path]:
 
 
 def test_same_image_twice_is_one_row(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     img, _ = synthetic_frame(1)
-    a = _write(tmp_path / "in" / "a.png", img)
-    b = _write(tmp_path / "in" / "copy-of-a.png", img)
-    r1 = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[a])
-    r2 = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[a, b])
+    a = write_png(tmp_path / "in" / "a.png", img)
+    b = write_png(tmp_path / "in" / "copy-of-a.png", img)
+    r1 = importer([a])
+    r2 = importer([a, b])
     assert (r1.images_added, r2.images_added, r2.images_existing) == (1, 0, 2)
     images, masks, sources = _counts(factory)
     assert images == 1 and masks == 0 and sources == 2  # two provenance records, one image
@@ -73,29 +66,21 @@ def test_same_image_twice_is_one_row(
 
 
 def test_second_mask_is_a_second_version(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     img, mask = synthetic_frame(2)
-    _write(tmp_path / "images" / "f.png", img)
-    _write(tmp_path / "masks" / "f.png", mask)
-    import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=CLASSES,
-        paths=[tmp_path / "images"],
-        mask_dir=tmp_path / "masks",
-    )
+    write_png(tmp_path / "images" / "f.png", img)
+    write_png(tmp_path / "masks" / "f.png", mask)
+    importer([tmp_path / "images"], mask_dir=tmp_path / "masks")
     corrected = mask.copy()
     corrected[:10] = 1
     with unit_of_work(factory) as s:
         project = s.scalars(select(Project)).one()
         image = s.scalars(select(Image)).one()
-        v2 = add_mask_version(
+        written = add_mask_version(
             s, store, project, image, corrected, source="annotation", author="sono", ls_annotation_id=7
         )
-        assert v2.mask_version.version == 2 and v2.created and v2.current
+        assert written.mask_version.version == 2 and written.created and written.current
     with factory() as s:
         image = s.scalars(select(Image)).one()
         v1, v2 = s.scalars(select(MaskVersion).order_by(MaskVersion.version)).all()
@@ -111,12 +96,10 @@ def test_second_mask_is_a_second_version(
 
 
 def test_mask_must_match_image_and_classes(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     img, mask = synthetic_frame(3)
-    import_files(
-        factory, store, settings, project_name="p", class_names=CLASSES, paths=[_write(tmp_path / "x.png", img)]
-    )
+    importer([write_png(tmp_path / "x.png", img)])
     before = _files_in(store)
     with pytest.raises(UnknownLabel):
         with unit_of_work(factory) as s:
@@ -167,14 +150,14 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_bad_files_are_rejected_and_leave_nothing(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     img, _ = synthetic_frame(5)
-    good = _write(tmp_path / "good.png", img)
-    import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[good])
+    good = write_png(tmp_path / "good.png", img)
+    importer([good])
     before_counts, before_files = _counts(factory), _files_in(store)
     files = _bad_files(tmp_path)
-    report = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=list(files.values()))
+    report = importer(list(files.values()))
     assert report.images_added == 0 and len(report.errors) == len(files)
     messages = dict(report.errors)
     for path in files.values():
@@ -185,13 +168,13 @@ def test_bad_files_are_rejected_and_leave_nothing(
 
 
 def test_dicom_without_pixel_data_is_rejected(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, importer: Importer
 ) -> None:
     pytest.importorskip("pydicom")
     from tests.support.imaging import write_dicom
 
     path = write_dicom(tmp_path / "nopix.dcm", np.zeros((8, 8), np.uint8), pixel_data=False)
-    report = import_files(factory, store, settings, project_name="p", class_names=CLASSES, paths=[path])
+    report = importer([path])
     assert report.images_added == 0 and len(report.errors) == 1
     assert "pixel" in report.errors[0][1].lower()
     assert _counts(factory) == (0, 0, 0) and _files_in(store) == []
@@ -201,8 +184,8 @@ def test_cli_import_export_round_trip(tmp_path: Path, db_url: str) -> None:
     env = {"SONOSEG_DATA_DIR": str(tmp_path / "data"), "SONOSEG_DATABASE_URL": db_url}
     for i in range(6):
         img, mask = synthetic_frame(10 + i)
-        _write(tmp_path / "images" / f"{i:02d}.png", img)
-        _write(tmp_path / "masks" / f"{i:02d}.png", mask)
+        write_png(tmp_path / "images" / f"{i:02d}.png", img)
+        write_png(tmp_path / "masks" / f"{i:02d}.png", mask)
     runner = CliRunner()
     out = runner.invoke(
         cli, ["import", "--project", "demo", "--masks", str(tmp_path / "masks"), str(tmp_path / "images")], env=env
@@ -224,14 +207,12 @@ def test_cli_import_export_round_trip(tmp_path: Path, db_url: str) -> None:
 
 
 def test_shared_dataset_imports_with_palette_masks(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, shared_data: Path | None
+    factory: SessionFactory, store: LocalBlobStore, importer: Importer, shared_data: Path | None
 ) -> None:
     if shared_data is None:
         pytest.skip("../shared/data/usgra-seg is absent (generated data covers the other tests)")
     paths = sorted((shared_data / "images").glob("*.png"))[:3]
-    report = import_files(
-        factory, store, settings, project_name="usgra", class_names=CLASSES, paths=paths, mask_dir=shared_data / "masks"
-    )
+    report = importer(paths, project="usgra", mask_dir=shared_data / "masks")
     assert (report.images_added, report.masks_added, report.errors) == (3, 3, [])
     with factory() as s:
         for mv in s.scalars(select(MaskVersion)):

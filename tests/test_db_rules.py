@@ -18,18 +18,23 @@ def _project(factory: SessionFactory, name: str = "p") -> int:
         return p.id
 
 
+def _image_row(project_id: int, sha: str = "a" * 64, *, split: str = "train") -> Image:
+    """An image row of project ``project_id``, not yet added: only its hash and split vary between tests."""
+    return Image(
+        project_id=project_id,
+        sha256=sha,
+        blob_key="images/aa/x.png",
+        width=4,
+        height=3,
+        subject="subj-1",
+        split=split,
+        source_format="png",
+    )
+
+
 def _image(factory: SessionFactory, pid: int, sha: str = "a" * 64) -> int:
     with unit_of_work(factory) as s:
-        img = Image(
-            project_id=pid,
-            sha256=sha,
-            blob_key="images/aa/x.png",
-            width=4,
-            height=3,
-            subject="subj-1",
-            split="train",
-            source_format="png",
-        )
+        img = _image_row(pid, sha)
         s.add(img)
         s.flush()
         return img.id
@@ -99,18 +104,7 @@ def test_check_constraints_reject_unknown_values(factory: SessionFactory) -> Non
             s.add(ModelVersion(project_id=pid, uid="x", status="shiny"))
     with pytest.raises(IntegrityError):
         with unit_of_work(factory) as s:
-            s.add(
-                Image(
-                    project_id=pid,
-                    sha256="c" * 64,
-                    blob_key="k",
-                    width=1,
-                    height=1,
-                    subject="s",
-                    split="holdout",
-                    source_format="png",
-                )
-            )
+            s.add(_image_row(pid, "c" * 64, split="holdout"))
 
 
 def test_webhook_event_recorded_once(factory: SessionFactory) -> None:
@@ -124,18 +118,7 @@ def test_webhook_event_recorded_once(factory: SessionFactory) -> None:
 def test_foreign_keys_enforced(factory: SessionFactory) -> None:
     with pytest.raises(IntegrityError):
         with unit_of_work(factory) as s:
-            s.add(
-                Image(
-                    project_id=999,
-                    sha256="d" * 64,
-                    blob_key="k",
-                    width=1,
-                    height=1,
-                    subject="s",
-                    split="train",
-                    source_format="png",
-                )
-            )
+            s.add(_image_row(999, "d" * 64))  # no project 999
 
 
 def test_datetimes_come_back_timezone_aware(factory: SessionFactory) -> None:

@@ -17,11 +17,11 @@ from backend.db.models import Image, ImageSource, LabelIssue, MaskVersion, Proje
 from backend.db.session import SessionFactory, unit_of_work
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.labelstudio.payloads import LsAnnotation, LsTask
-from backend.services.dataset import import_files
 from backend.services.label_issues import choose_version
 from backend.services.masks import current_mask_version, read_mask
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
+from tests.support.datasets import Importer, write_png
 from tests.support.frames import synthetic_frame
 from tests.support.payloads import annotation_event
 from tests.test_webhooks import Hooks, hooks  # noqa: F401  (the fixture)
@@ -70,7 +70,7 @@ def test_whatever_the_arrival_order_the_newest_edit_is_current(
     root = hooks.state.settings.local_files_root
     assert root is not None
     pixels = np.random.default_rng(task).integers(0, 255, base.shape, dtype=np.uint8)  # a new frame per example
-    _write_png(root / f"ex{task}.png", pixels)
+    write_png(root / f"ex{task}.png", pixels)
     url = f"/data/local-files/?d=ex{task}.png"
     for k in [*order, *replays]:
         ann = anns[k % 2]  # two annotations of the same image
@@ -170,20 +170,18 @@ def test_annotation_parse_keeps_label_studios_clock_and_user_id_only() -> None:
 
 
 # -- items 12 and 13: duplicates with conflicting masks; re-imports ---------------------------------------------
-def _write_png(path: Path, arr: np.ndarray) -> Path:
-    from backend.imaging.io import encode_png
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(arr))
-    return path
+@pytest.fixture
+def importer(factory: SessionFactory, store: LocalBlobStore, settings: Settings) -> Importer:
+    """``import_files`` into this test's database and store (project ``p``, Nerve and Vessel)."""
+    return Importer(factory, store, settings)
 
 
 def _dataset(tmp: Path, n: int = 4) -> tuple[Path, Path]:
     images, masks = tmp / "images", tmp / "masks"
     for i in range(n):
         img, mask = synthetic_frame(i)
-        _write_png(images / f"{i:04d}.png", img)
-        _write_png(masks / f"{i:04d}.png", mask)
+        write_png(images / f"{i:04d}.png", img)
+        write_png(masks / f"{i:04d}.png", mask)
     return images, masks
 
 
@@ -196,19 +194,15 @@ def _versions(factory: SessionFactory) -> list[tuple[int, int, bool, str]]:
 
 
 def test_reimporting_identical_masks_creates_no_versions_and_no_retrain_count(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, importer: Importer
 ) -> None:
     images, masks = _dataset(tmp_path)
-    first = import_files(
-        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
-    )
+    first = importer([images], mask_dir=masks)
     assert (first.masks_added, first.masks_unchanged) == (4, 0)
     before = _versions(factory)
     with factory() as s:
         snapshot = {mv.id for mv in s.scalars(select(MaskVersion).where(MaskVersion.is_current))}
-    again = import_files(
-        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
-    )
+    again = importer([images], mask_dir=masks)
     assert (again.masks_added, again.masks_unchanged, again.conflicts) == (0, 4, [])
     assert _versions(factory) == before
     with factory() as s:  # what the retrain trigger counts: current labels outside the last snapshot
@@ -216,32 +210,22 @@ def test_reimporting_identical_masks_creates_no_versions_and_no_retrain_count(
     # a real change of one mask is one new version, and it is current
     _img, mask = synthetic_frame(0)
     mask[:20, :20] = 2
-    _write_png(masks / "0000.png", mask)
-    third = import_files(
-        factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images], mask_dir=masks
-    )
+    write_png(masks / "0000.png", mask)
+    third = importer([images], mask_dir=masks)
     assert (third.masks_added, third.masks_unchanged) == (1, 3)
 
 
 def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
-    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
+    tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings, importer: Importer
 ) -> None:
     img, mask = synthetic_frame(1)
     other = mask.copy()
     other[other == 1] = 0
-    _write_png(tmp_path / "images" / "0043.png", img)
-    _write_png(tmp_path / "images" / "0077.png", img)  # identical pixels
-    _write_png(tmp_path / "masks" / "0043.png", mask)
-    _write_png(tmp_path / "masks" / "0077.png", other)  # a different mask
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=("Nerve", "Vessel"),
-        paths=[tmp_path / "images"],
-        mask_dir=tmp_path / "masks",
-    )
+    write_png(tmp_path / "images" / "0043.png", img)
+    write_png(tmp_path / "images" / "0077.png", img)  # identical pixels
+    write_png(tmp_path / "masks" / "0043.png", mask)
+    write_png(tmp_path / "masks" / "0077.png", other)  # a different mask
+    report = importer([tmp_path / "images"], mask_dir=tmp_path / "masks")
     assert report.images_added == 1 and len(report.conflicts) == 1
     assert "0077.png" in report.conflicts[0][0] and "sonoseg masks choose" in report.conflicts[0][1]
     with factory() as s:
@@ -256,15 +240,7 @@ def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
         )
         image_id = image.id
     # re-importing changes nothing: no new version, no second issue
-    again = import_files(
-        factory,
-        store,
-        settings,
-        project_name="p",
-        class_names=("Nerve", "Vessel"),
-        paths=[tmp_path / "images"],
-        mask_dir=tmp_path / "masks",
-    )
+    again = importer([tmp_path / "images"], mask_dir=tmp_path / "masks")
     assert again.masks_added == 0
     with factory() as s:
         assert len(s.scalars(select(MaskVersion)).all()) == 2
@@ -286,9 +262,7 @@ def test_conflicting_duplicates_keep_both_masks_and_wait_for_the_curator(
     assert out.exit_code != 0 and "no mask version 9" in out.output
 
 
-def test_usgra_seg_duplicate_pair_is_reported(
-    shared_data: Path | None, tmp_path: Path, factory: SessionFactory, store: LocalBlobStore, settings: Settings
-) -> None:
+def test_usgra_seg_duplicate_pair_is_reported(shared_data: Path | None, tmp_path: Path, importer: Importer) -> None:
     if shared_data is None:
         pytest.skip("usgra-seg is not present")
     names = ("0043.png", "0077.png")
@@ -298,25 +272,17 @@ def test_usgra_seg_duplicate_pair_is_reported(
     for p in images:
         (tmp_path / "i").mkdir(exist_ok=True)
         (tmp_path / "i" / p.name).write_bytes(p.read_bytes())
-    report = import_files(
-        factory,
-        store,
-        settings,
-        project_name="u",
-        class_names=("Nerve", "Vessel"),
-        paths=[tmp_path / "i"],
-        mask_dir=shared_data / "masks",
-    )
+    report = importer([tmp_path / "i"], project="u", mask_dir=shared_data / "masks")
     assert report.images_added == 1 and len(report.conflicts) == 1
 
 
 def test_choose_refuses_a_prediction_version(
-    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+    factory: SessionFactory, store: LocalBlobStore, importer: Importer, tmp_path: Path
 ) -> None:
     from backend.services.masks import add_mask_version
 
     images, _masks = _dataset(tmp_path, 1)
-    import_files(factory, store, settings, project_name="p", class_names=("Nerve", "Vessel"), paths=[images])
+    importer([images])
     with unit_of_work(factory) as s:
         image = s.scalars(select(Image)).one()
         add_mask_version(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from numpy.typing import NDArray
 from sqlalchemy import select
 
 from backend.api.app import AppState, create_app
@@ -41,7 +42,7 @@ from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.services.masks import read_mask
 from backend.settings import Settings
 from tests.support.frames import blob_pairs, dataset_pairs, png_bytes
-from tests.support.models import register_model, train_tiny_model
+from tests.support.models import CLASSES, register_model, train_tiny_model
 from tests.support.payloads import brush_results
 from tests.support.processes import (
     WORKER_PRESET,
@@ -53,7 +54,12 @@ from tests.support.processes import (
 )
 from tests.support.servers import ServedApp
 
-pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.labelstudio,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.xdist_group("label-studio"),  # one Label Studio (a minute of start-up) per session, not one per xdist worker
+]
 
 N_IMAGES = 4
 TRAIN_SECONDS = 45.0
@@ -88,14 +94,14 @@ def _retrieve_predictions(ls: LabelStudio, api: requests.Session, pid: int, task
     )
 
 
-def _decode(region: dict[str, Any]) -> np.ndarray:
+def _decode(region: dict[str, Any]) -> NDArray[np.uint8]:
     from label_studio_sdk.converter.brush import decode_rle
 
     h, w = region["original_height"], region["original_width"]
     return np.asarray(decode_rle(region["value"]["rle"])).reshape(h, w, 4)[..., 3]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def _dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
     denom = int(a.sum()) + int(b.sum())
     return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
 
@@ -109,6 +115,78 @@ def _labels(state: AppState, ann_ids: list[int]) -> dict[int, list[MaskVersion]]
     for mv in rows:
         out.setdefault(int(mv.ls_annotation_id or 0), []).append(mv)
     return out
+
+
+def _class_mask(regions: list[dict[str, Any]], shape: tuple[int, ...]) -> NDArray[np.uint8]:
+    """The class-index mask (0 background, 1 Nerve, 2 Vessel) that brush ``regions`` paint."""
+    mask = np.zeros(shape, np.uint8)
+    for region in regions:
+        mask[_decode(region) == 255] = 1 + CLASSES.index(region["value"]["brushlabels"][0])
+    return mask
+
+
+def _settings(ls: LabelStudio, sqlite_url: str, tmp_path: Path, **changes: Any) -> Settings:
+    """sonoseg against ``ls`` with a personal access token, behind basic auth and a webhook secret, on the CPU;
+    ``changes`` set any other field."""
+    return Settings(
+        data_dir=tmp_path / "sonoseg",
+        database_url=sqlite_url,
+        label_studio_url=ls.url,
+        label_studio_api_key=ls.personal_access_token(),  # what a user creates under Account & Settings
+        basic_auth_user=USER,
+        basic_auth_password=PASSWORD,
+        webhook_secret=SECRET,
+        model_poll_seconds=0.2,
+        device="cpu",
+        **changes,
+    )
+
+
+def _create_project(
+    ls: LabelStudio, api: requests.Session, title: str, label_config: str = DEFAULT_LABEL_CONFIG
+) -> int:
+    """A new Label Studio project; returns its id."""
+    body = _ok(api.post(f"{ls.url}/api/projects/", json={"title": title, "label_config": label_config}), 201)
+    return int(body["id"])
+
+
+def _upload_pngs(ls: LabelStudio, api: requests.Session, pid: int, images: list[tuple[str, NDArray[np.uint8]]]) -> None:
+    """Upload (file name, pixels) pairs as PNG files into project ``pid``: one task each."""
+    files = [(f"file{i}", (name, png_bytes(img), "image/png")) for i, (name, img) in enumerate(images)]
+    _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
+
+
+def _connect_backend(
+    ls: LabelStudio, api: requests.Session, pid: int, backend: ServedApp
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Connect sonoseg (served at ``backend``, basic auth) as project ``pid``'s ML backend and give the
+    webhook Label Studio creates for it the secret; returns the ML backend and that webhook."""
+    ml = _ok(
+        api.post(
+            f"{ls.url}/api/ml/",
+            json={
+                "project": pid,
+                "url": backend.url,
+                "title": "sonoseg",
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": USER,
+                "basic_auth_pass": PASSWORD,
+            },
+        ),
+        201,
+    )
+    assert ml["state"] == "CO", ml
+    hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
+    (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
+    _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+    return ml, hook
+
+
+def _annotate(ls: LabelStudio, api: requests.Session, task_id: int, mask: NDArray[np.uint8], **fields: Any) -> Any:
+    """Save an annotation of ``task_id`` painting ``mask`` (``fields`` join the body, e.g. ``lead_time``);
+    returns it as Label Studio stored it."""
+    body = {"result": brush_results(mask), "was_cancelled": False, **fields}
+    return _ok(api.post(f"{ls.url}/api/tasks/{task_id}/annotations/", json=body), 201)
 
 
 @pytest.fixture(scope="module")
@@ -128,30 +206,14 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
     train_tiny_model([(img, mask) for _, img, mask in pairs], model_path, seconds=TRAIN_SECONDS)  # LS starts meanwhile
     ls.wait_ready()
     api = ls.api()
-    pat = ls.personal_access_token()  # what a user creates under Account & Settings
-
-    settings = Settings(
-        data_dir=tmp_path / "sonoseg",
-        database_url=sqlite_url,
-        label_studio_url=ls.url,
-        label_studio_api_key=pat,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        webhook_secret=SECRET,
-        model_poll_seconds=0.2,
-        device="cpu",
-    )
+    settings = _settings(ls, sqlite_url, tmp_path)
     app = create_app(settings)
     state: AppState = app.extensions["sonoseg"]
     backend = ServedApp(app)
     try:
         # -- a project with the default label config, and real ultrasound images ------------------------
-        pid = _ok(
-            api.post(f"{ls.url}/api/projects/", json={"title": "sonoseg e2e", "label_config": DEFAULT_LABEL_CONFIG}),
-            201,
-        )["id"]
-        files = [(f"file{i}", (name, png_bytes(img), "image/png")) for i, (name, img, _) in enumerate(pairs)]
-        _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
+        pid = _create_project(ls, api, "sonoseg e2e")
+        _upload_pngs(ls, api, pid, [(name, img) for name, img, _ in pairs])
         tasks = _tasks(ls, api, pid)
         assert len(tasks) == N_IMAGES
         truth = {}
@@ -160,24 +222,7 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
             truth[task["id"]] = (img, mask)
 
         # -- connect the backend (basic auth) and give the auto-created webhook the secret -------------------
-        ml = _ok(
-            api.post(
-                f"{ls.url}/api/ml/",
-                json={
-                    "project": pid,
-                    "url": backend.url,
-                    "title": "sonoseg",
-                    "auth_method": "BASIC_AUTH",
-                    "basic_auth_user": USER,
-                    "basic_auth_pass": PASSWORD,
-                },
-            ),
-            201,
-        )
-        assert ml["state"] == "CO", ml
-        hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
-        (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
-        _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+        ml, hook = _connect_backend(ls, api, pid, backend)
 
         # -- before any model: Label Studio stores an empty "untrained" prediction -----------------------------
         first = tasks[0]["id"]
@@ -198,28 +243,19 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
             assert len(served) == 1, served
             regions = served[0]["result"]
             assert regions, f"task {task['id']}: the trained model predicted nothing"
-            predicted = np.zeros(mask.shape, np.uint8)
             for region in regions:
                 assert (region["from_name"], region["to_name"], region["type"]) == ("tag", "image", "brushlabels")
                 alpha = _decode(region)
                 assert alpha.shape == img.shape  # the image's natural size
                 assert set(np.unique(alpha).tolist()) <= {0, 255}  # visible: 0/255, not 0/1
-                predicted[alpha == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
-            overlaps.append(_dice(predicted > 0, mask > 0))
+            overlaps.append(_dice(_class_mask(regions, mask.shape) > 0, mask > 0))
         assert min(overlaps) > 0.1 and float(np.mean(overlaps)) > 0.3, overlaps
 
         # -- sonographers save corrected annotations: they arrive as mask versions ---------------------------
         ann_ids = []
         for task in tasks[:3]:
             _, mask = truth[task["id"]]
-            ann = _ok(
-                api.post(
-                    f"{ls.url}/api/tasks/{task['id']}/annotations/",
-                    json={"result": brush_results(mask), "was_cancelled": False, "lead_time": 3.2},
-                ),
-                201,
-            )
-            ann_ids.append(ann["id"])
+            ann_ids.append(_annotate(ls, api, task["id"], mask, lead_time=3.2)["id"])
 
         def all_arrived() -> dict[int, list[MaskVersion]] | None:
             got = _labels(state, ann_ids)
@@ -259,13 +295,7 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
 
         # -- a webhook that never arrives is recovered by reconciliation before training ---------------------
         _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"is_active": False}))
-        missed = _ok(
-            api.post(
-                f"{ls.url}/api/tasks/{tasks[3]['id']}/annotations/",
-                json={"result": brush_results(truth[tasks[3]["id"]][1]), "was_cancelled": False},
-            ),
-            201,
-        )
+        missed = _annotate(ls, api, tasks[3]["id"], truth[tasks[3]["id"]][1])
         assert _labels(state, [missed["id"]]) == {}
 
         # -- Start Training: Label Studio posts START_TRAINING; sonoseg reconciles and queues a run ---------
@@ -291,7 +321,7 @@ LOOP_UNLABELLED = 2
 LOOP_WAIT_SECONDS = 120.0
 
 
-def _loop_frames(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _loop_frames(n: int) -> list[tuple[NDArray[np.uint8], NDArray[np.uint8]]]:
     """Small generated frames (128 px) a tiny network learns to find within seconds."""
     return blob_pairs(n, seed=23)
 
@@ -333,16 +363,10 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
     ls = label_studio
     ls.wait_ready()
     api = ls.api()
-    settings = Settings(
-        data_dir=tmp_path / "sonoseg",
-        database_url=sqlite_url,
-        label_studio_url=ls.url,
-        label_studio_api_key=ls.personal_access_token(),
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        webhook_secret=SECRET,
-        model_poll_seconds=0.2,
-        device="cpu",
+    settings = _settings(
+        ls,
+        sqlite_url,
+        tmp_path,
         model_preset=WORKER_PRESET,
         train_max_minutes=0.05,
         retrain_after=RETRAIN_AFTER,
@@ -360,42 +384,12 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
     try:
         with start_worker(settings, tmp_path / "worker.log") as worker:  # it boots while Label Studio is set up
             # -- a project with images; the model connected; the webhook given the secret ----------------
-            pid = _ok(
-                api.post(
-                    f"{ls.url}/api/projects/", json={"title": "sonoseg loop e2e", "label_config": DEFAULT_LABEL_CONFIG}
-                ),
-                201,
-            )["id"]
-            files = [(f"file{i}", (f"loop{i}.png", png_bytes(img), "image/png")) for i, (img, _) in enumerate(frames)]
-            _ok(api.post(f"{ls.url}/api/projects/{pid}/import", files=files), 201)
+            pid = _create_project(ls, api, "sonoseg loop e2e")
+            _upload_pngs(ls, api, pid, [(f"loop{i}.png", img) for i, (img, _) in enumerate(frames)])
             tasks = _tasks(ls, api, pid)
             assert len(tasks) == len(frames)
             truth = {t["id"]: frames[int(t["data"]["image"].rsplit("loop", 1)[1].split(".")[0])][1] for t in tasks}
-            ml = _ok(
-                api.post(
-                    f"{ls.url}/api/ml/",
-                    json={
-                        "project": pid,
-                        "url": backend.url,
-                        "title": "sonoseg",
-                        "auth_method": "BASIC_AUTH",
-                        "basic_auth_user": USER,
-                        "basic_auth_pass": PASSWORD,
-                    },
-                ),
-                201,
-            )
-            assert ml["state"] == "CO", ml
-            (hook,) = [
-                h
-                for h in _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
-                if h["url"] == f"{backend.url}/webhook"
-            ]
-            _ok(
-                api.patch(
-                    f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}
-                )
-            )
+            _connect_backend(ls, api, pid, backend)
             with unit_of_work(state.factory) as session:
                 project_id = session.scalars(select(Project.id).where(Project.ls_project_id == pid)).one()
 
@@ -408,14 +402,7 @@ def test_saved_annotations_retrain_and_refresh_predictions_with_no_further_actio
             # -- sonographers save their annotations; nothing else is done by anyone ---------------------
             ann_ids = []
             for task in labelled:
-                ann = _ok(
-                    api.post(
-                        f"{ls.url}/api/tasks/{task['id']}/annotations/",
-                        json={"result": brush_results(truth[task["id"]]), "was_cancelled": False, "lead_time": 4.0},
-                    ),
-                    201,
-                )
-                ann_ids.append(ann["id"])
+                ann_ids.append(_annotate(ls, api, task["id"], truth[task["id"]], lead_time=4.0)["id"])
 
             def serving() -> ModelVersion | None:
                 with unit_of_work(state.factory) as session:
@@ -492,8 +479,8 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
     from click.testing import CliRunner
 
     from backend.runtime import Runtime
-    from backend.services.dataset import import_files
     from cli.main import cli
+    from tests.support.datasets import Importer
     from tests.support.frames import synthetic_frame
     from tests.support.imaging import write_dicom
 
@@ -505,27 +492,9 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
     sitk.WriteImage(sitk.GetImageFromArray(np.stack([m for _, m in frames])), str(mask_dir / "cine.nii.gz"))
     ls.wait_ready()
     api = ls.api()
-    settings = Settings(
-        data_dir=tmp_path / "sonoseg",
-        database_url=sqlite_url,
-        label_studio_url=ls.url,
-        label_studio_api_key=ls.personal_access_token(),
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        webhook_secret=SECRET,
-        model_poll_seconds=0.2,
-        device="cpu",
-    )
+    settings = _settings(ls, sqlite_url, tmp_path)
     runtime = Runtime.from_settings(settings)
-    report = import_files(
-        runtime.factory,
-        runtime.store,
-        settings,
-        project_name="cine",
-        class_names=("Nerve", "Vessel"),
-        paths=[dicom],
-        mask_dir=mask_dir,
-    )
+    report = Importer(runtime.factory, runtime.store, settings)([dicom], project="cine", mask_dir=mask_dir)
     assert (report.images_added, report.masks_added, report.errors) == (3, 3, []), report
     with unit_of_work(runtime.factory) as session:
         stored = {
@@ -554,10 +523,7 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
         task = by_image[image_id]
         assert task["data"]["sonoseg_subject"] == subject
         (ann,) = task["annotations"]
-        decoded = np.zeros((96, 128), np.uint8)
-        for region in ann["result"]:
-            decoded[_decode(region) == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
-        np.testing.assert_array_equal(decoded, frames[index][1])
+        np.testing.assert_array_equal(_class_mask(ann["result"], (96, 128)), frames[index][1])
         served = api.get(f"{ls.url}{task['data']['image']}", timeout=30)  # Label Studio serves the pushed frame
         assert served.status_code == 200 and served.content.startswith(b"\x89PNG"), served.status_code
 
@@ -566,24 +532,7 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
     state: AppState = app.extensions["sonoseg"]
     backend = ServedApp(app)
     try:
-        ml = _ok(
-            api.post(
-                f"{ls.url}/api/ml/",
-                json={
-                    "project": pid,
-                    "url": backend.url,
-                    "title": "sonoseg",
-                    "auth_method": "BASIC_AUTH",
-                    "basic_auth_user": USER,
-                    "basic_auth_pass": PASSWORD,
-                },
-            ),
-            201,
-        )
-        assert ml["state"] == "CO", ml
-        hooks = _ok(api.get(f"{ls.url}/api/webhooks/", params={"project": pid}))
-        (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
-        _ok(api.patch(f"{ls.url}/api/webhooks/{hook['id']}/", json={"headers": {"X-Sonoseg-Webhook-Secret": SECRET}}))
+        _connect_backend(ls, api, pid, backend)
         image_id = stored[1][0]
         ann_id = by_image[image_id]["annotations"][0]["id"]
         corrected = frames[1][1].copy()
@@ -610,23 +559,16 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
         assert exported.exit_code == 0, exported.output
         import json
 
-        other = _ok(
-            api.post(
-                f"{ls.url}/api/projects/",
-                json={"title": "re-import", "label_config": (out / "label_config.xml").read_text()},
-            ),
-            201,
-        )["id"]
+        other = _create_project(ls, api, "re-import", (out / "label_config.xml").read_text())
         _ok(api.post(f"{ls.url}/api/projects/{other}/import", json=json.loads((out / "tasks.json").read_text())), 201)
         current = {stored[i][0]: frames[i][1] for i in (0, 2)} | {image_id: corrected}
         reimported = _tasks(ls, api, other)
         assert len(reimported) == 3
         for task in reimported:
             (ann,) = task["annotations"]
-            decoded = np.zeros((96, 128), np.uint8)
-            for region in ann["result"]:
-                decoded[_decode(region) == 255] = 1 + ("Nerve", "Vessel").index(region["value"]["brushlabels"][0])
-            np.testing.assert_array_equal(decoded, current[task["data"]["sonoseg_image_id"]])
+            np.testing.assert_array_equal(
+                _class_mask(ann["result"], (96, 128)), current[task["data"]["sonoseg_image_id"]]
+            )
     finally:
         backend.close()
         state.close()

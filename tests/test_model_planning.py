@@ -4,7 +4,6 @@ consistency, subject-aware splits, bounded validation time, the plan in the chec
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
-from backend.model import spec as spec_module
 from backend.model.checkpoint import load_checkpoint
 from backend.model.data import (
     PatchSampler,
@@ -30,8 +29,8 @@ from backend.model.planner import MIN_OBJECT_DIAMETER, plan_network
 from backend.model.spec import ModelSpec
 from backend.model.synthetic import make_blob_pairs
 from backend.model.train import train
-from backend.model.train_config import TrainConfig
 from backend.model.validation import ValidationSchedule, Validator
+from tests.support.training import cpu_config, two_stage_resunet, use_tiny_preset
 
 torch.set_num_threads(1)
 CLASSES = ("Nerve", "Vessel")
@@ -142,7 +141,7 @@ class SlowValidator:
         self.seconds = seconds
         self.calls = 0
 
-    def __call__(self, model: torch.nn.Module) -> np.ndarray:
+    def __call__(self, model: torch.nn.Module) -> NDArray[np.float64]:
         self.calls += 1
         time.sleep(self.seconds)
         return np.array([0.5, 0.5])
@@ -188,31 +187,9 @@ def test_a_run_spends_at_most_its_validation_share(monkeypatch: pytest.MonkeyPat
         return v
 
     monkeypatch.setattr("backend.model.train.Validator", slow)
-    monkeypatch.setitem(
-        spec_module.PRESETS,
-        "tiny_plan",
-        lambda classes: ModelSpec(
-            arch="resunet_2d",
-            classes=classes,
-            features=(4, 8, 16),
-            encoder_blocks=(1, 1, 1),
-            decoder_blocks=(1, 1),
-            patch_size=(32, 32),
-            full_resolution_skip=True,
-        ),
-    )
+    use_tiny_preset(monkeypatch, "tiny_plan", arch="resunet_2d")  # 3 stages, 4-16 channels
     data = TrainData(make_blob_pairs(12, (32, 32), 2, seed=1), CLASSES)
-    config = TrainConfig(
-        preset="tiny_plan",
-        epochs=10_000,
-        iterations_per_epoch=2,
-        batch_size=2,
-        optimizer="adamw",
-        learning_rate=3e-3,
-        device="cpu",
-        val_fraction=0.25,
-        max_minutes=0.1,
-    )
+    config = cpu_config("tiny_plan", epochs=10_000, iterations_per_epoch=2, batch_size=2, max_minutes=0.1)
     result = train(config, data)
     per_epoch = calls[0].calls  # the sampled validator (calls[1] is the final full re-score)
     assert result.epochs > 3 * per_epoch, (result.epochs, per_epoch)  # not every epoch
@@ -223,35 +200,16 @@ def test_a_run_spends_at_most_its_validation_share(monkeypatch: pytest.MonkeyPat
 
 # -- the plan travels in the checkpoint ---------------------------------------------------------------------------
 @pytest.fixture
-def tiny_planned(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setitem(
-        spec_module.PRESETS,
-        "tiny_plan",
-        lambda classes: ModelSpec(
-            arch="umamba_bot_2d",
-            classes=classes,
-            features=(4, 8, 16, 16),
-            encoder_blocks=(1, 1, 1, 1),
-            decoder_blocks=(1, 1, 1),
-            patch_size=(32, 32),
-            full_resolution_skip=True,
-        ),
+def tiny_planned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-stage tiny U-Mamba as preset ``tiny_plan``, for the planner to start from."""
+    use_tiny_preset(
+        monkeypatch, "tiny_plan", features=(4, 8, 16, 16), encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1)
     )
-    yield
 
 
 def test_the_plan_is_stored_in_and_restored_from_the_checkpoint(tiny_planned: None, tmp_path: Path) -> None:
     data = TrainData(make_blob_pairs(8, (48, 80), 2, seed=2), CLASSES)
-    config = TrainConfig(
-        preset="tiny_plan",
-        epochs=1,
-        iterations_per_epoch=2,
-        batch_size=2,
-        optimizer="adamw",
-        learning_rate=3e-3,
-        device="cpu",
-        val_fraction=0.25,
-    )
+    config = cpu_config("tiny_plan", epochs=1, iterations_per_epoch=2, batch_size=2)
     result = train(config, data)
     assert result.plan is not None and result.plan["decisions"]
     assert tuple(result.plan["patch_size"]) == result.spec.patch_size
@@ -268,14 +226,7 @@ def test_the_plan_is_stored_in_and_restored_from_the_checkpoint(tiny_planned: No
 
 def test_validator_on_cases_is_deterministic() -> None:
     pairs = make_blob_pairs(3, (32, 32), 2, seed=9)
-    spec = ModelSpec(
-        arch="resunet_2d",
-        classes=CLASSES,
-        features=(4, 8),
-        encoder_blocks=(1, 1),
-        decoder_blocks=(1,),
-        patch_size=(32, 32),
-    )
+    spec = two_stage_resunet(CLASSES)
     from backend.model.networks import build_model
 
     model = build_model(spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,33 +10,21 @@ import pytest
 import torch
 
 from backend.errors import CheckpointError, InvalidInput
-from backend.model import spec as spec_module
 from backend.model.checkpoint import load_checkpoint
 from backend.model.data import TrainData
-from backend.model.spec import ModelSpec
 from backend.model.synthetic import make_blob_pairs
 from backend.model.train import Progress, train
 from backend.model.train_config import TrainConfig
+from tests.support.training import cpu_config, two_stage_resunet, use_tiny_preset
 
 torch.set_num_threads(1)
 CLASSES = ("Nerve", "Vessel")
 
 
 @pytest.fixture(autouse=True)
-def tiny_preset(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def tiny(classes: tuple[str, ...]) -> ModelSpec:
-        return ModelSpec(
-            arch="umamba_bot_2d",
-            classes=classes,
-            features=(8, 16, 32),
-            encoder_blocks=(1, 1, 1),
-            decoder_blocks=(1, 1),
-            patch_size=(32, 32),
-            full_resolution_skip=True,
-        )
-
-    monkeypatch.setitem(spec_module.PRESETS, "tiny", tiny)
-    yield
+def tiny_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preset ``tiny``: a 3-stage tiny U-Mamba with 8-32 channels."""
+    use_tiny_preset(monkeypatch, "tiny", features=(8, 16, 32))
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +33,11 @@ def data() -> TrainData:
 
 
 def config(**kw: object) -> TrainConfig:
-    base = TrainConfig(
-        preset="tiny",
+    base = cpu_config(
+        "tiny",
         epochs=5,
         iterations_per_epoch=8,
         batch_size=4,
-        optimizer="adamw",
-        learning_rate=3e-3,
-        device="cpu",
-        val_fraction=0.25,
         # These tests check per-epoch semantics: validate every epoch, no smoothing (the budgeted
         # cadence and the moving average have their own tests in test_model_planning.py).
         val_budget_fraction=1.0,
@@ -135,14 +118,7 @@ def _stop_after_steps(n: int):  # type: ignore[no-untyped-def]
 
 
 def test_an_explicit_spec_replaces_the_preset_and_must_match_the_classes(data: TrainData) -> None:
-    custom = ModelSpec(
-        arch="resunet_2d",
-        classes=CLASSES,
-        features=(4, 8),
-        encoder_blocks=(1, 1),
-        decoder_blocks=(1,),
-        patch_size=(32, 32),
-    )
+    custom = two_stage_resunet(CLASSES)
     result = train(config(epochs=1, iterations_per_epoch=2), data, spec=custom)
     assert result.spec == custom
     assert "mamba_layer.mamba.A_log" not in result.state_dict

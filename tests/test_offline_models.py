@@ -23,6 +23,14 @@ from tests.support.frames import synthetic_frame
 from tests.support.models import save_tiny_checkpoint, tiny_spec
 
 CLASSES = ("Nerve", "Vessel")
+# The registration tests run on SQLite only: ``db_url`` is ``sqlite_url`` alone, marked ``sqlite``.
+sqlite_only = pytest.mark.parametrize("db_url", [pytest.param("sqlite_url", marks=pytest.mark.sqlite)], indirect=True)
+
+
+def _checkpoint(path: Path, classes: tuple[str, ...] = CLASSES) -> Path:
+    """An untrained tiny network for ``classes`` (in that order), saved at ``path``."""
+    save_tiny_checkpoint(path, classes, spec=tiny_spec(classes))
+    return path
 
 
 def _project(factory: SessionFactory, store: LocalBlobStore, *, val_images: int = 2) -> int:
@@ -37,32 +45,32 @@ def _project(factory: SessionFactory, store: LocalBlobStore, *, val_images: int 
         return project.id
 
 
-@pytest.mark.sqlite
-@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+@pytest.fixture
+def pid(factory: SessionFactory, store: LocalBlobStore) -> int:
+    """The id of a project with two labelled validation frames (:func:`_project`)."""
+    return _project(factory, store)
+
+
+@sqlite_only
 def test_a_matching_checkpoint_is_scored_and_registered_as_a_candidate(
-    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, tmp_path: Path
 ) -> None:
-    pid = _project(factory, store)
-    path = tmp_path / "offline.safetensors"
-    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
-    done = register_checkpoint(factory, store, settings, pid, path)
+    done = register_checkpoint(factory, store, settings, pid, _checkpoint(tmp_path / "offline.safetensors"))
     with unit_of_work(factory) as session:
         version = session.scalars(select(ModelVersion).where(ModelVersion.uid == done.uid)).one()
-        assert version.status == "candidate" and version.checkpoint_sha256 and store.exists(version.checkpoint_key)
+        assert version.status == "candidate" and version.checkpoint_sha256 and version.checkpoint_key
+        assert store.exists(version.checkpoint_key)
         assert version.metrics["n_val"] == 2 and "fg_mDice" in version.metrics and version.metrics["offline"]
         assert version.gate_reason and version.gate_reason.startswith("registered offline; gate:")
         assert serving_version(session, pid) is None  # registering never serves by itself
     assert done.n_val == 2 and not done.promoted
 
 
-@pytest.mark.sqlite
-@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+@sqlite_only
 def test_promote_if_better_goes_through_the_gate(
-    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, tmp_path: Path
 ) -> None:
-    pid = _project(factory, store)
-    path = tmp_path / "offline.safetensors"
-    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
+    path = _checkpoint(tmp_path / "offline.safetensors")
     strict = settings.replace(gate_min_dice=1.0)  # no untrained network segments perfectly
     refused = register_checkpoint(factory, store, strict, pid, path, promote_if_better=True)
     assert not refused.promoted and "below the floor" in refused.decision.reason
@@ -76,16 +84,12 @@ def test_promote_if_better_goes_through_the_gate(
         assert change.kind == "promote" and "gate (offline checkpoint)" in (change.reason or "")
 
 
-@pytest.mark.sqlite
-@pytest.mark.parametrize("db_url", ["sqlite_url"], indirect=True)
+@sqlite_only
 def test_a_checkpoint_with_other_classes_or_damage_is_refused_and_stores_nothing(
-    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, pid: int, tmp_path: Path
 ) -> None:
-    pid = _project(factory, store)
-    other = tmp_path / "other.safetensors"
-    save_tiny_checkpoint(
-        other, ("Vessel", "Nerve"), spec=tiny_spec(("Vessel", "Nerve"))
-    )  # the same names, another order: other class indices
+    # the same names, another order: other class indices
+    other = _checkpoint(tmp_path / "other.safetensors", ("Vessel", "Nerve"))
     with pytest.raises(InvalidInput, match="not the project's"):
         register_checkpoint(factory, store, settings, pid, other)
     damaged = tmp_path / "damaged.safetensors"
@@ -108,13 +112,11 @@ def test_models_register_on_the_command_line(tmp_path: Path) -> None:
 
     runtime = Runtime.from_settings(settings)
     _project(runtime.factory, runtime.store, val_images=1)
-    path = tmp_path / "m.safetensors"
-    save_tiny_checkpoint(path, CLASSES, spec=tiny_spec(CLASSES))
+    path = _checkpoint(tmp_path / "m.safetensors")
     ok = runner.invoke(cli, ["models", "register", str(path), "--project", "offline", "--json"], env=env)
     assert ok.exit_code == 0, ok.output
     assert '"promoted": false' in ok.output and '"n_val": 1' in ok.output
-    wrong = tmp_path / "w.safetensors"
-    save_tiny_checkpoint(wrong, ("Nerve",), spec=tiny_spec(("Nerve",)))
+    wrong = _checkpoint(tmp_path / "w.safetensors", ("Nerve",))
     bad = runner.invoke(cli, ["models", "register", str(wrong), "--project", "offline"], env=env)
     assert bad.exit_code != 0 and "not the project's" in bad.output
     with unit_of_work(runtime.factory) as session:

@@ -14,7 +14,6 @@ Skipped, saying why, when playwright or a Chromium binary is missing (no browser
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -218,11 +217,6 @@ def test_training_run_page_follows_a_real_worker_from_queued_to_succeeded(
 
     if not settings.is_sqlite:
         pytest.skip("the real-worker test runs on SQLite with the embedded broker")
-    if not os.environ.get("SONOSEG_UI_REAL_WORKER"):
-        # Known open problem: after this test, the next worker test on PostgreSQL + Redis in the same
-        # session never receives its training task (tests/test_workers_e2e.py, postgres-redis; both
-        # pass alone). Until that is understood it runs on request: SONOSEG_UI_REAL_WORKER=1.
-        pytest.skip("opt-in (SONOSEG_UI_REAL_WORKER=1): interferes with the Redis worker tests, see the comment")
     settings = settings.replace(
         model_preset=WORKER_PRESET,
         device="cpu",
