@@ -58,7 +58,8 @@ pytestmark = [
     pytest.mark.labelstudio,
     pytest.mark.slow,
     pytest.mark.timeout(900),
-    pytest.mark.xdist_group("label-studio"),  # one Label Studio (a minute of start-up) per session, not one per xdist worker
+    # One Label Studio (a minute of start-up) per session, not one per xdist worker.
+    pytest.mark.xdist_group("label-studio"),
 ]
 
 N_IMAGES = 4
