@@ -323,7 +323,19 @@ def report_text(report: dict) -> str:  # type: ignore[type-arg]
 
 def _register_subsystems() -> None:
     """Command groups owned by their subsystems (imported here, not at the top: they import ours)."""
-    from cli import curate_cmd, export_cmd, import_cmd, model_cmd, project_cmd, serve_cmd, split_cmd, worker_cmd
+    from cli import (
+        curate_cmd,
+        export_cmd,
+        import_cmd,
+        model_cmd,
+        next_cmd,
+        project_cmd,
+        report_cmd,
+        serve_cmd,
+        split_cmd,
+        worker_cmd,
+    )
+    from cli.al_cmd import al  # active learning (issue 12)
 
     for command in (
         import_cmd.import_cmd,
@@ -342,6 +354,9 @@ def _register_subsystems() -> None:
         worker_cmd.retrain_policy,
         curate_cmd.stats,
         curate_cmd.review,
+        report_cmd.report,
+        al,
+        next_cmd.next_cmd,
     ):
         cli.add_command(command)
 

@@ -1,13 +1,31 @@
-"""The Label Studio client: both token kinds, refresh-and-retry, credentials only to Label Studio."""
+"""The Label Studio client: both token kinds, refresh-and-retry, credentials only to Label Studio; the writes
+of the ranked label stream (task data, Data Manager tabs, sampling) and ``publish_ranking`` over them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from flask import Response, jsonify, request
 
 from backend.errors import InvalidInput, NotReady, UpstreamError
-from backend.labelstudio.client import LabelStudioClient, TokenKind, token_kind
+from backend.labelstudio.client import (
+    SEQUENTIAL_SAMPLING,
+    EnsuredView,
+    LabelStudioClient,
+    TokenKind,
+    same_filters,
+    token_kind,
+)
+from backend.services.ls_ranking import (
+    QUEUE_KEY,
+    RANK_KEY,
+    VIEW_TITLE,
+    annotator_view_title,
+    publish_ranking,
+    ranks_in_order,
+)
 from tests.support.fake_labelstudio import LEGACY_TOKEN, FakeCloud, FakeLabelStudio, fake_jwt
 from tests.support.servers import ServedApp
 
@@ -153,3 +171,169 @@ def test_a_backslash_or_user_info_trick_cannot_borrow_the_label_studio_origin(
         with pytest.raises(InvalidInput):
             client.download(url, max_bytes=1024)
     assert fake_cloud.seen == []
+
+
+# -- writes for the ranked label stream (backend/services/ls_ranking.py) ---------------------------------
+# The fake grows the endpoints these use, with Label Studio 1.23's semantics where they matter: a task
+# PATCH *replaces* its data; views keep their ``data`` (title, filters, ordering, what the UI adds).
+# That Label Studio itself behaves so is proven by tests/test_labelstudio_e2e.py.
+@pytest.fixture
+def dm() -> Iterator[tuple[FakeLabelStudio, ServedApp, dict[int, dict[str, Any]]]]:
+    fake = FakeLabelStudio()
+    app = fake.app()
+    views: dict[int, dict[str, Any]] = {}
+
+    @app.patch("/api/tasks/<int:task_id>/")
+    def patch_task(task_id: int) -> Response:
+        body = request.get_json() or {}
+        fake.tasks[task_id]["data"] = body["data"]  # replaced, not merged
+        return jsonify(fake.tasks[task_id])
+
+    @app.get("/api/dm/views/")
+    def list_views() -> Response:
+        project = int(request.args["project"])
+        return jsonify([v for v in views.values() if v["project"] == project])
+
+    @app.post("/api/dm/views/")
+    def create_view() -> tuple[Response, int]:
+        body = request.get_json() or {}
+        view_id = len(views) + 1
+        views[view_id] = {"id": view_id, "project": body["project"], "data": body["data"]}
+        return jsonify(views[view_id]), 201
+
+    @app.patch("/api/dm/views/<int:view_id>/")
+    def patch_view(view_id: int) -> Response:
+        views[view_id]["data"] = (request.get_json() or {})["data"]
+        return jsonify(views[view_id])
+
+    @app.patch("/api/projects/<int:project_id>/")
+    def patch_project(project_id: int) -> Response:
+        fake.projects[project_id].update(request.get_json() or {})
+        return jsonify(fake.projects[project_id])
+
+    served = ServedApp(app)
+    yield fake, served, views
+    served.close()
+
+
+def _writes(fake: FakeLabelStudio) -> list[str]:
+    return [f"{s.method} {s.path.split('?')[0]}" for s in fake.seen if s.method in ("POST", "PATCH", "PUT", "DELETE")]
+
+
+def test_update_task_data_keeps_every_other_key(dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]]) -> None:
+    fake, served, _ = dm
+    fake.tasks[1] = {"id": 1, "project": 5, "data": {"image": "/data/upload/5/a.png", "subject": "s1"}}
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+    stored = client.update_task_data(1, {"sonoseg_rank": "00000001"})  # reads the task first
+    assert stored == {"image": "/data/upload/5/a.png", "subject": "s1", "sonoseg_rank": "00000001"}
+    stored = client.update_task_data(1, {"sonoseg_rank": "00000002"}, current=stored, remove=("subject",))
+    assert stored == {"image": "/data/upload/5/a.png", "sonoseg_rank": "00000002"}
+    assert [s.method for s in fake.seen] == ["GET", "PATCH", "PATCH"]
+
+
+def test_ensure_view_finds_creates_and_sets_back_only_what_changed(
+    dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]],
+) -> None:
+    fake, served, views = dm
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+    item = {"filter": "filter:tasks:completed_at", "operator": "empty", "type": "Datetime", "value": True}
+    filters = {"conjunction": "and", "items": [item]}
+    made = client.ensure_view(5, "next", filters=filters, ordering=["tasks:data.rank"])
+    assert (made.created, made.updated, made.view.ordering, made.view.title) == (
+        True,
+        False,
+        ("tasks:data.rank",),
+        "next",
+    )
+    assert made.view.filters == filters
+    assert client.ensure_view(5, "next", filters=filters, ordering=["tasks:data.rank"]) == EnsuredView(
+        made.view, created=False, updated=False
+    )
+    # The web UI saves the tab with its own extras (a column's type, empty child filters, hidden columns):
+    # the same filters, so nothing is written.
+    views[made.view.id]["data"]["filters"]["items"][0].update(type="Unknown", child_filter=None)
+    views[made.view.id]["data"]["hiddenColumns"] = {"explore": ["tasks:inner_id"]}
+    before = len(_writes(fake))
+    assert not client.ensure_view(5, "next", filters=filters, ordering=["tasks:data.rank"]).updated
+    assert len(_writes(fake)) == before
+    # Someone re-sorted the tab: set back, keeping what the UI added; another project's tab is another tab.
+    views[made.view.id]["data"]["ordering"] = ["-tasks:id"]
+    fixed = client.ensure_view(5, "next", filters=filters, ordering=["tasks:data.rank"])
+    assert (fixed.updated, fixed.view.id, fixed.view.ordering) == (True, made.view.id, ("tasks:data.rank",))
+    assert fixed.view.data["hiddenColumns"] == {"explore": ["tasks:inner_id"]}
+    assert client.ensure_view(6, "next", filters=None, ordering=()).created
+    assert same_filters(None, {"conjunction": "or", "items": []}) and not same_filters(filters, None)
+
+
+def test_set_sampling_writes_only_a_change(dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]]) -> None:
+    fake, served, _ = dm
+    fake.projects[5] = {"id": 5, "title": "p", "sampling": "Uniform sampling"}
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+    assert client.set_sampling(5, SEQUENTIAL_SAMPLING) is True
+    assert client.set_sampling(5, SEQUENTIAL_SAMPLING) is False
+    assert fake.projects[5]["sampling"] == SEQUENTIAL_SAMPLING
+    assert _writes(fake) == ["PATCH /api/projects/5/"]
+
+
+def test_publish_ranking_ranks_the_rest_after_and_writes_only_changes(
+    dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]],
+) -> None:
+    fake, served, views = dm
+    fake.projects[5] = {"id": 5, "title": "p", "sampling": "Uniform sampling"}
+    for i in range(1, 6):
+        fake.tasks[i] = {"id": i, "project": 5, "data": {"image": f"/data/upload/5/{i}.png"}, "is_labeled": i == 5}
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+
+    def ranks() -> dict[int, str | None]:
+        return {i: t["data"].get(RANK_KEY) for i, t in fake.tasks.items()}
+
+    first = publish_ranking(client, 5, [(3, 10), (1, 20), (99, 30)])  # ranks need not be consecutive
+    assert ranks() == {3: "00000001", 1: "00000002", 2: "00000003", 4: "00000004", 5: None}  # the rest by id
+    assert (first.tasks_ranked, first.tasks_queued, first.tasks_updated, first.missing) == (2, 4, 4, (99,))
+    assert first.view_created and first.sampling_changed and first.changed
+    assert all(t["data"]["image"] == f"/data/upload/5/{i}.png" for i, t in fake.tasks.items())
+    (view,) = views.values()
+    assert view["data"]["title"] == VIEW_TITLE and view["data"]["ordering"] == ["tasks:data.sonoseg_rank"]
+
+    before = len(_writes(fake))
+    again = publish_ranking(client, 5, [(3, 10), (1, 20), (99, 30)])
+    assert not again.changed and again.tasks_unchanged == 4 and len(_writes(fake)) == before
+
+    moved = publish_ranking(client, 5, ranks_in_order([4]))  # the others keep their previous order, after it
+    assert ranks() == {4: "00000001", 3: "00000002", 1: "00000003", 2: "00000004", 5: None}
+    assert moved.tasks_updated == 4 and not moved.view_created
+    with pytest.raises(InvalidInput, match="ranked twice"):
+        publish_ranking(client, 5, [(1, 1), (1, 2)])
+
+
+def test_publish_ranking_deals_tasks_out_to_annotator_tabs_and_takes_them_back(
+    dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]],
+) -> None:
+    fake, served, views = dm
+    fake.projects[5] = {"id": 5, "title": "p", "sampling": SEQUENTIAL_SAMPLING}
+    for i in range(1, 6):
+        fake.tasks[i] = {"id": i, "project": 5, "data": {"image": f"/data/upload/5/{i}.png"}, "is_labeled": False}
+    client = LabelStudioClient(served.url, LEGACY_TOKEN)
+    published = publish_ranking(client, 5, ranks_in_order([5, 4, 3, 2, 1]), annotators=["ann@x", "bob@x"])
+    assert {i: t["data"][QUEUE_KEY] for i, t in fake.tasks.items()} == {
+        5: "ann@x",
+        4: "bob@x",
+        3: "ann@x",
+        2: "bob@x",
+        1: "ann@x",
+    }
+    assert not published.sampling_changed and published.annotator_views_written == 2
+    ann = views[published.annotator_views["ann@x"]]["data"]
+    assert ann["title"] == annotator_view_title("ann@x") and ann["ordering"] == ["tasks:data.sonoseg_rank"]
+    assert ann["filters"]["items"][-1] == {
+        "filter": "filter:tasks:data.sonoseg_queue",
+        "operator": "equal",
+        "type": "String",
+        "value": "ann@x",
+    }
+    # Without annotators, nothing is dealt out any more (emptied: the key stays for the web UI's filters).
+    alone = publish_ranking(client, 5, ranks_in_order([5, 4, 3, 2, 1]))
+    assert alone.tasks_updated == 5 and alone.annotator_views == {}
+    assert {t["data"][QUEUE_KEY] for t in fake.tasks.values()} == {""}
+    with pytest.raises(InvalidInput, match="listed twice"):
+        publish_ranking(client, 5, [], annotators=["ann@x", "ann@x"])

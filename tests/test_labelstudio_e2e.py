@@ -11,12 +11,19 @@ annotations saved in Label Studio reach sonoseg through the webhook Label Studio
 exactly one training run, the new version serves (``/setup``), and the worker writes its
 predictions for the unlabelled tasks back into Label Studio.
 
-Both tests share one Label Studio (its first start migrates a database: the slow part).
+The ranking test (issue 12) publishes sonoseg's ranking into a project and asks Label Studio's label
+stream for the next task as two signed-up sonographers: through the API, through the request the
+web UI's Data Manager makes, and (where playwright and Chromium are installed) through the web UI.
+
+The tests share one Label Studio (its first start migrates a database: the slow part).
 Skipped, with the reason, when .venv-ls is missing; ``make test`` installs it in CI.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +45,12 @@ from backend.db.models import (
     TrainingRun,
 )
 from backend.db.session import unit_of_work
+from backend.labelstudio.client import SEQUENTIAL_SAMPLING, LabelStudioClient
 from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.services.ls_ranking import QUEUE_KEY, RANK_KEY, format_rank, publish_ranking, ranks_in_order
 from backend.services.masks import read_mask
 from backend.settings import Settings
-from tests.support.frames import blob_pairs, dataset_pairs, png_bytes
+from tests.support.frames import blob_pairs, dataset_pairs, png_bytes, synthetic_frame
 from tests.support.models import CLASSES, register_model, train_tiny_model
 from tests.support.payloads import brush_results
 from tests.support.processes import (
@@ -574,3 +583,136 @@ def test_a_curated_cine_dicom_is_pushed_corrected_in_label_studio_and_comes_back
         backend.close()
         state.close()
         runtime.close()
+
+
+# -- Label Studio's own label stream follows sonoseg's ranking (issue 12) ------------------------------
+RANKED_TASKS = 6
+SONOGRAPHER_PASSWORD = "sonographer-pass-5127"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _sign_up(ls: LabelStudio, api: requests.Session, email: str) -> requests.Session:
+    """A colleague joins the way Label Studio Community lets them: the organisation's invite link
+    (``GET /api/invite``, as the admin), the sign-up form, then their own legacy API token
+    (``GET /api/current-user/token``); an API session as them."""
+    invite = f"{ls.url}{_ok(api.get(f'{ls.url}/api/invite'))['invite_url']}"
+    session = requests.Session()
+    form = session.get(invite, timeout=30)
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
+    assert form.status_code == 200 and csrf, form.status_code
+    fields = {"email": email, "password": SONOGRAPHER_PASSWORD, "csrfmiddlewaretoken": csrf.group(1)}
+    signed = session.post(invite, data=fields, headers={"Referer": invite}, allow_redirects=False, timeout=30)
+    assert signed.status_code == 302, signed.text[:500]  # signed up and logged in
+    token = _ok(session.get(f"{ls.url}/api/current-user/token", timeout=30))["token"]
+    user = requests.Session()
+    user.headers["Authorization"] = f"Token {token}"
+    return user
+
+
+def _next_task(ls: LabelStudio, user: requests.Session, pid: int, view_id: int) -> int:
+    """``GET /api/projects/<id>/next?view=<tab>``: the task Label Studio hands ``user`` (and locks to them)."""
+    return int(_ok(user.get(f"{ls.url}/api/projects/{pid}/next", params={"view": view_id}, timeout=30))["id"])
+
+
+def _label_as_displayed(ls: LabelStudio, user: requests.Session, pid: int, view_id: int) -> dict[str, Any]:
+    """The request the web UI's *Label Tasks As Displayed* makes in tab ``view_id`` (as recorded from its
+    Data Manager in Chromium, see the browser step of the test): the tab's ordering and filters in
+    the body of ``POST /api/dm/actions?id=next_task``. The next task, with the queue that chose it."""
+    data = _ok(user.get(f"{ls.url}/api/dm/views/{view_id}/", timeout=30))["data"]
+    body = {"ordering": data["ordering"], "filters": data["filters"], "project": str(pid)}
+    params: dict[str, str | int] = {"id": "next_task", "tabID": view_id, "project": pid}
+    return dict(_ok(user.post(f"{ls.url}/api/dm/actions", params=params, json=body, timeout=30)))
+
+
+def _label_as_displayed_in_chromium(ls: LabelStudio, pid: int, view_id: int, email: str) -> tuple[Any, int]:
+    """In a real Chromium: log in as ``email``, open tab ``view_id``, press *Label Tasks As Displayed*;
+    the body of the next-task request the Data Manager sent, and the id of the task it opened."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{ls.url}/user/login/")
+            page.fill("input[name=email]", email)
+            page.fill("input[name=password]", SONOGRAPHER_PASSWORD)
+            page.click("button[type=submit], input[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{ls.url}/projects/{pid}/data?tab={view_id}")
+            page.get_by_text("Label All Tasks").first.wait_for()
+            with page.expect_response(lambda r: "id=next_task" in r.url) as answered:
+                page.get_by_role("button", name="Toggle open").first.click()  # the arrow beside Label All Tasks
+                page.get_by_text("Label Tasks As Displayed").first.click()
+            response = answered.value
+            assert f"tabID={view_id}" in response.url and response.ok, (response.url, response.status)
+            return response.request.post_data_json, int(response.json()["id"])
+        finally:
+            browser.close()
+
+
+def test_label_studio_hands_out_tasks_in_sonosegs_ranking_and_two_sonographers_get_different_ones(
+    label_studio: LabelStudio,
+) -> None:
+    """Issue 12 (4): after ``publish_ranking``, the task Label Studio 1.23 Community hands out next is
+    sonoseg's top-ranked one, and two sonographers get different tasks, both through the API's
+    lock-aware label stream and through what the web UI's Data Manager sends."""
+    ls = label_studio
+    ls.wait_ready()
+    api = ls.api()
+    pid = _create_project(ls, api, "sonoseg ranking e2e")
+    frames = [synthetic_frame(70 + i, (64, 64)) for i in range(RANKED_TASKS)]
+    _upload_pngs(ls, api, pid, [(f"ranked{i}.png", img) for i, (img, _) in enumerate(frames)])
+    tasks = _tasks(ls, api, pid)
+    ids = [t["id"] for t in tasks]
+    image_of = {t["id"]: t["data"]["image"] for t in tasks}
+    mask_of = {t["id"]: frames[int(t["data"]["image"].rsplit("ranked", 1)[1].split(".")[0])][1] for t in tasks}
+    order = [ids[i] for i in (3, 5, 0, 4, 2, 1)]  # sonoseg's ranking, best first: not the task-id order
+    _ok(api.patch(f"{ls.url}/api/projects/{pid}/", json={"sampling": "Uniform sampling"}))  # random until published
+    alice_email, bob_email = f"sonographer-a-{pid}@example.com", f"sonographer-b-{pid}@example.com"
+    client = LabelStudioClient(ls.url, ls.personal_access_token())
+
+    # -- publish: every task's rank in its data (image kept), the tab in that order, Sequential sampling --
+    published = publish_ranking(client, pid, ranks_in_order(order), annotators=[alice_email, bob_email])
+    assert (published.tasks_ranked, published.tasks_updated, published.missing) == (RANKED_TASKS, RANKED_TASKS, ())
+    assert published.view_created and published.sampling_changed
+    for task in _tasks(ls, api, pid):
+        position = order.index(task["id"])
+        assert task["data"]["image"] == image_of[task["id"]]
+        assert task["data"][RANK_KEY] == format_rank(position + 1)
+        assert task["data"][QUEUE_KEY] == (alice_email, bob_email)[position % 2]  # dealt out in turn
+    assert _ok(api.get(f"{ls.url}/api/projects/{pid}/"))["sampling"] == SEQUENTIAL_SAMPLING
+    listed = _ok(api.get(f"{ls.url}/api/tasks/", params={"view": published.view_id, "project": pid}))
+    assert [t["id"] for t in listed["tasks"]] == order
+    again = publish_ranking(client, pid, ranks_in_order(order), annotators=[alice_email, bob_email])
+    assert not again.changed and again.tasks_unchanged == RANKED_TASKS, again  # idempotent: nothing written
+    assert (again.view_id, again.annotator_views) == (published.view_id, published.annotator_views)
+
+    alice, bob = _sign_up(ls, api, alice_email), _sign_up(ls, api, bob_email)
+
+    # -- the API's label stream on the shared tab: ranked, and lock-aware -----------------------------------
+    assert _next_task(ls, alice, pid, published.view_id) == order[0]
+    assert _next_task(ls, bob, pid, published.view_id) == order[1]  # alice holds the first
+    assert _next_task(ls, alice, pid, published.view_id) == order[0]  # she keeps hers
+
+    # -- the web UI's Label Tasks As Displayed on the shared tab: ranked, but not lock-aware ----------------
+    # (Label Studio 1.23's "Data manager queue" hands everyone the tab's first task; docs/labelstudio.md)
+    shared = _label_as_displayed(ls, bob, pid, published.view_id)
+    assert (shared["id"], shared["queue"]) == (order[0], "Data manager queue")
+
+    # -- ... so each sonographer labels their own tab: their share, in ranking order, never the same task ---
+    alice_tab, bob_tab = published.annotator_views[alice_email], published.annotator_views[bob_email]
+    assert _label_as_displayed(ls, alice, pid, alice_tab)["id"] == order[0]
+    assert _label_as_displayed(ls, bob, pid, bob_tab)["id"] == order[1]
+    _annotate(ls, alice, order[0], mask_of[order[0]], lead_time=2.0)  # alice submits: her stream moves on
+    assert _label_as_displayed(ls, alice, pid, alice_tab)["id"] == order[2]
+    assert _label_as_displayed(ls, bob, pid, bob_tab)["id"] == order[1]
+    assert _next_task(ls, bob, pid, published.view_id) == order[1]
+
+    # -- the same through the Data Manager in a real browser (where playwright and Chromium are installed) --
+    if CHROMIUM is not None and importlib.util.find_spec("playwright") is not None:
+        sent, opened = _label_as_displayed_in_chromium(ls, pid, bob_tab, bob_email)
+        assert opened == order[1]
+        assert sent["ordering"] == [f"tasks:data.{RANK_KEY}"]
+        queue_filters = [i for i in sent["filters"]["items"] if i["filter"] == f"filter:tasks:data.{QUEUE_KEY}"]
+        assert [f["value"] for f in queue_filters] == [bob_email], sent

@@ -10,7 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect, text
 
 from backend.db.base import Base
 from backend.db.migrate import alembic_config, current_revision, downgrade, head_revision, require_up_to_date, upgrade
@@ -31,6 +31,8 @@ EXPECTED_TABLES = {
     "label_issue",
     "scheduler_heartbeat",
     "split_change",
+    "image_score",
+    "label_lease",
 }
 
 
@@ -90,12 +92,28 @@ def test_unmigrated_database_is_refused_with_instructions(empty_url: str) -> Non
         engine.dispose()
 
 
+def _insert_project_and_image(conn: Connection, *, split: str) -> None:
+    """Project 1 and its image 1 (in ``split``) as raw SQL rows, in columns every revision from 0002 on has."""
+    conn.execute(
+        text(
+            "INSERT INTO project (id, name, class_names, retrain_pending, created_at, auto_retrain) "
+            "VALUES (1, 'p', '[\"Nerve\"]', false, CURRENT_TIMESTAMP, true)"
+        )
+    )
+    conn.execute(
+        text(
+            "INSERT INTO image (id, project_id, sha256, blob_key, width, height, subject, split, "
+            "source_format, frame_index, acquisition, created_at) VALUES (1, 1, 'x', 'k', 2, 2, "
+            "'subj-1', :split, 'png', 0, '{}', CURRENT_TIMESTAMP)"
+        ),
+        {"split": split},
+    )
+
+
 @pytest.mark.parametrize("with_key", [True, False])
 def test_0003_removes_clear_paths_and_personal_webhook_fields(empty_url: str, with_key: bool) -> None:
     """Data written by 0002-era code: clear source paths and verbatim webhook bodies."""
     import json
-
-    from sqlalchemy import text
 
     from backend.services.pseudonyms import source_ref
 
@@ -111,19 +129,7 @@ def test_0003_removes_clear_paths_and_personal_webhook_fields(empty_url: str, wi
             "task": {"id": 2, "data": {"image": "/data/upload/3/Doe_John.png"}},
         }
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO project (id, name, class_names, retrain_pending, created_at, auto_retrain) "
-                    "VALUES (1, 'p', '[\"Nerve\"]', false, CURRENT_TIMESTAMP, true)"
-                )
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO image (id, project_id, sha256, blob_key, width, height, subject, split, "
-                    "source_format, frame_index, acquisition, created_at) VALUES (1, 1, 'x', 'k', 2, 2, "
-                    "'subj-1', 'train', 'png', 0, '{}', CURRENT_TIMESTAMP)"
-                )
-            )
+            _insert_project_and_image(conn, split="train")
             conn.execute(
                 text(
                     "INSERT INTO image_source (id, project_id, image_id, kind, uri, active, created_at) "
@@ -153,25 +159,11 @@ def test_0003_removes_clear_paths_and_personal_webhook_fields(empty_url: str, wi
 def test_0004_keeps_every_row_both_ways(empty_url: str) -> None:
     """0004 adds a column to ``project``: on SQLite a batch (table recreating) ALTER would drop the
     table with foreign keys on and cascade-delete every image; the rows must survive both ways."""
-    from sqlalchemy import text
-
     engine = make_engine(empty_url)
     try:
         upgrade(engine, "0003")
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO project (id, name, class_names, retrain_pending, created_at, auto_retrain) "
-                    "VALUES (1, 'p', '[\"Nerve\"]', false, CURRENT_TIMESTAMP, true)"
-                )
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO image (id, project_id, sha256, blob_key, width, height, subject, split, "
-                    "source_format, frame_index, acquisition, created_at) VALUES (1, 1, 'x', 'k', 2, 2, "
-                    "'subj-1', 'test', 'png', 0, '{}', CURRENT_TIMESTAMP)"
-                )
-            )
+            _insert_project_and_image(conn, split="test")
         upgrade(engine, "0004")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
@@ -184,11 +176,48 @@ def test_0004_keeps_every_row_both_ways(empty_url: str) -> None:
         engine.dispose()
 
 
+def test_0005_adds_active_learning_and_keeps_every_row_both_ways(empty_url: str) -> None:
+    """0005 adds ``project.al_strategy`` and ``mask_version.lead_time_seconds`` in place and two tables;
+    existing rows survive both ways, existing projects get the 'default' strategy, and a lease or a
+    score stored at 0005 goes with the downgrade."""
+    engine = make_engine(empty_url)
+    try:
+        upgrade(engine, "0004")
+        with engine.begin() as conn:
+            _insert_project_and_image(conn, split="train")
+            conn.execute(
+                text(
+                    "INSERT INTO mask_version (id, image_id, version, source, blob_key, sha256, foreground_pixels, "
+                    "is_current, active, created_at) VALUES (1, 1, 1, 'annotation', 'm', 'y', 0, true, true, "
+                    "CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(engine, "0005")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT al_strategy FROM project")).scalar() == "default"
+            assert conn.execute(text("SELECT lead_time_seconds FROM mask_version")).scalar() is None
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
+            conn.execute(
+                text(
+                    "INSERT INTO label_lease (image_id, project_id, annotator, leased_at, expires_at) "
+                    "VALUES (1, 1, 'a', '2026-01-01 10:00:00', '2026-01-01 11:00:00')"
+                )
+            )
+        downgrade(engine, "0004")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar() == 1
+            assert conn.execute(text("SELECT count(*) FROM mask_version")).scalar() == 1
+            assert "al_strategy" not in {c["name"] for c in inspect(conn).get_columns("project")}
+            assert "lead_time_seconds" not in {c["name"] for c in inspect(conn).get_columns("mask_version")}
+            assert not {"image_score", "label_lease"} & set(inspect(conn).get_table_names())
+        upgrade(engine, "0005")
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_a_database_with_images_from_0001_keeps_every_row(empty_url: str) -> None:
     """0002 adds columns to ``project`` in batch mode (SQLite recreates the table): with foreign keys
     on, dropping the old ``project`` cascaded to every image. Migrations run with them off."""
-    from sqlalchemy import text
-
     engine = make_engine(empty_url)
     try:
         upgrade(engine, "0001")

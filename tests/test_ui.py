@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -364,6 +365,56 @@ def test_effort_page_shows_histograms_and_accepted_share_per_version_and_no_lead
         assert f"{row.accepted} of 7" in body
     # untrained (k=0): dice index (j + 0) % 6 for j = 1..7 -> 0.5, 0.9, 0.96, 0.99, 1.0, 0.1, 0.5: 3 accepted
     assert effort.rows[0].accepted == 3 and effort.rows[0].bins[10] == 2
+
+
+def test_effort_page_reports_median_dice_and_seconds_per_image_from_the_annotations_lead_time(env: Env) -> None:
+    pid = setup_project(env)
+    seconds = [12.0, 30.0, None, 18.0]  # the third annotation carried no lead_time
+    dices = [0.5, 0.97, 0.8, 0.2]
+    with unit_of_work(env.factory) as s:
+        project = s.get_one(Project, pid)
+        for i, (t, d) in enumerate(zip(seconds, dices, strict=True)):
+            frame, label = synthetic_frame(900 + i, (32, 32))
+            image = add_image(s, env.store, project, frame, subject=f"t{i}", source=SourceInfo("import")).image
+            corrected = add_mask_version(s, env.store, project, image, label, source="annotation").mask_version
+            corrected.lead_time_seconds = t
+            s.add(
+                Prediction(
+                    image_id=image.id,
+                    model_version_uid="untrained",
+                    corrected_mask_version_id=corrected.id,
+                    correction_dice=d,
+                )
+            )
+        frame, _ = synthetic_frame(999, (32, 32))  # served, never corrected: counted, not timed
+        other = add_image(s, env.store, project, frame, subject="t9", source=SourceInfo("import")).image
+        s.add(Prediction(image_id=other.id, model_version_uid="untrained"))
+    with unit_of_work(env.factory) as s:
+        effort = dashboard.correction_effort(s, dashboard.project_ref(s, pid))
+    (row,) = effort.rows
+    assert (row.predictions, row.corrected, row.timed, row.accepted) == (5, 4, 3, 1)
+    assert row.median_dice == pytest.approx(0.65) and row.mean_dice == pytest.approx(0.6175)
+    assert row.mean_seconds == pytest.approx(20.0) and row.median_seconds == pytest.approx(18.0)
+    assert effort.lead_time_recorded
+    html = env.get(f"/ui/projects/{pid}/effort").get_data(as_text=True)
+    assert "not recorded yet" not in html
+    assert "20.0 / 18.0" in html and "3 timed" in html and "0.650" in html
+
+    # `sonoseg report effort` reads the same rows
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    cli_env = env.settings.to_env()
+    as_json = CliRunner().invoke(cli, ["report", "effort", "--project", str(pid), "--json"], env=cli_env)
+    assert as_json.exit_code == 0, as_json.output
+    (version,) = json.loads(as_json.output)["versions"]
+    assert version["model_version"] == "untrained" and version["corrected"] == 4 and version["timed"] == 3
+    assert version["median_seconds"] == pytest.approx(18.0) and version["accepted_share"] == pytest.approx(0.25)
+    text = CliRunner().invoke(cli, ["report", "effort", "--project", str(pid)], env=cli_env)
+    assert text.exit_code == 0 and "untrained" in text.output and "20.0" in text.output, text.output
+    missing = CliRunner().invoke(cli, ["report", "effort", "--project", "no-such-project"], env=cli_env)
+    assert missing.exit_code != 0 and "no-such-project" in missing.output and "Traceback" not in missing.output
 
 
 def test_runs_page_shows_progress_and_the_error_of_a_failed_run_and_its_json_follows_the_row(env: Env) -> None:

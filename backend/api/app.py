@@ -2,8 +2,8 @@
 
 Where a request is handled: the Label Studio ML-backend protocol (``/health``, ``/setup``,
 ``/predict``, ``/webhook``, ``/versions``) in :mod:`backend.api.ls_protocol`, ``/metrics`` in
-:mod:`backend.api.metrics_views`; errors become JSON in :mod:`backend.api.errors` (the one table
-of HTTP statuses); the background webhook drain is :mod:`backend.api.events`.
+:mod:`backend.api.metrics_views`, ``/api/next`` (the work list) in :mod:`backend.api.worklist_views`;
+errors become JSON in :mod:`backend.api.errors` (the one table of HTTP statuses); the background webhook drain is :mod:`backend.api.events`.
 
 ``create_app`` builds a new, independent app on every call (tests pass their own settings): its
 runtime (engine, session factory, blob store, Label Studio link), model holder, metrics and,
@@ -20,7 +20,7 @@ import logging
 
 from flask import Flask
 
-from backend.api import ls_protocol, metrics_views, ui
+from backend.api import ls_protocol, metrics_views, ui, worklist_views
 from backend.api.errors import install_error_handlers
 from backend.api.events import EVENT_DRAIN_SECONDS, EventDrainer
 from backend.api.metrics import Metrics
@@ -61,6 +61,7 @@ def create_app(
     app.register_blueprint(metrics_views.bp)
     app.register_blueprint(ls_protocol.bp)
     app.register_blueprint(ui.bp)  # the dashboard under /ui (docs/dashboard.md)
+    app.register_blueprint(worklist_views.bp)  # /api/next: active learning's work list (docs/active-learning.md)
     install_error_handlers(app)
 
     if start_background:

@@ -5,7 +5,9 @@ Rules about the data live here, in the database, not in application code:
 - mask versions are append-only: a correction adds a version, a deletion marks it inactive;
 - at most one *current* label mask per image, at most one *serving* model per project, and at
   most one *active* (queued or running) training run per project: all partial unique indexes;
-- a webhook delivery is recorded once, by its event key.
+- a webhook delivery is recorded once, by its event key;
+- an image is leased to at most one annotator at a time (unique ``label_lease.image_id``), and a
+  model version scores an image at most once (unique ``image_score`` (image, version)).
 
 Enumerated columns are short strings guarded by named CHECK constraints (portable, and readable in
 psql / sqlite3 without a lookup table). The allowed values are the ``*_VALUES`` tuples below.
@@ -24,6 +26,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
@@ -81,6 +84,10 @@ class Project(Base):
     # move --to test`) or ran `sonoseg split freeze`: automatic assignment then gives new subjects
     # train or val only, and `sonoseg split move` refuses to move into or out of test without --force.
     test_frozen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # The active-learning strategy that ranks this project's work list (`sonoseg next`, /api/next): a
+    # name known to backend.active_learning.strategies.strategy_named ('default', 'random', 'fg_random',
+    # 'entropy'). Checked where it is set, not by a CHECK: the set of strategies grows with the code.
+    al_strategy: Mapped[str] = mapped_column(String(32), default="default", server_default=text("'default'"))
 
     images: Mapped[list[Image]] = relationship(back_populates="project")
 
@@ -182,6 +189,9 @@ class MaskVersion(Base):
     # The imported file this label came from (imports only): tells a re-import of the same file
     # (a new version of its mask) from a second file with identical pixels (a possible conflict).
     image_source_id: Mapped[int | None] = mapped_column(ForeignKey("image_source.id", ondelete="SET NULL"))
+    # Label Studio's ``lead_time`` of the annotation (seconds the annotator spent on it), annotations only;
+    # None when Label Studio sent none. Correction effort per model version reads it.
+    lead_time_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="masks")
@@ -375,6 +385,57 @@ class SplitChange(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     author: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ImageScore(Base):
+    """What one model version thought of one image: acquisition scores and a compact embedding.
+
+    Written for the serving version after each promotion (``services.repredict``), read by active
+    learning (``services.scores.candidates_for``). One row per (image, model version): a ranking
+    never mixes two models' opinions, and a rollback finds the older version's scores still there.
+    ``embedding`` holds ``embedding_dim`` little-endian float16 values (2 bytes each).
+    """
+
+    __tablename__ = "image_score"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id"),
+        CheckConstraint("embedding_dim >= 0", name="embedding_dim"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id", ondelete="CASCADE"), index=True)
+    entropy: Mapped[float] = mapped_column(Float)
+    tta_disagreement: Mapped[float] = mapped_column(Float)
+    boundary_uncertainty: Mapped[float] = mapped_column(Float)
+    foreground_fraction: Mapped[float] = mapped_column(Float)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    embedding_dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LabelLease(Base):
+    """An image handed out to one annotator until ``expires_at`` (``sonoseg next``, ``/api/next``).
+
+    At most one lease per image (the unique ``image_id``), which is what makes handing out atomic:
+    a claim is an INSERT (or a compare-and-set UPDATE of an expired row), and the loser of a race
+    gets an integrity error or zero rows, never the same image. A lease past ``expires_at`` is
+    free for anyone to take over; a submitted annotation deletes it.
+    """
+
+    __tablename__ = "label_lease"
+    __table_args__ = (
+        Index("ix_label_lease_project_id_expires_at", "project_id", "expires_at"),
+        CheckConstraint("expires_at > leased_at", name="expiry"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    # Whoever asked (``--annotator``, ``?annotator=``): a member of staff's handle, never a patient's.
+    annotator: Mapped[str] = mapped_column(String(200))
+    leased_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class SchedulerHeartbeat(Base):

@@ -24,9 +24,10 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import requests
 
@@ -51,6 +52,11 @@ _HAS_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # be refused by the URL policy anyway; it must fail as this one task's reason, not as a crash.
 _UNPARSEABLE_REDIRECT = "{} answered a redirect whose Location cannot be parsed; refused"
 
+Sampling = Literal["Sequential sampling", "Uniform sampling", "Uncertainty sampling"]
+"""``Project.sampling`` values of Label Studio 1.23."""
+SEQUENTIAL_SAMPLING: Sampling = "Sequential sampling"
+"""The label stream takes the first task of its queue that no other user holds a lock on."""
+
 
 class TokenKind(Enum):
     LEGACY = "legacy"
@@ -68,6 +74,68 @@ def token_kind(api_key: str) -> TokenKind:
         if isinstance(header, dict) and "alg" in header:
             return TokenKind.PERSONAL
     return TokenKind.LEGACY
+
+
+@dataclass(frozen=True)
+class DataManagerView:
+    """A Data Manager tab (``/api/dm/views``): its filters and ordering choose and sort a task queue."""
+
+    id: int
+    project: int
+    title: str
+    filters: dict[str, Any] | None  # {"conjunction": "and", "items": [{"filter", "operator", "type", "value"}]}
+    ordering: tuple[str, ...]  # e.g. ("tasks:data.sonoseg_rank",); "-" in front sorts descending
+    data: dict[str, Any]  # the whole ``data`` object as Label Studio keeps it (the UI adds hiddenColumns...)
+
+    @classmethod
+    def from_api(cls, body: Any) -> DataManagerView:
+        if not isinstance(body, dict) or not isinstance(body.get("id"), int):
+            raise UpstreamError("Label Studio returned a Data Manager view without an id")
+        raw = body.get("data")
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        filters = data.get("filters")
+        ordering = data.get("ordering")
+        return cls(
+            id=int(body["id"]),
+            project=int(body["project"]) if isinstance(body.get("project"), int) else 0,
+            title=str(data.get("title", "")),
+            filters=filters if isinstance(filters, dict) else None,
+            ordering=tuple(str(o) for o in ordering) if isinstance(ordering, list) else (),
+            data=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class EnsuredView:
+    """What :meth:`LabelStudioClient.ensure_view` found or made."""
+
+    view: DataManagerView
+    created: bool
+    updated: bool
+
+
+def same_filters(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Whether two Data Manager filter groups select the same tasks.
+
+    Compares the conjunction and each item's column, operator, value and child filter, in order;
+    not ``type`` (the UI rewrites a ``data.*`` column's type to that column's, e.g. ``Unknown``). No
+    items at all is the same as no filter group.
+    """
+
+    def item_key(item: Mapping[str, Any]) -> tuple[str, ...]:
+        child = item.get("child_filter")
+        child_key = item_key(child) if isinstance(child, Mapping) else ()
+        value = json.dumps(item.get("value"), sort_keys=True)
+        return (str(item.get("filter")), str(item.get("operator")), value, *child_key)
+
+    def key(group: Mapping[str, Any] | None) -> tuple[str, tuple[tuple[str, ...], ...]]:
+        items = group.get("items") if group is not None else None
+        if group is None or not isinstance(items, list) or not items:
+            return ("", ())
+        conjunction = str(group.get("conjunction") or "and")
+        return (conjunction, tuple(item_key(i) for i in items if isinstance(i, Mapping)))
+
+    return key(a) == key(b)
 
 
 class LabelStudioClient:
@@ -338,14 +406,17 @@ class LabelStudioClient:
             raise UpstreamError(f"Label Studio returned no task object for task {task_id}")
         return body
 
-    def iter_tasks(self, project_id: int, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every task of a project with its annotations (``fields=all``), page by page."""
+    def iter_tasks(
+        self, project_id: int, *, page_size: int = 100, fields: Literal["all", "task_only"] = "all"
+    ) -> Iterator[dict[str, Any]]:
+        """Every task of a project, page by page: with its annotations and predictions
+        (``fields="all"``), or only the task itself (``"task_only"``: id, data, is_labeled, counts)."""
         page, seen = 1, 0
         while True:
             resp = self.request(
                 "GET",
                 "/api/tasks/",
-                params={"project": int(project_id), "page": page, "page_size": page_size, "fields": "all"},
+                params={"project": int(project_id), "page": page, "page_size": page_size, "fields": fields},
             )
             if resp.status_code == 404 and page > 1:  # DRF: past the last page
                 return
@@ -363,6 +434,97 @@ class LabelStudioClient:
             if not tasks or not isinstance(body, dict) or (isinstance(total, int) and seen >= total):
                 return
             page += 1
+
+    def update_task_data(
+        self,
+        task_id: int,
+        changes: Mapping[str, Any],
+        *,
+        current: Mapping[str, Any] | None = None,
+        remove: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Set keys of a task's ``data``, keeping every other key; the data as Label Studio stored it.
+
+        Label Studio's ``PATCH /api/tasks/<id>/`` *replaces* ``data`` with what it is sent (a
+        ``{"data": {"k": 1}}`` patch would drop the image URL), so the patch carries the whole data:
+        ``current`` (the task's data as just read; fetched when not given) with ``changes`` set and
+        the keys in ``remove`` taken out. A write between that read and this patch is lost.
+        """
+        if current is None:
+            got = self.get_task(task_id).get("data")
+            if not isinstance(got, dict):
+                raise UpstreamError(f"Label Studio's task {task_id} has no data object")
+            current = got
+        merged = {k: v for k, v in current.items() if k not in remove}
+        merged.update(changes)
+        body = _checked_json(
+            self.request("PATCH", f"/api/tasks/{int(task_id)}/", json_body={"data": merged}),
+            f"updating the data of task {task_id}",
+        )
+        stored = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(stored, dict):
+            raise UpstreamError(f"Label Studio's answer to updating task {task_id} has no data object")
+        return stored
+
+    def list_views(self, project_id: int) -> list[DataManagerView]:
+        """The project's Data Manager tabs, in their order."""
+        body = self.get_json("/api/dm/views/", params={"project": int(project_id)})
+        if not isinstance(body, list):
+            raise UpstreamError("Label Studio's Data Manager view list is not a list")
+        views = [DataManagerView.from_api(v) for v in body]
+        return [v for v in views if v.project in (0, int(project_id))]
+
+    def ensure_view(
+        self,
+        project_id: int,
+        title: str,
+        *,
+        filters: Mapping[str, Any] | None,
+        ordering: Sequence[str],
+    ) -> EnsuredView:
+        """The project's Data Manager tab named ``title`` with these filters and ordering.
+
+        The first tab with that title is reused (and its filters and ordering are set back when
+        someone changed them; the rest of its data, such as the columns the UI hides, is kept);
+        without one, a tab is created. Repeating the call changes nothing.
+        """
+        wanted_ordering = tuple(ordering)
+        for view in self.list_views(project_id):
+            if view.title != title:
+                continue
+            if same_filters(view.filters, filters) and view.ordering == wanted_ordering:
+                return EnsuredView(view, created=False, updated=False)
+            data = {k: v for k, v in view.data.items() if k != "selectedItems"}
+            data.update(title=title, filters=_filter_group(filters), ordering=list(wanted_ordering))
+            body = _checked_json(
+                self.request(
+                    "PATCH", f"/api/dm/views/{view.id}/", json_body={"project": int(project_id), "data": data}
+                ),
+                f"updating Data Manager view {view.id}",
+            )
+            return EnsuredView(DataManagerView.from_api(body), created=False, updated=True)
+        data = {"title": title, "filters": _filter_group(filters), "ordering": list(wanted_ordering)}
+        body = self._post_json(
+            "/api/dm/views/", {"project": int(project_id), "data": data}, f"creating Data Manager view {title!r}"
+        )
+        return EnsuredView(DataManagerView.from_api(body), created=True, updated=False)
+
+    def set_sampling(self, project_id: int, sampling: Sampling) -> bool:
+        """Set the project's task sampling (``Project.sampling``); whether it changed.
+
+        Reads the project first and writes only when the setting differs; raises when Label Studio
+        does not report the new setting afterwards.
+        """
+        if self.get_project(project_id).get("sampling") == sampling:
+            return False
+        body = _checked_json(
+            self.request("PATCH", f"/api/projects/{int(project_id)}/", json_body={"sampling": sampling}),
+            f"setting the sampling of project {project_id}",
+        )
+        got = body.get("sampling") if isinstance(body, dict) else None
+        if got != sampling:
+            raise UpstreamError(f"Label Studio kept sampling {got!r} for project {project_id}, not {sampling!r}")
+        return True
 
     @staticmethod
     def presign_path(task_id: int, fileuri: str) -> str:
@@ -416,6 +578,13 @@ def read_limited(resp: requests.Response, max_bytes: int, what: str) -> bytes:
         resp.close()
 
 
+def _filter_group(filters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A filter group as the Data Manager sends it; no filters is an empty ``and`` group."""
+    if not filters:
+        return {"conjunction": "and", "items": []}
+    return {"conjunction": filters.get("conjunction") or "and", "items": list(filters.get("items") or [])}
+
+
 def _checked_json(resp: requests.Response, what: str) -> Any:
     """The JSON answer of a write; an HTTP error becomes an UpstreamError with Label Studio's words."""
     if not resp.ok:
@@ -434,11 +603,16 @@ def _json_body(resp: requests.Response, what: str) -> Any:
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_REDIRECTS",
+    "SEQUENTIAL_SAMPLING",
+    "DataManagerView",
+    "EnsuredView",
     "LabelStudioClient",
     "Origin",
+    "Sampling",
     "TokenKind",
     "fetch_without_credentials",
     "read_limited",
     "redact_url",
+    "same_filters",
     "token_kind",
 ]

@@ -27,11 +27,17 @@ from backend.labelstudio.results import results_to_mask
 from backend.model.metrics import image_dice
 from backend.services.label_issues import record_issue
 from backend.services.masks import add_mask_version, deactivate_annotation, lock_images, read_mask
+from backend.services.worklist import release_for_image
 from backend.storage.blobs import BlobStore, staged_writes
 
 log = logging.getLogger(__name__)
 
 OutcomeKind = Literal["created", "updated", "unchanged", "history", "deactivated", "ignored", "refused"]
+# Outcomes that mean a sonographer's annotation was recorded now (not a replay, not a skip): they end the
+# image's lease. A skip does not (the lease runs out), nor does a replay: reconciliation replays every
+# annotation, and would otherwise end a lease another annotator took since. A refused annotation opens a
+# label issue, which takes the image out of the pool (services.scores) and so out of every work list.
+SUBMITTED: tuple[OutcomeKind, ...] = ("created", "updated", "history")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,21 @@ def apply_annotation(
     skip), ``ignored`` (a skip we never held as a label), or ``refused`` (every region
     carries a label the class map does not know: recorded as a label issue, never a label).
     """
+    outcome = _apply(session, store, project, config, image_id, annotation, webhook_event_id)
+    if outcome.kind in SUBMITTED:
+        release_for_image(session, image_id)  # the annotator's lease on the image (services.worklist) ends
+    return outcome
+
+
+def _apply(
+    session: Session,
+    store: BlobStore,
+    project: Project,
+    config: LabelConfig,
+    image_id: int,
+    annotation: LsAnnotation,
+    webhook_event_id: int | None,
+) -> AnnotationOutcome:
     ann_id = annotation.id
     if annotation.was_cancelled:
         return AnnotationOutcome("deactivated" if deactivate_annotation(session, ann_id) else "ignored")
@@ -122,12 +143,23 @@ def apply_annotation(
             webhook_event_id=webhook_event_id,
             ls_updated_at=annotation.updated_at,
         )
+    _record_lead_time(write.mask_version, annotation, created=write.created)
     if not write.created:
         return AnnotationOutcome("unchanged")
     if not write.current:
         return AnnotationOutcome("history")
     record_correction(session, store, image, write.mask_version, decoded.mask)
     return AnnotationOutcome("updated" if had_versions else "created")
+
+
+def _record_lead_time(mv: MaskVersion, annotation: LsAnnotation, *, created: bool) -> None:
+    """Label Studio's ``lead_time`` (seconds spent) onto the annotation's mask version: set on a new
+    version; on a replay of the same annotation only filled in where it was missing (versions are
+    append-only, a stored value is not rewritten)."""
+    if annotation.lead_time is None or mv.ls_annotation_id != annotation.id:
+        return
+    if created or mv.lead_time_seconds is None:
+        mv.lead_time_seconds = annotation.lead_time
 
 
 def retire_tasks(session: Session, project_id: int, task_ids: Collection[int]) -> list[int]:

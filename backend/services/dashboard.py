@@ -377,7 +377,8 @@ def model_timeline(session: Session, project: ProjectRef, *, gate_metric: str = 
 # -- correction effort --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EffortRow:
-    """Predictions served by one model version and how much they were corrected (``correction_dice``)."""
+    """Predictions served by one model version and how much they were corrected (``correction_dice``),
+    and how long the corrections took (Label Studio's ``lead_time`` of the correcting annotation)."""
 
     model_uid: str  # "untrained" for the empty pre-annotations served before any model
     created_at: dt.datetime | None  # of the model version (None for "untrained")
@@ -386,6 +387,10 @@ class EffortRow:
     accepted: int  # corrected with Dice >= ACCEPTED_DICE: taken nearly unchanged
     mean_dice: float | None
     bins: tuple[int, ...]  # HISTOGRAM_BINS counts of correction Dice over [0, 1]
+    median_dice: float | None = None
+    timed: int = 0  # corrections whose annotation carried a lead_time
+    mean_seconds: float | None = None
+    median_seconds: float | None = None
 
     @property
     def accepted_share(self) -> float | None:
@@ -398,13 +403,21 @@ class Effort:
     rows: tuple[EffortRow, ...]  # "untrained" first, then versions oldest first
     bins: int = HISTOGRAM_BINS
     accepted_dice: float = ACCEPTED_DICE
-    # Seconds per image need Label Studio's annotation ``lead_time``, which is not stored yet.
-    lead_time_recorded: bool = False
+
+    @property
+    def lead_time_recorded(self) -> bool:
+        """Whether any correction carried Label Studio's ``lead_time`` (older ones did not store it)."""
+        return any(row.timed for row in self.rows)
 
 
 def correction_effort(session: Session, project: ProjectRef) -> Effort:
-    """Histograms of correction Dice per model version: one aggregate statement."""
+    """Per model version: histograms and means in one aggregate statement; medians from a second
+    one that reads the corrected predictions' (version, Dice, seconds) only.
+
+    Medians are computed here rather than in SQL because SQLite has no percentile function.
+    """
     dice = Prediction.correction_dice
+    seconds = MaskVersion.lead_time_seconds
     # bounds i / n, so the last bin starts at exactly ACCEPTED_DICE (0.95, not 19 * 0.05 = 0.9500000000000001)
     n = HISTOGRAM_BINS
     bins = [
@@ -413,6 +426,12 @@ def correction_effort(session: Session, project: ProjectRef) -> Effort:
         else func.sum(case((dice >= i / n, 1), else_=0))
         for i in range(HISTOGRAM_BINS)
     ]
+    corrected_by = (
+        select(Prediction.model_version_uid.label("uid"), dice.label("dice"), seconds.label("seconds"))
+        .join(Image, Image.id == Prediction.image_id)
+        .outerjoin(MaskVersion, MaskVersion.id == Prediction.corrected_mask_version_id)
+        .where(Image.project_id == project.id)
+    )
     rows = session.execute(
         select(
             Prediction.model_version_uid,
@@ -421,13 +440,23 @@ def correction_effort(session: Session, project: ProjectRef) -> Effort:
             func.count(dice),
             func.sum(case((dice >= ACCEPTED_DICE, 1), else_=0)),
             func.avg(dice),
+            func.count(case((dice.is_not(None), seconds))),
+            func.avg(case((dice.is_not(None), seconds))),
             *bins,
         )
         .join(Image, Image.id == Prediction.image_id)
         .outerjoin(ModelVersion, ModelVersion.id == Prediction.model_version_id)
+        .outerjoin(MaskVersion, MaskVersion.id == Prediction.corrected_mask_version_id)
         .where(Image.project_id == project.id)
         .group_by(Prediction.model_version_uid)
     ).all()
+    dices: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
+    for uid, d, t in session.execute(corrected_by.where(dice.is_not(None))):
+        if d is not None:  # always (the WHERE); the column is nullable
+            dices.setdefault(uid, []).append(float(d))
+        if t is not None:
+            times.setdefault(uid, []).append(float(t))
     out = [
         EffortRow(
             model_uid=str(r[0]),
@@ -436,13 +465,21 @@ def correction_effort(session: Session, project: ProjectRef) -> Effort:
             corrected=int(r[3]),
             accepted=int(r[4] or 0),
             mean_dice=_number(r[5]),
-            bins=tuple(int(b or 0) for b in r[6:]),
+            timed=int(r[6] or 0),
+            mean_seconds=_number(r[7]),
+            bins=tuple(int(b or 0) for b in r[8:]),
+            median_dice=_median(dices.get(str(r[0]), [])),
+            median_seconds=_median(times.get(str(r[0]), [])),
         )
         for r in rows
     ]
     epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
     out.sort(key=lambda e: (e.created_at is not None, e.created_at or epoch, e.model_uid))
     return Effort(project, tuple(out))
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 # -- training runs ------------------------------------------------------------------------------------

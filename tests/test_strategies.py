@@ -1,0 +1,147 @@
+"""Selection strategies (backend.active_learning.strategies): pure numpy, property-tested."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backend.active_learning.candidates import Candidate
+from backend.active_learning.strategies import STRATEGY_NAMES, DefaultStrategy, strategy_named
+from backend.errors import InvalidInput
+
+DIM = 8
+unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+def basis(k: int, dim: int = DIM) -> np.ndarray:
+    v = np.zeros(dim, np.float32)
+    v[k % dim] = 1.0
+    return v
+
+
+@st.composite
+def candidates(draw: st.DrawFn, *, max_size: int = 30) -> list[Candidate]:
+    """A pool with arbitrary scores; ids may repeat (a repeated id counts once)."""
+    n = draw(st.integers(0, max_size))
+    ids = draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))
+    pool = []
+    for image_id in ids:
+        emb = np.asarray(draw(st.lists(st.floats(-1, 1, allow_nan=False), min_size=DIM, max_size=DIM)), np.float32)
+        emb = emb / max(float(np.linalg.norm(emb)), 1e-6)
+        pool.append(Candidate(image_id, draw(unit), draw(unit), draw(unit), draw(unit), emb.astype(np.float32)))
+    return pool
+
+
+@settings(max_examples=60, deadline=None)
+@given(pool=candidates(), n=st.integers(-2, 35), seed=st.integers(0, 2**32 - 1), name=st.sampled_from(STRATEGY_NAMES))
+def test_returns_at_most_n_distinct_pool_ids_deterministically(
+    pool: list[Candidate], n: int, seed: int, name: str
+) -> None:
+    strategy = strategy_named(name)
+    chosen = strategy.select(pool, n, np.random.default_rng(seed))
+    distinct_ids = {c.image_id for c in pool}
+    assert len(chosen) == len(set(chosen)) == min(max(n, 0), len(distinct_ids))
+    assert set(chosen) <= distinct_ids
+    assert strategy.select(pool, n, np.random.default_rng(seed)) == chosen
+    assert strategy.name == name
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_an_empty_pool_gives_nothing(name: str) -> None:
+    assert strategy_named(name).select([], 5, np.random.default_rng(0)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    copies=st.lists(st.integers(1, 6), min_size=1, max_size=DIM),
+    scores=st.data(),
+    n=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    centre=st.booleans(),
+)
+def test_default_never_picks_two_identical_embeddings_while_distinct_ones_remain(
+    copies: list[int], scores: st.DataObject, n: int, seed: int, centre: bool
+) -> None:
+    """Prototype k appears copies[k] times (consecutive cine frames); every pick before the
+    distinct prototypes run out is a new prototype."""
+    pool = []
+    prototype_of = {}
+    for k, m in enumerate(copies):
+        for _ in range(m):
+            image_id = len(pool)
+            prototype_of[image_id] = k
+            pool.append(
+                Candidate(
+                    image_id, scores.draw(unit), scores.draw(unit), scores.draw(unit), scores.draw(unit), basis(k)
+                )
+            )
+    chosen = DefaultStrategy(centre=centre).select(pool, n, np.random.default_rng(seed))
+    k = len(copies)
+    head = [prototype_of[i] for i in chosen[:k]]
+    assert len(set(head)) == len(head) == min(n, k)
+    assert len(chosen) == min(n, len(pool))
+
+
+def test_default_suppresses_near_duplicates_by_cosine_threshold() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(5, 16))
+    pool = []
+    for i in range(20):  # 5 clips x 4 nearly identical frames; clip 0 is by far the most uncertain
+        v = base[i // 4] + 0.01 * rng.normal(size=16)
+        pool.append(
+            Candidate(i, 1.0 - (i // 4) * 0.2 - i * 1e-3, 0.5, 0.5, 0.5, (v / np.linalg.norm(v)).astype(np.float32))
+        )
+    chosen = DefaultStrategy(beta=20.0, fg_share=0.0).select(pool, 5, np.random.default_rng(0))
+    assert sorted(i // 4 for i in chosen) == [0, 1, 2, 3, 4]
+    # Entropy top-k takes the whole hardest clip.
+    assert sorted(strategy_named("entropy").select(pool, 4, np.random.default_rng(0))) == [0, 1, 2, 3]
+
+
+def test_default_keeps_its_share_of_foreground_random_slots() -> None:
+    """Slots 4 and 8 (fg_share 0.25) come from fg_random even when every informative pick is empty."""
+    pool = [Candidate(i, 1.0 - i / 100, 1.0 - i / 100, 1.0 - i / 100, 0.0, basis(i, 64)) for i in range(20)]
+    pool += [Candidate(100 + i, 0.01, 0.01, 0.01, 0.2, basis(20 + i, 64)) for i in range(20)]
+    chosen = DefaultStrategy(beta=50.0).select(pool, 8, np.random.default_rng(3))
+    assert [i >= 100 for i in chosen] == [False, False, False, True, False, False, False, True]
+    assert chosen[:3] == [0, 1, 2]
+
+
+def test_fg_random_prefers_frames_with_predicted_foreground_and_tops_up() -> None:
+    pool = [Candidate(i, 0.5, 0.5, 0.5, 0.3 if i % 2 else 0.0, basis(i)) for i in range(10)]
+    chosen = strategy_named("fg_random").select(pool, 7, np.random.default_rng(0))
+    assert all(i % 2 == 1 for i in chosen[:5]) and all(i % 2 == 0 for i in chosen[5:])
+
+
+def test_entropy_is_top_k_with_ties_by_id() -> None:
+    pool = [Candidate(i, e, 0.0, 0.0, 0.1, basis(i)) for i, e in enumerate([0.1, 0.9, 0.5, 0.9, 0.2])]
+    assert strategy_named("entropy").select(pool, 3, np.random.default_rng(0)) == [1, 3, 2]
+
+
+def test_random_differs_between_seeds_and_is_a_permutation() -> None:
+    pool = [Candidate(i, 0.0, 0.0, 0.0, 0.0, basis(i)) for i in range(30)]
+    a = strategy_named("random").select(pool, 30, np.random.default_rng(0))
+    b = strategy_named("random").select(pool, 30, np.random.default_rng(1))
+    assert sorted(a) == list(range(30)) and a != b
+
+
+def test_combined_score_is_rank_based() -> None:
+    """Only the order of each score matters: rescaling one changes nothing."""
+    rng = np.random.default_rng(0)
+    raw = rng.random((3, 12))
+    pool = [Candidate(i, *raw[:, i], 0.5, basis(i)) for i in range(12)]
+    scaled = [Candidate(i, raw[0, i] ** 3 / 10, *raw[1:, i], 0.5, basis(i)) for i in range(12)]
+    s = DefaultStrategy()
+    np.testing.assert_allclose(s.combined_score(pool), s.combined_score(scaled))
+    assert s.combined_score(pool).max() <= 1.0 and s.combined_score(pool).min() > 0.0
+
+
+def test_unknown_names_and_bad_parameters_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="unknown strategy"):
+        strategy_named("badge")
+    with pytest.raises(InvalidInput):
+        strategy_named("default", nonsense=1)
+    with pytest.raises(InvalidInput):
+        strategy_named("default", fg_share=1.5)
+    assert strategy_named("default", beta=2, weights=[1, 0, 1]).select([], 1, np.random.default_rng(0)) == []
