@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from backend.errors import SonosegError
+from cli.context import CliContext, fail, pass_ctx
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +221,66 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         mean_curve = "-" if s["labels_to_target_mean_curve"] is None else str(s["labels_to_target_mean_curve"])
         lines.append(f"{name:<12}{s['aubc_mean']:>10.4f}{s['aubc_std']:>8.4f}  {per_seed:<28}{reach}; {mean_curve}")
     return lines
+
+
+@al.command("publish")
+@click.option("--project", "project_name", required=True, help="Project name or id (linked to Label Studio).")
+@click.option(
+    "--annotator",
+    "annotators",
+    multiple=True,
+    help="A sonographer's Label Studio e-mail; repeat it: each gets a tab of their own share of the ranking.",
+)
+@click.option("--strategy", default=None, help="Override the project's strategy for this ranking.")
+@click.option("--seed", type=int, default=None, help="Seed of the strategy's random choices (default: fresh).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
+@pass_ctx
+def publish(
+    c: CliContext, project_name: str, annotators: tuple[str, ...], strategy: str | None, seed: int | None, as_json: bool
+) -> None:
+    """Make Label Studio's label stream follow sonoseg's ranking of the project's unlabelled frames.
+
+    Ranks the pool with the serving model's cached scores (docs/active-learning.md), writes each
+    task's place into its data (``sonoseg_rank``) and keeps the tab "sonoseg: next to label" (and
+    one tab per --annotator) ordered by it, with Sequential sampling (docs/labelstudio.md).
+    """
+    import numpy as np
+
+    from backend.db.session import unit_of_work
+    from backend.services.ls_ranking import publish_ranking, ranks_in_order
+    from backend.services.projects import get_project
+    from backend.services.worklist import rank_pool
+
+    try:
+        with unit_of_work(c.factory) as session:  # the ranking; Label Studio is written after the commit
+            ranked = rank_pool(
+                session,
+                get_project(session, project_name),
+                strategy=strategy,
+                rng=np.random.default_rng(seed),
+            )
+        if ranked.ls_project_id is None:
+            raise click.ClickException(
+                f"project {project_name!r} is not linked to Label Studio: `sonoseg project link` or `create-ls` first"
+            )
+        client = c.runtime.fetcher.client
+        if client is None:
+            raise click.ClickException("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to talk to Label Studio")
+        result = publish_ranking(
+            client, ranked.ls_project_id, ranks_in_order(ranked.ranked_task_ids()), annotators=annotators
+        )
+    except SonosegError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        body = {"strategy": ranked.strategy, "model_version": ranked.model_version, **result.to_json()}
+        click.echo(json.dumps(body, indent=2, default=str))
+        return
+    click.echo(
+        f"Label Studio project {result.ls_project_id}: {result.tasks_ranked} task(s) ranked by {ranked.strategy!r} "
+        f"(model {ranked.model_version or 'none yet: random order'}), {result.tasks_updated} updated, "
+        f'{result.tasks_unchanged} unchanged; tab {result.view_id} "sonoseg: next to label"'
+    )
+    for annotator, view_id in result.annotator_views.items():
+        click.echo(f"  {annotator}: tab {view_id}")
+    if result.missing:
+        click.echo(f"  {len(result.missing)} ranked task(s) no longer in Label Studio: run `sonoseg sync`", err=True)

@@ -337,3 +337,58 @@ def test_publish_ranking_deals_tasks_out_to_annotator_tabs_and_takes_them_back(
     assert {t["data"][QUEUE_KEY] for t in fake.tasks.values()} == {""}
     with pytest.raises(InvalidInput, match="listed twice"):
         publish_ranking(client, 5, [], annotators=["ann@x", "ann@x"])
+
+
+def test_al_publish_ranks_the_pool_with_the_serving_models_scores_into_label_studio(
+    dm: tuple[FakeLabelStudio, ServedApp, dict[int, Any]], tmp_path: Any
+) -> None:
+    """`sonoseg al publish`: the database's ranking (cached scores of the serving version) reaches the
+    tasks' ``sonoseg_rank``; a project not linked to Label Studio is a clear error."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from backend.db.migrate import upgrade
+    from backend.db.models import ImageSource, Project
+    from backend.db.session import make_engine, make_session_factory, unit_of_work
+    from backend.model.scores import ImageScores
+    from backend.services.images import SourceInfo, add_image
+    from backend.services.scores import store_scores
+    from backend.settings import Settings
+    from backend.storage.blobs import LocalBlobStore
+    from cli.main import cli
+    from tests.support.frames import synthetic_frame
+    from tests.support.models import record_version
+
+    fake, served, _views = dm
+    settings = Settings(data_dir=tmp_path / "data", label_studio_url=served.url, label_studio_api_key=LEGACY_TOKEN)
+    settings.data_dir.mkdir()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    store = LocalBlobStore(settings.store_dir)
+    fake.projects[5] = {"id": 5, "title": "p", "sampling": "Uniform sampling"}
+    entropies = {1: 0.2, 2: 0.9, 3: 0.5}  # task id -> entropy: the entropy strategy ranks 2, 3, 1
+    with unit_of_work(factory) as s:
+        project = Project(name="p", class_names=["Nerve", "Vessel"], ls_project_id=5)
+        s.add_all([project, Project(name="offline", class_names=["Nerve"])])
+        s.flush()
+        by_image: dict[int, ImageScores] = {}
+        for task_id, entropy in entropies.items():
+            frame, _ = synthetic_frame(task_id, (24, 24))
+            image = add_image(s, store, project, frame, subject=f"s{task_id}", source=SourceInfo("import")).image
+            image.split = "train"
+            s.add(ImageSource(project_id=project.id, image_id=image.id, kind="labelstudio", ls_task_id=task_id))
+            fake.tasks[task_id] = {"id": task_id, "project": 5, "data": {"image": f"/data/upload/5/{task_id}.png"}}
+            vector = np.zeros(8, np.float32)
+            vector[task_id] = 1.0
+            by_image[image.id] = ImageScores(entropy, 0.1, 0.1, 0.3, vector)
+        s.flush()
+        store_scores(s, record_version(s, project).id, by_image)
+    env = settings.to_env()
+    out = CliRunner().invoke(cli, ["al", "publish", "--project", "p", "--strategy", "entropy", "--json"], env=env)
+    assert out.exit_code == 0, out.output
+    assert {i: t["data"][RANK_KEY] for i, t in fake.tasks.items()} == {2: "00000001", 3: "00000002", 1: "00000003"}
+    assert fake.projects[5]["sampling"] == SEQUENTIAL_SAMPLING
+    assert '"tasks_ranked": 3' in out.output and '"strategy": "entropy"' in out.output
+    unlinked = CliRunner().invoke(cli, ["al", "publish", "--project", "offline"], env=env)
+    assert unlinked.exit_code != 0 and "not linked to Label Studio" in unlinked.output
