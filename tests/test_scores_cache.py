@@ -217,3 +217,52 @@ def test_repredict_after_a_promotion_scores_the_pool_with_the_new_version(
         assert stale.skipped_reason is not None and stale.scored == 0
     finally:
         runtime.close()
+
+
+# -- and when images arrive ------------------------------------------------------------------------------
+def test_frames_that_arrive_after_the_promotion_are_scored_by_the_periodic_tick(
+    factory: SessionFactory, store: LocalBlobStore, settings: Settings, tmp_path: Path
+) -> None:
+    """``projects_awaiting_scores`` finds the project again once a frame arrives; ``score_new_images``
+    scores just that frame, and nothing once every pool image is scored."""
+    from backend.services.repredict import score_new_images
+    from backend.services.scores import projects_awaiting_scores
+
+    rng = np.random.default_rng(1)
+
+    def arrive(pid: int, i: int) -> int:
+        with unit_of_work(factory) as s:
+            project = s.get_one(Project, pid)
+            frame = rng.integers(0, 255, (40, 56), dtype=np.uint8)
+            added = add_image(s, store, project, frame, subject=f"a{i}", source=SourceInfo("import", ref=f"a{i}"))
+            added.image.split = "train"
+            return added.image.id
+
+    with unit_of_work(factory) as s:
+        project = Project(name="p", class_names=["Nerve", "Vessel"])
+        unserved = Project(name="q", class_names=["Nerve", "Vessel"])
+        s.add_all([project, unserved])
+        s.flush()
+        pid, qid = project.id, unserved.id
+    first = [arrive(pid, i) for i in range(3)]
+    arrive(qid, 99)  # no model serves q: nothing to score it with
+    with factory() as s:
+        assert projects_awaiting_scores(s) == []
+    path = tmp_path / "v.safetensors"
+    save_tiny_checkpoint(path, seed=3, spec=tiny_spec(**WORKER_TINY))
+    version = register_model(factory, store, pid, path)
+    with factory() as s:
+        assert projects_awaiting_scores(s) == [pid]
+    cpu = settings.replace(device="cpu")
+    assert score_new_images(factory, store, cpu, pid).scored == 3
+    with factory() as s:
+        assert projects_awaiting_scores(s) == []
+    assert score_new_images(factory, store, cpu, pid).skipped_reason == "every pool image is scored"
+    late = arrive(pid, 7)
+    with factory() as s:
+        assert projects_awaiting_scores(s) == [pid]
+    assert score_new_images(factory, store, cpu, pid).scored == 1
+    with factory() as s:
+        rows = s.scalars(select(ImageScore.image_id).where(ImageScore.model_version_id == version.id))
+        assert sorted(rows) == sorted([*first, late])
+    assert score_new_images(factory, store, cpu, qid).skipped_reason == "no serving model"

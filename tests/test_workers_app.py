@@ -20,7 +20,15 @@ from backend.errors import InvalidInput
 from backend.services.training import requests
 from backend.settings import Settings
 from workers.celery_app import make_celery, runtime_of
-from workers.names import QUEUES, TASK_DISPATCH, TASK_PREDICT_PROJECT, TASK_ROUTES, TASK_TRAIN
+from workers.names import (
+    QUEUES,
+    TASK_DISPATCH,
+    TASK_PREDICT_PROJECT,
+    TASK_ROUTES,
+    TASK_SCORE_NEW_IMAGES,
+    TASK_SCORE_PROJECT,
+    TASK_TRAIN,
+)
 from workers.schedules import beat_schedule, parse_cron
 
 
@@ -113,6 +121,9 @@ def test_beat_schedule_and_cron_parsing(tmp_path: Path) -> None:
     assert isinstance(nightly, crontab) and nightly.hour == {1} and nightly.minute == {30}
     assert nightly.day_of_week == {1, 2, 3, 4, 5}
     assert "scheduled-retrain" not in beat_schedule(Settings(data_dir=tmp_path, retrain_cron="off"))
+    assert schedule["score-new-images"]["task"] == TASK_SCORE_NEW_IMAGES
+    assert TASK_ROUTES[TASK_SCORE_NEW_IMAGES] == {"queue": "housekeeping"}
+    assert TASK_ROUTES[TASK_SCORE_PROJECT] == {"queue": "predict"}  # loads the model: where predictions run
     assert parse_cron("  OFF ") is None
     for bad in ("0 2 * *", "99 2 * * *"):
         with pytest.raises(InvalidInput, match="SONOSEG_RETRAIN_CRON"):

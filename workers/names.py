@@ -20,12 +20,16 @@ TASK_DISPATCH = "sonoseg.dispatch_due_runs"
 TASK_REAP = "sonoseg.reap_stale_runs"
 TASK_DRAIN_WEBHOOKS = "sonoseg.drain_webhook_events"
 TASK_SCHEDULED_RETRAIN = "sonoseg.scheduled_retrain"
+TASK_SCORE_PROJECT = "sonoseg.score_project"
+TASK_SCORE_NEW_IMAGES = "sonoseg.score_new_images"
 
 TASK_ROUTES = {
     TASK_TRAIN: {"queue": QUEUE_TRAIN},
     TASK_PREDICT_PROJECT: {"queue": QUEUE_PREDICT},
+    TASK_SCORE_PROJECT: {"queue": QUEUE_PREDICT},
     TASK_DISPATCH: {"queue": QUEUE_HOUSEKEEPING},
     TASK_REAP: {"queue": QUEUE_HOUSEKEEPING},
     TASK_DRAIN_WEBHOOKS: {"queue": QUEUE_HOUSEKEEPING},
     TASK_SCHEDULED_RETRAIN: {"queue": QUEUE_HOUSEKEEPING},
+    TASK_SCORE_NEW_IMAGES: {"queue": QUEUE_HOUSEKEEPING},
 }

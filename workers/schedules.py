@@ -45,7 +45,13 @@ def parse_cron(expression: str) -> crontab | None:
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The ``beat_schedule`` config for ``settings`` (task names from workers.names)."""
-    from workers.names import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
+    from workers.names import (
+        TASK_DISPATCH,
+        TASK_DRAIN_WEBHOOKS,
+        TASK_REAP,
+        TASK_SCHEDULED_RETRAIN,
+        TASK_SCORE_NEW_IMAGES,
+    )
 
     if settings.dispatch_interval_seconds <= 0:
         raise InvalidInput(f"SONOSEG_DISPATCH_INTERVAL_SECONDS must be > 0, got {settings.dispatch_interval_seconds}")
@@ -64,6 +70,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "drain-webhook-events": {
             "task": TASK_DRAIN_WEBHOOKS,
+            "schedule": HOUSEKEEPING_PERIOD_SECONDS,
+            "options": {"expires": HOUSEKEEPING_PERIOD_SECONDS * 2},
+        },
+        # Frames that arrived since the last promotion get the serving model's scores (active learning).
+        "score-new-images": {
+            "task": TASK_SCORE_NEW_IMAGES,
             "schedule": HOUSEKEEPING_PERIOD_SECONDS,
             "options": {"expires": HOUSEKEEPING_PERIOD_SECONDS * 2},
         },

@@ -169,6 +169,35 @@ def repredict_unlabelled(
     return report
 
 
+def score_new_images(factory: SessionFactory, store: BlobStore, settings: Settings, project_id: int) -> RepredictReport:
+    """Score the pool images the serving version has not scored yet (frames imported or first seen
+    in Label Studio since the promotion), so the ranking covers them; nothing is written to Label
+    Studio. A no-op when no model serves or every pool image is scored."""
+    with unit_of_work(factory) as session:
+        serving = serving_version(session, project_id)
+        row = (
+            ServingRow(project_id, serving.id, serving.uid, serving.checkpoint_key, serving.checkpoint_sha256)
+            if serving is not None
+            else None
+        )
+        project = session.get(Project, project_id)
+        waiting = bool(unscored_pool_images(session, project, serving.id)) if project and serving else False
+    report = RepredictReport(project_id, row.uid if row else None)
+    if row is None or not waiting:
+        report.skipped_reason = "no serving model" if row is None else "every pool image is scored"
+        return report
+    served = load_from_store(store, settings)(row)
+    _score_pool(factory, store, row, served.predictor, report)
+    log.info(
+        "project %s: %d new pool image(s) scored by %s, %d failed",
+        project_id,
+        report.scored,
+        row.uid,
+        report.score_failed,
+    )
+    return report
+
+
 def _score_pool(
     factory: SessionFactory, store: BlobStore, row: ServingRow, predictor: Predictor, report: RepredictReport
 ) -> None:

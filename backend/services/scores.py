@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from sqlalchemy import ColumnElement, and_, exists, not_, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from backend.active_learning.candidates import Candidate
 from backend.db.base import utcnow
@@ -142,7 +142,7 @@ def _updates(excluded: Any) -> dict[str, Any]:
 
 
 # -- the pool ----------------------------------------------------------------------------------------
-def in_pool(project_id: int) -> ColumnElement[bool]:
+def in_pool(project_id: int | ColumnElement[int] | InstrumentedAttribute[int]) -> ColumnElement[bool]:
     """The pool's rule (module doc) as a WHERE clause on :class:`Image`."""
     labelled = exists().where(MaskVersion.image_id == Image.id, MaskVersion.is_current)
     held_back = exists().where(LabelIssue.image_id == Image.id, LabelIssue.status == "open")
@@ -160,6 +160,15 @@ def in_pool(project_id: int) -> ColumnElement[bool]:
 def pool_image_ids(session: Session, project: Project) -> list[int]:
     """The ids of the project's pool (module doc), ascending."""
     return list(session.scalars(select(Image.id).where(in_pool(project.id)).order_by(Image.id)))
+
+
+def projects_awaiting_scores(session: Session) -> list[int]:
+    """Projects whose serving version has not scored some pool image yet (frames that arrived since
+    the last promotion): what the periodic scoring tick hands to the ``predict`` queue. One statement."""
+    scored = exists().where(ImageScore.image_id == Image.id, ImageScore.model_version_id == ModelVersion.id)
+    waiting = exists().where(in_pool(ModelVersion.project_id), not_(scored))
+    query = select(ModelVersion.project_id).where(ModelVersion.status == "serving", waiting).distinct()
+    return sorted(int(pid) for pid in session.scalars(query))
 
 
 def unscored_pool_images(session: Session, project: Project, model_version_id: int) -> list[PoolImage]:

@@ -22,7 +22,15 @@ from backend.services import scheduler
 from backend.services.training import execute, queue, requests
 from backend.services.webhooks import process_pending_events
 from workers.celery_app import runtime_of
-from workers.names import TASK_DISPATCH, TASK_DRAIN_WEBHOOKS, TASK_REAP, TASK_SCHEDULED_RETRAIN
+from workers.names import (
+    TASK_DISPATCH,
+    TASK_DRAIN_WEBHOOKS,
+    TASK_REAP,
+    TASK_SCHEDULED_RETRAIN,
+    TASK_SCORE_NEW_IMAGES,
+    TASK_SCORE_PROJECT,
+)
+from workers.schedules import HOUSEKEEPING_PERIOD_SECONDS
 from workers.tasks.training import send_run
 
 log = logging.getLogger(__name__)
@@ -119,3 +127,17 @@ def scheduled_retrain(self: Task) -> list[int]:
         send_run(self.app, run_id)
     log.info("scheduled retrain: %d project(s) queued", len(queued))
     return queued
+
+
+@shared_task(name=TASK_SCORE_NEW_IMAGES, bind=True, acks_late=True, ignore_result=True)
+def score_new_images(self: Task) -> list[int]:
+    """Hand each project whose serving model has unscored pool images to the ``predict`` queue
+    (frames imported, pushed or first seen in Label Studio since the last promotion)."""
+    from backend.services.scores import projects_awaiting_scores
+
+    rt = runtime_of(self.app)
+    with unit_of_work(rt.factory) as session:
+        waiting = projects_awaiting_scores(session)
+    for project_id in waiting:
+        self.app.send_task(TASK_SCORE_PROJECT, args=(project_id,), expires=2 * HOUSEKEEPING_PERIOD_SECONDS)
+    return waiting
