@@ -433,10 +433,41 @@ def test_runs_page_shows_progress_and_the_error_of_a_failed_run_and_its_json_fol
     assert env.get(f"/ui/projects/{pid}/runs.json").get_json()["runs"][0]["epoch"] == 4
 
 
-def test_next_page_says_it_is_not_available_yet(env: Env) -> None:
+def test_next_page_lists_the_ranking_with_scores_and_leases(env: Env) -> None:
+    from backend.db.models import LabelLease
+    from backend.model.scores import ImageScores
+    from backend.services.scores import store_scores
+
     pid = setup_project(env)
+    empty = env.get(f"/ui/projects/{pid}/next").get_data(as_text=True)
+    assert 'id="empty-pool"' in empty and "none serves yet" in empty
+    with unit_of_work(env.factory) as s:
+        project = s.get_one(Project, pid)
+        project.al_strategy = "entropy"
+        ids = []
+        for i in range(3):
+            frame, _ = synthetic_frame(700 + i, (32, 32))
+            added = add_image(s, env.store, project, frame, subject=f"n{i}", source=SourceInfo("import"))
+            added.image.split = "train"
+            ids.append(added.image.id)
+        s.flush()
+        version = record_version(s, project)
+        vector = np.eye(8, dtype=np.float32)
+        store_scores(s, version.id, {ids[0]: ImageScores(0.2, 0.1, 0.1, 0.3, vector[0])})
+        store_scores(s, version.id, {ids[1]: ImageScores(0.8, 0.4, 0.5, 0.2, vector[1])})  # ids[2] not scored yet
+        s.add(
+            LabelLease(
+                image_id=ids[0], project_id=pid, annotator="ann", leased_at=BASE, expires_at=BASE.replace(year=2099)
+            )
+        )
+        uid = version.uid
     html = env.get(f"/ui/projects/{pid}/next").get_data(as_text=True)
-    assert "Not available yet" in html
+    order = [int(i) for i in re.findall(r'<tr data-image="(\d+)">', html)]
+    assert order == [ids[1], ids[0], ids[2]]  # by entropy, then the unscored one
+    assert "2 of 3 pool images are scored" in html and uid in html and "<code>entropy</code>" in html
+    row = re.search(rf'<tr data-image="{ids[0]}">(.*?)</tr>', html, re.S)
+    assert row is not None and "ann" in row.group(1) and "0.200" in row.group(1)
+    assert html == env.get(f"/ui/projects/{pid}/next").get_data(as_text=True)  # the same on reload
 
 
 def test_unknown_project_is_a_404_page(env: Env) -> None:

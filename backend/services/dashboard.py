@@ -38,6 +38,7 @@ from backend.db.models import (
     SPLIT_VALUES,
     Image,
     LabelIssue,
+    LabelLease,
     MaskVersion,
     ModelVersion,
     Prediction,
@@ -480,6 +481,80 @@ def correction_effort(session: Session, project: ProjectRef) -> Effort:
 
 def _median(values: list[float]) -> float | None:
     return float(np.median(values)) if values else None
+
+
+# -- next to label ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NextRow:
+    """One pool image in the order the project's strategy ranks it, with its scores and lease."""
+
+    rank: int
+    image_id: int
+    ls_task_id: int | None
+    subject: str | None
+    entropy: float | None  # None: not scored by the serving model yet
+    tta_disagreement: float | None
+    boundary_uncertainty: float | None
+    foreground_fraction: float | None
+    leased_to: str | None  # a live lease's annotator
+    lease_expires: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class NextPage:
+    project: ProjectRef
+    strategy: str
+    model_version: str | None
+    pool: int  # images in the pool (unlabelled, train split)
+    scored: int  # of them, scored by the serving version
+    rows: tuple[NextRow, ...]  # the head of the ranking
+
+
+NEXT_ROWS = 25
+
+
+def next_to_label(session: Session, project: ProjectRef, *, limit: int = NEXT_ROWS) -> NextPage:
+    """The head of the project's ranking as ``sonoseg al publish`` would write it, with live leases.
+
+    The strategy's random choices are seeded by the project and serving version, so the page is the
+    same on every reload until a new model serves; no lease is taken.
+    """
+    from backend.services import worklist
+
+    row = session.get_one(Project, project.id)
+    serving = session.scalar(
+        select(ModelVersion.id).where(ModelVersion.project_id == project.id, ModelVersion.status == "serving")
+    )
+    seed = int(hashlib.sha256(f"{project.id}:{serving}".encode()).hexdigest()[:12], 16)
+    ranked = worklist.rank_pool(session, row, rng=np.random.default_rng(seed))
+    head = ranked.image_ids[:limit]
+    leases = {
+        lease.image_id: lease
+        for lease in session.scalars(
+            select(LabelLease).where(LabelLease.image_id.in_(head), LabelLease.expires_at > utcnow())
+        )
+    }
+    rows = []
+    for rank, (image_id, task_id) in enumerate(zip(head, ranked.ls_task_ids, strict=False), start=1):
+        c = ranked.scored.get(image_id)
+        lease = leases.get(image_id)
+        rows.append(
+            NextRow(
+                rank,
+                image_id,
+                task_id,
+                c.subject if c else None,
+                c.entropy if c else None,
+                c.tta_disagreement if c else None,
+                c.boundary_uncertainty if c else None,
+                c.foreground_fraction if c else None,
+                lease.annotator if lease else None,
+                lease.expires_at if lease else None,
+            )
+        )
+    return NextPage(
+        project, ranked.strategy, ranked.model_version, len(ranked.image_ids), len(ranked.scored), tuple(rows)
+    )
 
 
 # -- training runs ------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -267,6 +267,7 @@ class RankedPool:
     model_version: str | None
     image_ids: tuple[int, ...]  # best first
     ls_task_ids: tuple[int | None, ...]  # the Label Studio task of each image, when it has one
+    scored: Mapping[int, Candidate] = field(default_factory=dict)  # image id -> its cached scores
 
     def ranked_task_ids(self) -> list[int]:
         return [t for t in self.ls_task_ids if t is not None]
@@ -294,6 +295,7 @@ def rank_pool(
         serving.uid if serving is not None else None,
         tuple(ranked),
         tuple(tasks.get(i) for i in ranked),
+        {c.image_id: c for c in scored},
     )
 
 

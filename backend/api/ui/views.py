@@ -445,7 +445,5 @@ def thumbnail(sha256: str) -> Response:
 
 @bp.get("/projects/<int:project_id>/next")
 def next_images(project_id: int) -> str:
-    state = state_of()
-    with unit_of_work(state.factory) as session:
-        project = _project(state, session, project_id)
-    return render_template("ui/next.html", page="next", project=project)
+    project, data = _project_page(project_id, dashboard.next_to_label)
+    return render_template("ui/next.html", page="next", project=project, next=data)
