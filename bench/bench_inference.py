@@ -40,6 +40,20 @@ from backend.model.spec import accepts_any_size, preset_spec
 CLASSES = ("Nerve", "Vessel")
 
 
+def cpu_kind() -> str:
+    """What the serving target depends on: the vector ISA ATen dispatches to, whether the CPU does
+    bfloat16 natively, and any cap set by ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` (with both
+    set to ``avx2``/``AVX2`` a bf16-capable CPU runs the kernels of an AVX2-only one)."""
+    import os
+
+    caps = [f"ATen {torch.backends.cpu.get_cpu_capability()}"]
+    caps.append("native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16")
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        if os.environ.get(var):
+            caps.append(f"{var}={os.environ[var]}")
+    return ", ".join(caps)
+
+
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(best, median) milliseconds of ``repeats`` calls after one warm-up call."""
     fn()
@@ -117,7 +131,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats} runs, "
         f"baseline {args.baseline}; selective scan: {scan.describe_backend()}; "
-        f"CPU mixed precision: {mixed_precision_dtype(torch.device('cpu'))}"
+        f"CPU mixed precision: {mixed_precision_dtype(torch.device('cpu'))}; "
+        f"CPU kind: {cpu_kind()}"
     )
 
     results = {p: bench_inference(p, args.repeats) for p in presets}
