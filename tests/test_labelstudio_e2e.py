@@ -22,6 +22,7 @@ Skipped, with the reason, when .venv-ls is missing; ``make test`` installs it in
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import time
@@ -283,6 +284,21 @@ def test_label_studio_end_to_end(label_studio: LabelStudio, sqlite_url: str, tmp
                 )
             ).all()
         assert len(dices) == 3 and all(d is not None and 0.0 <= d <= 1.0 for d in dices)
+        # Label Studio's lead_time of each real annotation is stored with its mask version ...
+        assert [labels[a][0].lead_time_seconds for a in ann_ids] == [pytest.approx(3.2)] * 3
+        # ... and `sonoseg report effort` reports this data per model version
+        from click.testing import CliRunner
+
+        from cli.main import cli
+
+        effort = CliRunner().invoke(
+            cli, ["report", "effort", "--project", str(project_id), "--json"], env=state.settings.to_env()
+        )
+        assert effort.exit_code == 0, effort.output
+        rows = {r["model_version"]: r for r in json.loads(effort.output)["versions"]}
+        assert (rows[served_uid]["corrected"], rows[served_uid]["timed"]) == (3, 3)
+        assert rows[served_uid]["median_seconds"] == pytest.approx(3.2)
+        assert rows[served_uid]["median_dice"] is not None
 
         # -- one is updated (a new version), one is deleted (inactive) ---------------------------------------
         corrected = truth[tasks[0]["id"]][1].copy()
