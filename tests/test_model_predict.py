@@ -110,3 +110,73 @@ def test_score_and_entropy_definitions() -> None:
     assert normalized_entropy(uniform)[0, 0] == pytest.approx(1.0, abs=1e-5)
     certain = np.array([1.0, 0.0, 0.0], np.float32).reshape(3, 1, 1)
     assert normalized_entropy(certain)[0, 0] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["umamba_bot_2d", "resunet_2d"])
+def test_channels_last_serving_matches_a_contiguous_float32_forward(arch: str) -> None:
+    """The Predictor serves in channels-last on the CPU (faster convolutions); the probabilities
+    must be those of the plain contiguous network, tiles and TTA included."""
+    from backend.model.data import prepare_image
+    from backend.model.inference import predict_probabilities
+
+    predictor = make_predictor(PredictOptions(mixed_precision=False, tta_flip=True), arch=arch)
+    assert predictor.memory_format == torch.channels_last
+    reference = build_model(predictor.spec).eval()
+    reference.load_state_dict(predictor.model.state_dict())
+    for image in frames((37, 45), (70, 9)):
+        x = torch.from_numpy(prepare_image(image, predictor.spec))[None, None]
+        with torch.inference_mode():
+            expected = predict_probabilities(reference, x, predictor.spec, tta_flip=True)
+            served = predictor._probabilities([image], image.shape)
+        np.testing.assert_allclose(served[0], expected[0].numpy(), atol=1e-5)
+
+
+_FAULTS_SCRIPT = """
+import resource, torch
+from backend.model.checkpoint import Checkpoint
+from backend.model.networks import build_model
+from backend.model.predict import Predictor, PredictOptions
+from tests.support.models import tiny_spec
+import numpy as np
+torch.set_num_threads(1)
+spec = tiny_spec()
+predictor = Predictor(Checkpoint(spec, build_model(spec).state_dict()), device="cpu",
+                      options=PredictOptions(mixed_precision=False))
+frame = np.random.default_rng(0).integers(0, 256, (768, 768), dtype=np.uint8)
+predictor.predict([frame])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    predictor.predict([frame])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_activations_stay_mapped_so_repeated_frames_do_not_fault_pages() -> None:
+    """With glibc's defaults every large freed activation is unmapped and the next frame faults
+    fresh pages in; the Predictor keeps them (``keep_freed_memory_mapped``). Page faults, not time,
+    are compared: the same frames in two fresh processes, one with the setting turned off."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def faults(keep: str) -> float:
+        env = {**os.environ, "SONOSEG_KEEP_FREED_MEMORY": keep, "PYTHONPATH": str(root)}
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT],
+            check=False,
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.split()[-1])
+
+    default, kept = faults("0"), faults("1")
+    assert default > 1000, default  # the frame's activations are tens of MiB: glibc unmaps them
+    assert kept < default / 5, (kept, default)

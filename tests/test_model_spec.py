@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.errors import InvalidInput
 from backend.model.networks import build_model
@@ -150,3 +152,32 @@ def test_spec_json_round_trip_and_validation() -> None:
         tiny("umamba_bot_2d", classes=("a", "a"))
     with pytest.raises(InvalidInput, match="malformed"):
         ModelSpec.from_json('{"arch": "x"}')
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    channels=st.integers(1, 12),
+    batch=st.integers(1, 3),
+    side=st.integers(1, 9),
+    scale=st.floats(1e-3, 1e3),
+    channels_last=st.booleans(),
+)
+def test_instance_norm_matches_torch_instance_norm_and_loads_its_parameters(
+    channels: int, batch: int, side: int, scale: float, channels_last: bool
+) -> None:
+    """The group-norm form is the same function with the same state dict as nn.InstanceNorm2d
+    (checkpoints saved before the switch load unchanged), in both memory formats."""
+    from backend.model.umamba import InstanceNorm
+
+    torch.manual_seed(channels * 31 + side)
+    reference = torch.nn.InstanceNorm2d(channels, eps=1e-5, affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    ours = InstanceNorm(channels, eps=1e-5)
+    ours.load_state_dict(reference.state_dict())
+    assert set(ours.state_dict()) == set(reference.state_dict()) == {"weight", "bias"}
+    x = torch.randn(batch, channels, side, side + 1) * scale + scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-4)

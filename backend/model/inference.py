@@ -14,6 +14,7 @@ with native support, float16 on CUDA); softmax and accumulation stay float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,24 +55,31 @@ def predict_probabilities(
     tta_flip: bool = False,
     max_whole_pixels: int = DEFAULT_MAX_WHOLE_PIXELS,
     mixed_precision: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """(B, in_channels, h, w) normalised input -> (B, num_classes, h, w) float32 probabilities.
 
-    Call under ``torch.inference_mode()`` with the model in eval mode.
+    Call under ``torch.inference_mode()`` with the model in eval mode. ``memory_format`` is the
+    layout the network input is given in; it should be the one the model's weights were converted
+    to (:func:`backend.model.device.inference_memory_format`).
     """
     whole = accepts_any_size(spec) and x.shape[-2] * x.shape[-1] <= max_whole_pixels
 
+    def net(inp: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = model(inp.contiguous(memory_format=memory_format))
+        return out
+
     def run(inp: torch.Tensor) -> torch.Tensor:
-        return _whole(model, inp, spec) if whole else _sliding_window(model, inp, spec)
+        return _whole(net, inp, spec) if whole else _sliding_window(net, inp, spec)
 
     with autocast(x.device, mixed_precision):
         probs = run(x)
         if tta_flip:
             probs = 0.5 * (probs + run(x.flip(-1)).flip(-1))
-    return probs
+    return probs.contiguous()
 
 
-def _whole(model: nn.Module, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def _whole(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     padded, pads = pad_to_multiple(x, spec.divisor)
     logits = model(padded)
     return crop_padding(logits, pads).float().softmax(1)
@@ -96,7 +104,7 @@ def _tile_starts(length: int, tile: int) -> list[int]:
     return [round(i * step) for i in range(n)]
 
 
-def _sliding_window(model: nn.Module, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def _sliding_window(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     ph, pw = spec.patch_size
     padded, pads = pad_to_multiple(x, spec.divisor, min_size=(ph, pw))
     b, _, h, w = padded.shape

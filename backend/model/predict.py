@@ -35,7 +35,7 @@ from scipy import ndimage
 from backend.errors import InvalidImage
 from backend.model.checkpoint import Checkpoint, load_checkpoint
 from backend.model.data import prepare_image
-from backend.model.device import resolve_device
+from backend.model.device import inference_memory_format, keep_freed_memory_mapped, resolve_device
 from backend.model.inference import DEFAULT_MAX_WHOLE_PIXELS, predict_probabilities
 from backend.model.resample import resize_probabilities
 from backend.model.spec import ModelSpec
@@ -73,8 +73,12 @@ class Predictor:
         self.spec: ModelSpec = checkpoint.spec
         self.sha256 = checkpoint.sha256
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory_mapped()
         self.options = options or PredictOptions()
+        self.memory_format = inference_memory_format(self.device)
         self.model = checkpoint.build().to(self.device)
+        self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
 
     @classmethod
     def from_file(
@@ -118,6 +122,7 @@ class Predictor:
             tta_flip=self.options.tta_flip,
             max_whole_pixels=self.options.max_whole_pixels,
             mixed_precision=self.options.mixed_precision,
+            memory_format=self.memory_format,
         )
         return resize_probabilities(probs, size).cpu().numpy()
 

@@ -101,6 +101,7 @@ def score_images(predictor: Predictor, images: Sequence[NDArray[Any]]) -> list[I
                             spec,
                             max_whole_pixels=options.max_whole_pixels,
                             mixed_precision=options.mixed_precision,
+                            memory_format=predictor.memory_format,
                         )
                         feats = torch.stack(pooled).mean(0)  # (B, C): tiles averaged
                         return probs.cpu().numpy(), feats.cpu().numpy()

@@ -25,8 +25,9 @@ Presets (:data:`PRESETS`; ``nnunet_unet`` and ``cpu_small_unet`` are the same ne
     instead of two (full-resolution convs dominate CPU time) and the full-resolution skip connection
     restored (see ``full_resolution_skip``). Training patches are 256x256 on the resampled grid
     (whole 512x512 frames, crops of larger ones). Measured on the 2-core dev machine
-    (``bench/bench_inference.py``, best of 7): a 512x512 frame end to end in 87 ms with the CPU's
-    native bfloat16 (the Predictor default), 118 ms in float32; the 150 ms budget holds either way.
+    (``bench/bench_inference.py``, best of 15, 2026-12-02): a 512x512 frame end to end in 62 ms with
+    the CPU's native bfloat16 (the Predictor default), 95 ms in float32, 80-94 ms on AVX2-only
+    kernels (no bfloat16); the 150 ms budget holds on both kinds of CPU.
     Base widths 24 or 32 instead of 16 cost about 1.7x and 2.3x the inference time.
 """
 

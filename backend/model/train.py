@@ -36,7 +36,7 @@ from backend.errors import CheckpointError, InvalidInput
 from backend.model.augment import Augmenter
 from backend.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from backend.model.data import PatchSampler, TrainData, dataset_normalization, prepare_case, split_validation
-from backend.model.device import resolve_device
+from backend.model.device import keep_freed_memory_mapped, resolve_device
 from backend.model.fingerprint import fingerprint
 from backend.model.losses import DeepSupervisionLoss, DiceCELoss
 from backend.model.networks import build_model
@@ -157,6 +157,8 @@ def train(
     """
     started = time.monotonic()
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     resume = load_resume_state(resume_from) if resume_from is not None else None
