@@ -20,6 +20,7 @@ from backend.active_learning.simulate import (
     plot_learning_curves,
     simulate,
 )
+from backend.active_learning.strategies import SCORE_FREE, STRATEGY_NAMES
 from backend.errors import InvalidInput
 
 
@@ -42,6 +43,7 @@ class FakeLearner:
         self.labels: dict[Path, list[int]] = {}
         self.fits: list[tuple[tuple[int, ...], Path | None, float, str]] = []
         self.scored: list[str] = []
+        self.scored_sizes: list[int] = []
         self.released: list[Path] = []
 
     @property
@@ -57,6 +59,7 @@ class FakeLearner:
 
     def score(self, model: Path, images: Sequence[int]) -> list[Scores]:
         self.scored.append(model.name)
+        self.scored_sizes.append(len(images))
         return [Scores(i / self.n, 0.5, 0.5, 0.1, _basis(i)) for i in images]
 
     def evaluate(self, model: Path) -> float:
@@ -78,7 +81,7 @@ def test_the_loop_grows_each_run_by_one_batch_without_repeats(tmp_path: Path) ->
     learner = FakeLearner(40, tmp_path)
     config = SimulationConfig(start=5, batch=3, rounds=4, minutes_per_round=0.5, seeds=(0, 1))
     result = simulate(learner, config, names=[f"im{i}" for i in range(40)])
-    assert len(result.runs) == 8
+    assert len(result.runs) == 2 * len(STRATEGY_NAMES)
     for run in result.runs:
         assert [r.round for r in run.rounds] == [0, 1, 2, 3, 4]
         assert [r.labels for r in run.rounds] == [5, 8, 11, 14, 17]
@@ -91,13 +94,18 @@ def test_the_loop_grows_each_run_by_one_batch_without_repeats(tmp_path: Path) ->
         starts = {run.rounds[0].acquired for run in result.runs if run.seed == seed}
         assert len(starts) == 1
     # Rounds fine-tune from the previous round's model; round 0 and the full pool start fresh.
+    # A strategy that reads the labelled images (coverage) has them scored by the same model.
+    # Chains run in order (one job): per seed, each scored strategy's four rounds.
+    scored = [name for name in STRATEGY_NAMES if name not in SCORE_FREE]
+    expected = {name: [40] * 4 if name == "coverage" else [35 - 3 * r for r in range(4)] for name in scored}
+    assert learner.scored_sizes == [n for _seed in (0, 1) for name in scored for n in expected[name]]
     fits = {tag: (labels, init, minutes) for labels, init, minutes, tag in learner.fits}
     assert fits["seed0-round0"][1] is None and fits["full-pool"][1] is None
     assert fits["seed1-entropy-round2"][1] == tmp_path / "seed1-entropy-round1.model"
     assert fits["seed0-default-round1"][1] == tmp_path / "seed0-round0.model"
     assert fits["full-pool"][2] == pytest.approx(5 * 0.5) and len(fits["full-pool"][0]) == 40
     # Random needs no scores; every model file is released once.
-    assert len(learner.scored) == 2 * 3 * 4  # seeds x (strategies but random) x rounds
+    assert len(learner.scored) == 2 * (len(STRATEGY_NAMES) - 1) * 4  # seeds x (strategies but random) x rounds
     assert sorted(learner.released) == sorted(set(learner.released)) and not list(tmp_path.glob("*.model"))
     # The informed strategy beats random here, by construction of the stand-in.
     summary = {s.strategy: s for s in result.summaries}

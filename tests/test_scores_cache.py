@@ -24,7 +24,7 @@ from backend.services.scores import (
     encode_embedding,
     pool_image_ids,
     store_scores,
-    unscored_pool_images,
+    unscored_images,
 )
 from backend.settings import Settings
 from backend.storage.blobs import LocalBlobStore
@@ -79,7 +79,7 @@ def test_scores_are_cached_per_model_version(factory: SessionFactory) -> None:
         assert {c.subject for c in old} == {"subj-0", "subj-1", "subj-2"}
         np.testing.assert_allclose(new[0].embedding, unit(16, 2), atol=2e-3)
         assert new[0].embedding.dtype == np.float32 and abs(float(np.linalg.norm(new[0].embedding)) - 1) < 1e-6
-        assert [p.image_id for p in unscored_pool_images(s, project, v2_id)] == ids[2:]
+        assert [p.image_id for p in unscored_images(s, project, v2_id)] == ids[2:]
         # idempotent: storing again replaces the row, never a second one
         assert store_scores(s, v2_id, {ids[0]: scores(0.9, hot=3)}) == 1
     with unit_of_work(factory) as s:

@@ -145,3 +145,84 @@ def test_unknown_names_and_bad_parameters_are_refused() -> None:
     with pytest.raises(InvalidInput):
         strategy_named("default", fg_share=1.5)
     assert strategy_named("default", beta=2, weights=[1, 0, 1]).select([], 1, np.random.default_rng(0)) == []
+
+
+def _clustered(
+    counts: list[int], rng: np.random.Generator, *, noise: float = 0.01, first_id: int = 0
+) -> tuple[list[Candidate], list[int]]:
+    """Tight clusters around orthogonal directions (cine clips): candidates and each one's cluster."""
+    pool, cluster = [], []
+    image_id = first_id
+    for j, count in enumerate(counts):
+        for _ in range(count):
+            emb = basis(j, dim=max(DIM, len(counts))) + noise * rng.standard_normal(max(DIM, len(counts)))
+            pool.append(Candidate(image_id, 0.5, 0.5, 0.5, 0.5, emb.astype(np.float32)))
+            cluster.append(j)
+            image_id += 1
+    return pool, cluster
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(2, 6), min_size=2, max_size=10),
+    covered_share=st.floats(0.0, 0.7),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_coverage_takes_one_image_from_every_cluster_no_labelled_image_covers(
+    counts: list[int], covered_share: float, seed: int
+) -> None:
+    """Labelled images cover some clips; a batch the size of the uncovered clips takes exactly one
+    frame of each uncovered clip and none of a covered one."""
+    rng = np.random.default_rng(seed)
+    everything, cluster = _clustered(counts, rng)
+    covered = set(rng.permutation(len(counts))[: int(covered_share * len(counts))].tolist())
+    labelled, pool = [], []
+    for c, j in zip(everything, cluster, strict=True):
+        first_of_cluster = c.image_id == next(x.image_id for x, y in zip(everything, cluster, strict=True) if y == j)
+        (labelled if j in covered and first_of_cluster else pool).append(c)
+    uncovered = len(counts) - len(covered)
+    if uncovered == 0:
+        return
+    strategy = strategy_named("coverage", fg_share=0.0)
+    chosen = strategy.select(pool, uncovered, np.random.default_rng(seed), labelled)
+    of = {c.image_id: j for c, j in zip(everything, cluster, strict=True)}
+    assert sorted(of[i] for i in chosen) == sorted(set(range(len(counts))) - covered)
+
+
+def test_coverage_picks_a_clusters_typical_frame_not_its_outlier() -> None:
+    rng = np.random.default_rng(0)
+    pool, _ = _clustered([8], rng, noise=0.01)
+    outlier = Candidate(99, 0.9, 0.9, 0.9, 0.5, (basis(0) + 0.3 * basis(1)).astype(np.float32))
+    other, _ = _clustered([0, 5], rng, first_id=50)  # a second clip far away
+    chosen = strategy_named("coverage", fg_share=0.0).select([outlier, *pool, *other], 2, np.random.default_rng(1))
+    assert 99 not in chosen and len(chosen) == 2
+    assert {i >= 50 for i in chosen} == {True, False}  # one per clip
+
+
+def test_coverage_ranking_the_whole_pool_cycles_through_the_clusters() -> None:
+    rng = np.random.default_rng(3)
+    pool, cluster = _clustered([6, 4, 5], rng)
+    of = {c.image_id: j for c, j in zip(pool, cluster, strict=True)}
+    ranked = strategy_named("coverage", fg_share=0.0, max_new_clusters=3).select(pool, len(pool), rng)
+    assert sorted(ranked) == sorted(of)
+    assert len({of[i] for i in ranked[:3]}) == 3 and len({of[i] for i in ranked[3:6]}) == 3
+
+
+def test_coverage_keeps_its_foreground_random_share_and_ignores_foreign_embeddings() -> None:
+    rng = np.random.default_rng(5)
+    pool, _ = _clustered([5, 5, 5, 5], rng)
+    pool = [
+        Candidate(
+            c.image_id,
+            c.entropy,
+            c.tta_disagreement,
+            c.boundary_uncertainty,
+            0.5 if c.image_id < 5 else 0.0,
+            c.embedding,
+        )
+        for c in pool
+    ]
+    foreign = [Candidate(1000, 0.5, 0.5, 0.5, 0.5, np.ones(3, np.float32))]  # another model's embedding size
+    chosen = strategy_named("coverage", fg_share=0.5).select(pool, 4, np.random.default_rng(0), foreign)
+    assert len(chosen) == 4 and 1000 not in chosen
+    assert all(chosen[slot] < 5 for slot in (1, 3))  # the fg slots: frames with predicted foreground

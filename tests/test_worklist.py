@@ -44,7 +44,9 @@ class TopEntropy:
 
     name: str = "top_entropy"
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
         return [c.image_id for c in sorted(pool, key=lambda c: (-c.entropy, c.image_id))[:n]]
 
 
@@ -184,7 +186,9 @@ def test_a_lease_committed_between_ranking_and_claiming_is_skipped(postgres_url:
         pid, pool = make_pool(factory, 3)
 
         class Sneaky(TopEntropy):
-            def select(self, pool_: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+            def select(
+                self, pool_: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+            ) -> list[int]:
                 picks = super().select(pool_, n, rng)
                 if pool[2] in picks:
                     with unit_of_work(factory) as other:  # no advisory lock: a writer that bypasses lease_next
@@ -204,6 +208,43 @@ def test_a_lease_committed_between_ranking_and_claiming_is_skipped(postgres_url:
         assert ids(got) == [pool[1]]
     finally:
         engine.dispose()
+
+
+def test_coverage_counts_labelled_and_leased_frames_as_covered(factory: SessionFactory) -> None:
+    """A ``coverage`` project scores its labelled train images too (their embeddings say what is
+    covered); its next frame comes from a clip that is neither labelled nor leased to someone else."""
+    from backend.services.scores import labelled_candidates, projects_awaiting_scores, unscored_images
+    from backend.services.worklist import hand_out, set_strategy
+
+    def clip(j: int) -> ImageScores:  # three clips: embeddings along three directions
+        v = np.zeros(8, np.float32)
+        v[j] = 1.0
+        return ImageScores(0.5, 0.1, 0.2, 0.3, v + np.float32(0.01) * np.arange(8, dtype=np.float32) / 8)
+
+    pid, image_ids = make_pool(factory, 9, score=False)
+    clip_of = {image_id: j // 3 for j, image_id in enumerate(image_ids)}
+    with unit_of_work(factory) as s:
+        project = s.get_one(Project, pid)
+        set_strategy(s, project, "coverage")
+        version = record_version(s, project)
+        s.add(
+            MaskVersion(
+                image_id=image_ids[0], version=1, source="import", blob_key="m/0.png", sha256="0" * 64, is_current=True
+            )
+        )  # clip 0 is labelled
+        s.flush()
+        assert [p.image_id for p in unscored_images(s, project, version.id)] == image_ids  # the labelled one too
+        assert projects_awaiting_scores(s) == [pid]
+        store_scores(s, version.id, {image_id: clip(clip_of[image_id]) for image_id in image_ids})
+        assert projects_awaiting_scores(s) == []
+        assert [c.image_id for c in labelled_candidates(s, project, version.id)] == [image_ids[0]]
+    with unit_of_work(factory) as s:  # bob holds a frame of clip 1
+        first = hand_out(s, s.get_one(Project, pid), "bob", 1, rng=np.random.default_rng(0), now=T0)
+    bob_clip = clip_of[first.leases[0].image_id]
+    assert bob_clip != 0
+    with unit_of_work(factory) as s:
+        second = hand_out(s, s.get_one(Project, pid), "alice", 1, rng=np.random.default_rng(0), now=T0)
+    assert clip_of[second.leases[0].image_id] not in {0, bob_clip}
 
 
 def test_without_scores_the_pool_comes_in_random_order(factory: SessionFactory) -> None:

@@ -31,8 +31,18 @@ class Strategy(Protocol):
     """Ranks a pool: returns up to ``n`` distinct image ids of ``pool``, best first.
 
     Deterministic for a given ``rng`` state; never returns an id that is not in ``pool``.
+    ``labelled``: the images already labelled, scored by the same model (what is covered); a
+    strategy reads it only when its ``uses_labelled`` is true, so callers may skip scoring them
+    otherwise (:func:`uses_labelled`).
     """
 
     name: str
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]: ...
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]: ...
+
+
+def uses_labelled(strategy: Strategy) -> bool:
+    """Whether ``strategy`` reads the labelled images' scores (worth computing them)."""
+    return bool(getattr(strategy, "uses_labelled", False))

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from backend.active_learning.candidates import Candidate
+from backend.active_learning.candidates import Candidate, uses_labelled
 from backend.active_learning.strategies import SCORE_FREE, STRATEGY_NAMES, strategy_named
 from backend.errors import InvalidInput
 
@@ -333,12 +333,15 @@ def _run_chain(
         if not unlabelled:
             break
         t0 = time.monotonic()
+        known: list[Candidate] = []
         if strategy_name in SCORE_FREE:
             pool = [_blank(i) for i in unlabelled]
         else:
-            scores = learner.score(current, unlabelled)
-            pool = [_candidate(i, s) for i, s in zip(unlabelled, scores, strict=True)]
-        picked = strategy.select(pool, config.batch, rng)
+            context = labelled if uses_labelled(strategy) else []
+            scores = learner.score(current, [*unlabelled, *context])
+            scored = [_candidate(i, s) for i, s in zip([*unlabelled, *context], scores, strict=True)]
+            pool, known = scored[: len(unlabelled)], scored[len(unlabelled) :]
+        picked = strategy.select(pool, config.batch, rng, known)
         score_seconds = time.monotonic() - t0
         if len(set(picked)) != len(picked) or any(i in in_set for i in picked):
             raise RuntimeError(f"strategy {strategy_name} returned a repeat or a labelled image: {picked}")

@@ -1,7 +1,9 @@
 """Selection strategies: a pool of :class:`~.candidates.Candidate` in, a ranked batch of image ids out.
 
-Pure numpy. Every strategy returns at most ``n`` distinct ids of the pool, best first, and is
-deterministic for a given ``rng`` state (a candidate listed twice counts once, by its first entry).
+Pure numpy (and scipy's k-means). Every strategy returns at most ``n`` distinct ids of the pool, best
+first, and is deterministic for a given ``rng`` state (a candidate listed twice counts once, by its
+first entry). ``labelled`` (optional) are the already labelled images as the same model scored
+them; only strategies with ``uses_labelled`` read it, to know which part of the data is covered.
 
 - ``random``: a uniform shuffle. The baseline every other strategy must beat.
 - ``fg_random``: foreground-aware random (nnActive's strong baseline): a shuffle of the candidates
@@ -9,6 +11,8 @@ deterministic for a given ``rng`` state (a candidate listed twice counts once, b
   of the rest.
 - ``entropy``: the top ``n`` by foreground-region entropy (ties by image id); no stochasticity, no
   diversity: the classic uncertainty sampling that picks ten consecutive cine frames of one hard clip.
+- ``coverage``: typical images of the embedding clusters the labelled set does not cover yet
+  (TypiClust), with the same share of ``fg_random`` picks. See :class:`CoverageStrategy`.
 - ``default``: stochastic batch acquisition (Kirsch et al., "Stochastic Batch Acquisition", TMLR
   2023) over a combined informativeness score, with near-duplicate suppression and a share of
   ``fg_random`` picks. See :class:`DefaultStrategy`.
@@ -26,7 +30,7 @@ from numpy.typing import NDArray
 from backend.active_learning.candidates import Candidate, Strategy
 from backend.errors import InvalidInput
 
-STRATEGY_NAMES = ("random", "fg_random", "entropy", "default")
+STRATEGY_NAMES = ("random", "fg_random", "entropy", "coverage", "default")
 # Strategies that never read a candidate's scores (a simulation need not compute them).
 SCORE_FREE = frozenset({"random"})
 FG_THRESHOLD = 0.001  # share of the frame predicted as foreground for "the model believes it has some"
@@ -38,6 +42,7 @@ def strategy_named(name: str, **params: Any) -> Strategy:
         "random": RandomStrategy,
         "fg_random": ForegroundRandomStrategy,
         "entropy": EntropyStrategy,
+        "coverage": CoverageStrategy,
         "default": DefaultStrategy,
     }
     factory = factories.get(name)
@@ -54,7 +59,9 @@ def strategy_named(name: str, **params: Any) -> Strategy:
 class RandomStrategy:
     name: str = field(default="random", init=False)
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
         unique = _unique(pool)
         if n <= 0 or not unique:
             return []
@@ -66,7 +73,9 @@ class ForegroundRandomStrategy:
     fg_threshold: float = FG_THRESHOLD
     name: str = field(default="fg_random", init=False)
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
         unique = _unique(pool)
         if n <= 0 or not unique:
             return []
@@ -77,7 +86,9 @@ class ForegroundRandomStrategy:
 class EntropyStrategy:
     name: str = field(default="entropy", init=False)
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
         unique = _unique(pool)
         if n <= 0 or not unique:
             return []
@@ -124,7 +135,9 @@ class DefaultStrategy:
             raise InvalidInput("beta must be >= 0 and weights three non-negative numbers, not all 0")
         self.weights = (float(self.weights[0]), float(self.weights[1]), float(self.weights[2]))
 
-    def select(self, pool: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[int]:
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
         unique = _unique(pool)
         if n <= 0 or not unique:
             return []
@@ -169,6 +182,141 @@ class DefaultStrategy:
         return [int(i) for i in np.argsort(-keys, kind="stable")]
 
 
+@dataclass
+class CoverageStrategy:
+    """The most typical image of each embedding cluster that no labelled image covers yet (TypiClust).
+
+    Why: with tens of labels, which *kinds* of frame are labelled matters more than which single
+    frames are hardest. Uncertainty sampling in that regime picks outliers and one hard clip
+    (Hacohen et al., "Active Learning on a Budget", ICML 2022; nnActive's finding that uncertainty
+    rarely beats foreground-aware random on medical segmentation). So:
+
+    1. The labelled and the unlabelled images' embeddings (pool-centred, L2-normalised, as for the
+       near-duplicate test of ``default``) are clustered by k-means (scipy, k-means++ seeding from
+       ``rng``) into ``len(labelled) + min(n, max_new_clusters)`` clusters: as many as there would be
+       labelled images after the batch, so every batch can reach clusters nobody labelled.
+    2. Slot by slot, the cluster with the fewest labelled-or-picked members (the largest among
+       those) gives its most *typical* unlabelled image: the one with the smallest mean distance to
+       its ``neighbours`` nearest neighbours inside the cluster (a dense region's centre, not its
+       outlier). A cluster of near-duplicate cine frames is one cluster: it gives one frame until
+       every other cluster has given one too. With ``informative`` > 0 the pick inside a cluster
+       mixes the typicality rank with the rank of ``default``'s combined score by that weight.
+    3. Every ``1 / fg_share``-th slot is a ``fg_random`` pick, as in ``default``.
+
+    When the pool is ranked whole (``n`` = the pool), the clusters are cycled: each round of the
+    cycle takes one image per cluster, least covered first.
+    """
+
+    fg_share: float = 0.25
+    fg_threshold: float = FG_THRESHOLD
+    neighbours: int = 20
+    max_new_clusters: int = 32
+    informative: float = 0.0
+    centre: bool = True
+    name: str = field(default="coverage", init=False)
+    uses_labelled: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fg_share <= 1 or not 0 <= self.informative <= 1:
+            raise InvalidInput(f"fg_share and informative must be in [0, 1], got {self.fg_share}, {self.informative}")
+        if self.neighbours < 1 or self.max_new_clusters < 1:
+            raise InvalidInput("neighbours and max_new_clusters must be >= 1")
+
+    def select(
+        self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
+    ) -> list[int]:
+        unique = _unique(pool)
+        if n <= 0 or not unique:
+            return []
+        n = min(n, len(unique))
+        pool_ids = {c.image_id for c in unique}
+        known = [c for c in _unique(labelled) if c.image_id not in pool_ids]
+        if {np.asarray(c.embedding).size for c in known} - {np.asarray(unique[0].embedding).size}:
+            known = []  # embeddings of another model: cluster the pool alone
+        vectors = _unit_vectors([*unique, *known], centre=self.centre)
+        k = min(len(known) + min(n, self.max_new_clusters), len(vectors))
+        assign = _kmeans(vectors, k, rng)
+        members = [np.flatnonzero(assign[: len(unique)] == j) for j in range(k)]
+        covered = np.bincount(assign[len(unique) :], minlength=k).astype(np.int64)
+        order = [self._cluster_order(vectors, idx, unique) for idx in members]
+        sizes = np.array([len(idx) for idx in members]) + covered
+        tiebreak = rng.permutation(k)
+        foreground = _Cursor(_fg_random_order(unique, self.fg_threshold, rng))
+        heads = [0] * k
+        taken = np.zeros(len(unique), bool)
+        picked: list[int] = []
+        for slot in range(n):
+            index: int | None = None
+            if _is_fg_slot(slot, self.fg_share):
+                index = foreground.next_distinct(taken, [], _NO_SIMILARITY, 2.0)
+            if index is None:
+                live = [j for j in range(k) if heads[j] < len(order[j])]
+                if not live:
+                    index = foreground.next_distinct(taken, [], _NO_SIMILARITY, 2.0)
+                else:
+                    j = min(live, key=lambda c: (covered[c], -sizes[c], tiebreak[c]))
+                    index = order[j][heads[j]]
+            if index is None:  # pragma: no cover - every untaken image is in some cluster's order
+                break
+            taken[index] = True
+            picked.append(index)
+            covered[assign[index]] += 1
+            for j in range(k):  # an fg pick may come from any cluster: skip taken heads
+                while heads[j] < len(order[j]) and taken[order[j][heads[j]]]:
+                    heads[j] += 1
+        return [unique[i].image_id for i in picked]
+
+    def _cluster_order(
+        self, vectors: NDArray[np.float64], idx: NDArray[np.intp], pool: Sequence[Candidate]
+    ) -> list[int]:
+        """A cluster's unlabelled members, most typical first (ties by position)."""
+        if idx.size == 0:
+            return []
+        typicality = _typicality(vectors[idx], self.neighbours)
+        key = _rank01(typicality)
+        if self.informative > 0:
+            score = DefaultStrategy().combined_score([pool[int(i)] for i in idx])
+            key = (1 - self.informative) * key + self.informative * _rank01(score)
+        return [int(idx[i]) for i in np.argsort(-key, kind="stable")]
+
+
+def _typicality(x: NDArray[np.float64], neighbours: int) -> NDArray[np.float64]:
+    """1 / mean Euclidean distance to the ``neighbours`` nearest other points (all equal for 1-2 points)."""
+    m = x.shape[0]
+    if m <= 2:
+        return np.ones(m, np.float64)
+    k = min(neighbours, m - 1)
+    sq = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(sq, np.inf)
+    nearest = np.sqrt(np.partition(sq, k - 1, axis=1)[:, :k])
+    out: NDArray[np.float64] = 1.0 / (nearest.mean(1) + 1e-12)
+    return out
+
+
+def _kmeans(x: NDArray[np.float64], k: int, rng: np.random.Generator, restarts: int = 8) -> NDArray[np.intp]:
+    """Cluster labels of ``k``-means, the lowest-inertia of ``restarts`` k-means++ runs (one run lands
+    in a poor local optimum now and then even on well-separated clips); every point its own cluster
+    when k >= points."""
+    if k >= x.shape[0]:
+        return np.arange(x.shape[0])
+    if k <= 1:
+        return np.zeros(x.shape[0], np.intp)
+    import warnings
+
+    from scipy.cluster.vq import kmeans2
+
+    best: tuple[float, NDArray[np.intp]] | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "one of the clusters is empty": an empty cluster gives nothing
+        for _ in range(restarts):
+            centroids, labels = kmeans2(x, k, iter=20, minit="++", rng=rng)
+            inertia = float(((x - centroids[labels]) ** 2).sum())
+            if best is None or inertia < best[0]:
+                best = (inertia, np.asarray(labels, np.intp))
+    assert best is not None
+    return best[1]
+
+
 class _Cursor:
     """Walks one ordering, skipping what is taken or too similar to a pick."""
 
@@ -201,6 +349,19 @@ class _Similarity:
 
 
 def _similarity(pool: Sequence[Candidate], *, centre: bool) -> _Similarity:
+    vectors, zero = _normalised(pool, centre=centre)
+    return _Similarity(vectors, zero)
+
+
+_NO_SIMILARITY = _Similarity(np.zeros((0, 0)), np.zeros(0, bool))  # with threshold > 1: never a duplicate
+
+
+def _unit_vectors(pool: Sequence[Candidate], *, centre: bool) -> NDArray[np.float64]:
+    return _normalised(pool, centre=centre)[0]
+
+
+def _normalised(pool: Sequence[Candidate], *, centre: bool) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Embeddings as rows, optionally minus their mean, L2-normalised; and which vanished (zero rows)."""
     dims = {np.asarray(c.embedding).size for c in pool}
     if len(dims) != 1:
         raise InvalidInput(f"candidates' embeddings have different sizes: {sorted(dims)}")
@@ -212,7 +373,7 @@ def _similarity(pool: Sequence[Candidate], *, centre: bool) -> _Similarity:
     scale = max(float(norm.max()), 1e-300)
     zero = norm <= 1e-6 * scale if centre else norm <= 1e-12
     vectors = np.where(zero[:, None], 0.0, x / np.maximum(norm, 1e-300)[:, None])
-    return _Similarity(vectors, zero)
+    return vectors, zero
 
 
 def _is_fg_slot(slot: int, share: float) -> bool:

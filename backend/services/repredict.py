@@ -33,7 +33,7 @@ from backend.db.models import Project
 from backend.db.session import SessionFactory, unit_of_work
 from backend.errors import InvalidInput, SonosegError
 from backend.labelstudio.payloads import LsTask
-from backend.services.scores import store_scores, unscored_pool_images
+from backend.services.scores import store_scores, unscored_images
 from backend.services.serving import ServingRow, load_from_store
 from backend.services.sync import LabelStudioMirror
 from backend.services.versions import serving_version
@@ -181,7 +181,7 @@ def score_new_images(factory: SessionFactory, store: BlobStore, settings: Settin
             else None
         )
         project = session.get(Project, project_id)
-        waiting = bool(unscored_pool_images(session, project, serving.id)) if project and serving else False
+        waiting = bool(unscored_images(session, project, serving.id)) if project and serving else False
     report = RepredictReport(project_id, row.uid if row else None)
     if row is None or not waiting:
         report.skipped_reason = "no serving model" if row is None else "every pool image is scored"
@@ -207,7 +207,7 @@ def _score_pool(
 
     with unit_of_work(factory) as session:
         project = session.get(Project, row.project_id)
-        todo = unscored_pool_images(session, project, row.model_version_id) if project is not None else []
+        todo = unscored_images(session, project, row.model_version_id) if project is not None else []
     for start in range(0, len(todo), BATCH):
         chunk = todo[start : start + BATCH]
         pixels: dict[int, NDArray[Any]] = {}

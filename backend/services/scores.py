@@ -18,6 +18,11 @@ promotion (:mod:`backend.services.repredict`), which stores them here; the work 
 - not retired: an image whose every source is inactive (its Label Studio tasks were deleted) is
   gone from the pool; an image with no source row at all (made directly, as in tests) stays.
 
+**Context images**: a strategy that reads what is already labelled (``uses_labelled``: ``coverage``)
+also needs the serving model's scores of the project's labelled ``train`` images
+(:func:`labelled_in_train`); for projects with such a strategy they are scored with the pool
+(:func:`scoring_scope`).
+
 Embeddings are stored as little-endian float16 (2 bytes per value, ``embedding_dim`` values) and
 come back as float32 re-normalised to unit length (float16 rounding moves the norm by ~1e-3).
 """
@@ -36,7 +41,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from backend.active_learning.candidates import Candidate
+from backend.active_learning.candidates import Candidate, uses_labelled
+from backend.active_learning.strategies import STRATEGY_NAMES, strategy_named
 from backend.db.base import utcnow
 from backend.db.models import Image, ImageScore, ImageSource, LabelIssue, MaskVersion, ModelVersion, Project
 from backend.errors import InvalidInput, NotFound
@@ -162,26 +168,58 @@ def pool_image_ids(session: Session, project: Project) -> list[int]:
     return list(session.scalars(select(Image.id).where(in_pool(project.id)).order_by(Image.id)))
 
 
+def labelled_in_train(project_id: int | ColumnElement[int] | InstrumentedAttribute[int]) -> ColumnElement[bool]:
+    """The project's ``train`` images with a current label: what a ``coverage`` ranking counts as covered."""
+    labelled = exists().where(MaskVersion.image_id == Image.id, MaskVersion.is_current)
+    return and_(Image.project_id == project_id, Image.split.in_(POOL_SPLITS), labelled)
+
+
+# Strategies that read the labelled images' scores (their projects score those too).
+CONTEXT_STRATEGIES = tuple(name for name in STRATEGY_NAMES if uses_labelled(strategy_named(name)))
+
+
+def scoring_scope(project: Project) -> ColumnElement[bool]:
+    """The images whose scores ``project``'s strategy reads: the pool, plus the labelled ``train``
+    images when the strategy reads what is covered."""
+    if project.al_strategy in CONTEXT_STRATEGIES:
+        return or_(in_pool(project.id), labelled_in_train(project.id))
+    return in_pool(project.id)
+
+
 def projects_awaiting_scores(session: Session) -> list[int]:
-    """Projects whose serving version has not scored some pool image yet (frames that arrived since
-    the last promotion): what the periodic scoring tick hands to the ``predict`` queue. One statement."""
+    """Projects whose serving version has not scored some image of their scoring scope yet (frames that
+    arrived since the last promotion): what the periodic scoring tick hands to the ``predict`` queue.
+    One statement."""
     scored = exists().where(ImageScore.image_id == Image.id, ImageScore.model_version_id == ModelVersion.id)
-    waiting = exists().where(in_pool(ModelVersion.project_id), not_(scored))
+    reads_labelled = exists().where(Project.id == ModelVersion.project_id, Project.al_strategy.in_(CONTEXT_STRATEGIES))
+    scope = or_(in_pool(ModelVersion.project_id), and_(reads_labelled, labelled_in_train(ModelVersion.project_id)))
+    waiting = exists().where(scope, not_(scored))
     query = select(ModelVersion.project_id).where(ModelVersion.status == "serving", waiting).distinct()
     return sorted(int(pid) for pid in session.scalars(query))
 
 
-def unscored_pool_images(session: Session, project: Project, model_version_id: int) -> list[PoolImage]:
-    """Pool images that ``model_version_id`` has not scored yet, ascending by id."""
+def unscored_images(session: Session, project: Project, model_version_id: int) -> list[PoolImage]:
+    """Images of the project's scoring scope (:func:`scoring_scope`) that ``model_version_id`` has not
+    scored yet, ascending by id."""
     scored = exists().where(ImageScore.image_id == Image.id, ImageScore.model_version_id == model_version_id)
     rows = session.execute(
-        select(Image.id, Image.blob_key).where(in_pool(project.id), not_(scored)).order_by(Image.id)
+        select(Image.id, Image.blob_key).where(scoring_scope(project), not_(scored)).order_by(Image.id)
     ).all()
     return [PoolImage(int(r[0]), str(r[1])) for r in rows]
 
 
 def candidates_for(session: Session, project: Project, model_version_id: int) -> list[Candidate]:
     """The pool images that ``model_version_id`` scored, as candidates (its scores only), by image id."""
+    return _candidates(session, model_version_id, in_pool(project.id))
+
+
+def labelled_candidates(session: Session, project: Project, model_version_id: int) -> list[Candidate]:
+    """The labelled ``train`` images that ``model_version_id`` scored (what a ``coverage`` ranking
+    counts as covered), by image id."""
+    return _candidates(session, model_version_id, labelled_in_train(project.id))
+
+
+def _candidates(session: Session, model_version_id: int, where: ColumnElement[bool]) -> list[Candidate]:
     rows = session.execute(
         select(
             Image.id,
@@ -194,7 +232,7 @@ def candidates_for(session: Session, project: Project, model_version_id: int) ->
             ImageScore.embedding_dim,
         )
         .join(ImageScore, ImageScore.image_id == Image.id)
-        .where(ImageScore.model_version_id == model_version_id, in_pool(project.id))
+        .where(ImageScore.model_version_id == model_version_id, where)
         .order_by(Image.id)
     ).all()
     return [

@@ -41,12 +41,12 @@ from sqlalchemy import CursorResult, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend.active_learning.candidates import Candidate, Strategy
+from backend.active_learning.candidates import Candidate, Strategy, uses_labelled
 from backend.active_learning.strategies import strategy_named
 from backend.db.base import utcnow
 from backend.db.models import ImageSource, LabelLease, Project
 from backend.errors import InvalidInput
-from backend.services.scores import candidates_for, pool_image_ids
+from backend.services.scores import candidates_for, labelled_candidates, pool_image_ids
 from backend.services.versions import serving_version
 
 MAX_BATCH = 100
@@ -183,8 +183,15 @@ def lease_next(
         )
         free = pool - live
         serving = serving_version(session, project.id)
-        scored = [c for c in candidates_for(session, project, serving.id) if c.image_id in free] if serving else []
-        chosen += _claim_ranked(session, project.id, annotator, scored, n - len(chosen), strategy, rng, now, expires)
+        every = candidates_for(session, project, serving.id) if serving else []
+        scored = [c for c in every if c.image_id in free]
+        known: list[Candidate] = []
+        if serving is not None and uses_labelled(strategy):
+            # Covered: what is labelled, and what other sonographers hold leases on (labelled soon).
+            known = labelled_candidates(session, project, serving.id) + [c for c in every if c.image_id in live]
+        chosen += _claim_ranked(
+            session, project.id, annotator, scored, n - len(chosen), strategy, rng, now, expires, known
+        )
         if len(chosen) < n:
             unscored = sorted(free - {c.image_id for c in scored})
             for index in rng.permutation(len(unscored)):
@@ -284,7 +291,8 @@ def rank_pool(
     pool = pool_image_ids(session, project)
     serving = serving_version(session, project.id)
     scored = candidates_for(session, project, serving.id) if serving else []
-    ranked = [i for i in dict.fromkeys(chooser.select(scored, len(scored), rng)) if i in set(pool)]
+    known = labelled_candidates(session, project, serving.id) if serving and uses_labelled(chooser) else []
+    ranked = [i for i in dict.fromkeys(chooser.select(scored, len(scored), rng, known)) if i in set(pool)]
     rest = sorted(set(pool) - set(ranked))
     ranked += [rest[int(i)] for i in rng.permutation(len(rest))]
     tasks = _task_ids(session, ranked)
@@ -314,6 +322,7 @@ def _claim_ranked(
     rng: np.random.Generator,
     now: dt.datetime,
     expires: dt.datetime,
+    known: Sequence[Candidate] = (),
 ) -> list[int]:
     """Ask the strategy for ``need`` images, claim them in its order; a lost claim leaves the pool and the
     strategy is asked again for what is still missing, until enough are claimed or the pool is empty."""
@@ -321,7 +330,7 @@ def _claim_ranked(
     remaining = list(pool)
     while len(claimed) < need and remaining:
         ids = {c.image_id for c in remaining}
-        picks = [i for i in dict.fromkeys(strategy.select(remaining, need - len(claimed), rng)) if i in ids]
+        picks = [i for i in dict.fromkeys(strategy.select(remaining, need - len(claimed), rng, known)) if i in ids]
         if not picks:
             break
         for image_id in picks[: need - len(claimed)]:
