@@ -302,6 +302,7 @@ def _metrics_of(result: TrainResult, evaluation: gate.Evaluation | None, plan: T
         "val_mask_versions": [item.mask_version_id for item in plan.val],
         "train_val_fg_dice": result.best_val_dice,
         "epochs": result.epochs,
+        "steps": result.steps,
         "best_epoch": result.best_epoch,
         "stop_reason": result.stop_reason,
         "train_seconds": round(result.elapsed_s, 1),
