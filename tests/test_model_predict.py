@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.errors import InvalidImage
 from backend.model.checkpoint import Checkpoint
@@ -180,3 +182,20 @@ def test_freed_activations_stay_mapped_so_repeated_frames_do_not_fault_pages() -
     default, kept = faults("0"), faults("1")
     assert default > 1000, default  # the frame's activations are tens of MiB: glibc unmaps them
     assert kept < default / 5, (kept, default)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    dim=st.integers(0, 3),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_class_argmax_is_torch_argmax(shape: list[int], dim: int, ties: bool, seed: int) -> None:
+    """The fast form returns exactly what ``argmax(dim)`` does, ties (first maximum) included."""
+    from backend.model.inference import class_argmax
+
+    dim = dim % len(shape)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, shape, generator=gen).float() if ties else torch.randn(shape, generator=gen)
+    torch.testing.assert_close(class_argmax(x, dim), x.argmax(dim), rtol=0, atol=0)

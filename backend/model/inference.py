@@ -47,6 +47,16 @@ def crop_padding(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tens
     return x[..., top : h - bottom, left : w - right]
 
 
+def class_argmax(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x.argmax(dim)`` for a class dimension that is not the last one, 10-17x faster on the CPU.
+
+    PyTorch's CPU argmax over a strided (non-innermost) dimension is slow: 25 ms for a (4, 3, 256,
+    288) batch of logits against 1.5 ms when the class dimension is moved innermost first (same
+    result, ties included: the first maximum wins either way). It was 4% of every training step.
+    """
+    return x.movedim(dim, -1).contiguous().argmax(-1)
+
+
 def predict_probabilities(
     model: nn.Module,
     x: torch.Tensor,

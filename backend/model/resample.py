@@ -43,7 +43,9 @@ def resize_mask(mask: NDArray[Any], size: tuple[int, int], num_classes: int) -> 
     if tuple(mask.shape) == tuple(size):
         return mask.astype(np.int64, copy=False)
     onehot = F.one_hot(torch.from_numpy(mask.astype(np.int64)), num_classes).permute(2, 0, 1)[None].float()
-    return resize_images(onehot, size)[0].argmax(0).numpy()
+    from backend.model.inference import class_argmax
+
+    return class_argmax(resize_images(onehot, size)[0], 0).numpy()
 
 
 def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from backend.model.data import Case
-from backend.model.inference import predict_probabilities
+from backend.model.inference import class_argmax, predict_probabilities
 from backend.model.metrics import confusion_matrix, dice_per_class
 from backend.model.spec import ModelSpec
 
@@ -41,12 +41,8 @@ class Validator:
             with torch.inference_mode():
                 for case in self.cases:
                     x = torch.from_numpy(case.image)[None, None].to(self.device)
-                    pred = (
-                        predict_probabilities(model, x, self.spec, mixed_precision=self.mixed_precision)[0]
-                        .argmax(0)
-                        .cpu()
-                        .numpy()
-                    )
+                    probs = predict_probabilities(model, x, self.spec, mixed_precision=self.mixed_precision)[0]
+                    pred = class_argmax(probs, 0).cpu().numpy()
                     cm += confusion_matrix(pred, case.mask, k)
         finally:
             model.train(was_training)
@@ -108,7 +104,7 @@ class TrainDiceMeter:
         self.fn = np.zeros(num_classes - 1)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        pred = logits.detach().argmax(1)
+        pred = class_argmax(logits.detach(), 1)
         for c in range(1, self.k):
             p, t = pred == c, target == c
             self.tp[c - 1] += float((p & t).sum())
