@@ -233,7 +233,7 @@ class CoverageStrategy:
         known = [c for c in _unique(labelled) if c.image_id not in pool_ids]
         if {np.asarray(c.embedding).size for c in known} - {np.asarray(unique[0].embedding).size}:
             known = []  # embeddings of another model: cluster the pool alone
-        vectors = _unit_vectors([*unique, *known], centre=self.centre)
+        vectors, _ = _normalised([*unique, *known], centre=self.centre)
         k = min(len(known) + min(n, self.max_new_clusters), len(vectors))
         assign = _kmeans(vectors, k, rng)
         members = [np.flatnonzero(assign[: len(unique)] == j) for j in range(k)]
@@ -248,11 +248,11 @@ class CoverageStrategy:
         for slot in range(n):
             index: int | None = None
             if _is_fg_slot(slot, self.fg_share):
-                index = foreground.next_distinct(taken, [], _NO_SIMILARITY, 2.0)
+                index = foreground.next_untaken(taken)
             if index is None:
                 live = [j for j in range(k) if heads[j] < len(order[j])]
                 if not live:
-                    index = foreground.next_distinct(taken, [], _NO_SIMILARITY, 2.0)
+                    index = foreground.next_untaken(taken)
                 else:
                     j = min(live, key=lambda c: (covered[c], -sizes[c], tiebreak[c]))
                     index = order[j][heads[j]]
@@ -324,6 +324,14 @@ class _Cursor:
         self.order = order
         self.pos = 0
 
+    def next_untaken(self, taken: NDArray[np.bool_]) -> int | None:
+        while self.pos < len(self.order):
+            index = self.order[self.pos]
+            if not taken[index]:
+                return index
+            self.pos += 1
+        return None
+
     def next_distinct(
         self, taken: NDArray[np.bool_], picked: list[int], sim: _Similarity, threshold: float
     ) -> int | None:
@@ -351,13 +359,6 @@ class _Similarity:
 def _similarity(pool: Sequence[Candidate], *, centre: bool) -> _Similarity:
     vectors, zero = _normalised(pool, centre=centre)
     return _Similarity(vectors, zero)
-
-
-_NO_SIMILARITY = _Similarity(np.zeros((0, 0)), np.zeros(0, bool))  # with threshold > 1: never a duplicate
-
-
-def _unit_vectors(pool: Sequence[Candidate], *, centre: bool) -> NDArray[np.float64]:
-    return _normalised(pool, centre=centre)[0]
 
 
 def _normalised(pool: Sequence[Candidate], *, centre: bool) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:

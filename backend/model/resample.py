@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from backend.model.inference import class_argmax
+
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """(height, width) after scaling by ``scale``; never below 1 pixel."""
@@ -43,8 +45,6 @@ def resize_mask(mask: NDArray[Any], size: tuple[int, int], num_classes: int) -> 
     if tuple(mask.shape) == tuple(size):
         return mask.astype(np.int64, copy=False)
     onehot = F.one_hot(torch.from_numpy(mask.astype(np.int64)), num_classes).permute(2, 0, 1)[None].float()
-    from backend.model.inference import class_argmax
-
     return class_argmax(resize_images(onehot, size)[0], 0).numpy()
 
 
