@@ -51,13 +51,11 @@ def test_same_frame_same_scores_and_near_duplicates_embed_alike(tmp_path: Path) 
     frame = synthetic_frame(3, (48, 64))[0]
     noisy = np.clip(frame.astype(int) + np.random.default_rng(0).integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
     a, b, flipped, near = score_images(p, [frame, frame.copy(), np.ascontiguousarray(frame[:, ::-1]), noisy])
-    assert (a.entropy, a.tta_disagreement, a.boundary_uncertainty, a.foreground_fraction) == (
-        b.entropy,
-        b.tta_disagreement,
-        b.boundary_uncertainty,
-        b.foreground_fraction,
-    )
-    np.testing.assert_array_equal(a.embedding, b.embedding)
+    # Two copies in one batch agree to float32 rounding: channels-last oneDNN kernels may split a
+    # batch across threads so that the two positions sum in different orders (a few ulp apart).
+    for name in ("entropy", "tta_disagreement", "boundary_uncertainty", "foreground_fraction"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-5), name
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
     assert float(a.embedding @ flipped.embedding) > 0.99
     assert float(a.embedding @ near.embedding) > 0.99
     # A mirrored frame's scores are its own mirror image's: the two passes swap roles.
