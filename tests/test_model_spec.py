@@ -181,3 +181,69 @@ def test_instance_norm_matches_torch_instance_norm_and_loads_its_parameters(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_ch=st.integers(1, 9),
+    out_ch=st.integers(1, 9),
+    batch=st.integers(1, 3),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    stride=st.sampled_from([1, 2]),
+    channels_last=st.booleans(),
+)
+def test_pointwise_conv_is_a_1x1_conv2d_with_its_state_dict(
+    in_ch: int, out_ch: int, batch: int, height: int, width: int, stride: int, channels_last: bool
+) -> None:
+    """The matrix-product form gives nn.Conv2d's result and gradients with nn.Conv2d's state dict
+    (checkpoints saved before the switch load unchanged), in both memory formats and strides."""
+    from backend.model.umamba import PointwiseConv
+
+    torch.manual_seed(in_ch * 13 + out_ch)
+    reference = torch.nn.Conv2d(in_ch, out_ch, 1, stride=stride)
+    ours = PointwiseConv(in_ch, out_ch, stride=stride)
+    ours.load_state_dict(reference.state_dict())
+    assert set(ours.state_dict()) == set(reference.state_dict()) == {"weight", "bias"}
+    x = torch.randn(batch, in_ch, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_ours = reference(x_ref), ours(x_ours)
+    torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(out_ref)
+    out_ref.backward(upstream)
+    out_ours.backward(upstream)
+    assert ours.weight.grad is not None and reference.weight.grad is not None
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    in_ch=st.integers(1, 8),
+    out_ch=st.integers(1, 8),
+    height=st.integers(1, 6),
+    width=st.integers(1, 6),
+    up_h=st.integers(1, 3),
+    up_w=st.integers(1, 3),
+    extra=st.integers(0, 1),
+)
+def test_upsample_convolving_first_is_upsampling_then_convolving(
+    in_ch: int, out_ch: int, height: int, width: int, up_h: int, up_w: int, extra: int
+) -> None:
+    """U-Mamba's order (nearest upsampling, then the 1x1 conv) and ours (the conv at the lower
+    resolution, then upsampling) give the same output to float32 rounding, also for a target size that is
+    not a whole multiple (odd skip sizes)."""
+    from backend.model.umamba import Upsample
+
+    torch.manual_seed(in_ch * 7 + out_ch)
+    layer = Upsample(in_ch, out_ch)
+    x = torch.randn(2, in_ch, height, width)
+    size = (height * up_h + extra, width * up_w)
+    upsampled = torch.nn.functional.interpolate(x, size=size, mode="nearest")
+    with torch.no_grad():
+        reference = torch.nn.functional.conv2d(upsampled, layer.conv.weight, layer.conv.bias)
+        ours = layer(x, size)
+    assert ours.shape == reference.shape == (2, out_ch, *size)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)

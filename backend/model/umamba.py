@@ -73,6 +73,31 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, eps=eps, affine=True)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution, ``nn.Conv2d(in_ch, out_ch, 1, stride=stride)`` in parameters and result,
+    run as one batched matrix product when that is faster.
+
+    Why: on the CPU, oneDNN's 1x1 convolution of a contiguous (NCHW) tensor with few channels is
+    memory-bound and slow: forward + backward of 32 -> 16 channels over 4 x 256 x 288 took 175 ms
+    on a 2-core AVX2 EPYC, ``baddbmm`` over the same (B, C, H*W) view 65 ms. The full-resolution
+    projections, upsampling convolutions and segmentation heads of a training step are such
+    convolutions. Channels-last input (the CPU serving layout, where oneDNN's own 1x1 kernel is
+    the matrix product), strided projections and CUDA keep the convolution.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1) -> None:
+        super().__init__(in_ch, out_ch, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1) or x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return super().forward(x)
+        b, c, h, w = x.shape
+        weight = self.weight.reshape(1, self.out_channels, c).expand(b, -1, -1)
+        flat = x.reshape(b, c, h * w)
+        out = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias.reshape(1, -1, 1), weight, flat)
+        return out.reshape(b, self.out_channels, h, w)
+
+
 class ResidualBlock(nn.Module):
     """conv-norm-act, conv-norm, + skip (1x1 conv when ``project``), act. U-Mamba's BasicResBlock."""
 
@@ -86,7 +111,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.norm2 = InstanceNorm(out_ch, eps=1e-5)
         self.act2 = nn.LeakyReLU(0.01, inplace=True)
-        self.conv3 = nn.Conv2d(in_ch, out_ch, 1, stride=stride) if project else None
+        self.conv3 = PointwiseConv(in_ch, out_ch, stride=stride) if project else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act1(self.norm1(self.conv1(x)))
@@ -169,15 +194,22 @@ class Encoder(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour upsampling then a 1x1 conv to the skip's width (U-Mamba's UpsampleLayer)."""
+    """Nearest-neighbour upsampling and a 1x1 conv to the skip's width (U-Mamba's UpsampleLayer).
+
+    U-Mamba upsamples first and convolves at the skip's resolution. A pointwise convolution
+    commutes exactly with nearest-neighbour upsampling (every output pixel is a copy of one input
+    pixel, and the convolution maps each pixel alone), so this convolves at the lower resolution
+    and then upsamples: the same parameters and the same output (to float32 rounding, test),
+    with a quarter of the convolution's work and memory; forward + backward of the
+    full-resolution layer went from 261 ms to 25 ms on a 2-core AVX2 EPYC.
+    """
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 1)
+        self.conv = PointwiseConv(in_ch, out_ch)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        out: torch.Tensor = self.conv(F.interpolate(x, size=size, mode="nearest"))
-        return out
+        return F.interpolate(self.conv(x), size=size, mode="nearest")
 
 
 class Decoder(nn.Module):
@@ -193,7 +225,7 @@ class Decoder(nn.Module):
             concat = s < n - 1 or spec.full_resolution_skip
             ups.append(Upsample(below, skip))
             stages.append(_stage(2 * skip if concat else skip, skip, spec.decoder_blocks[s - 1], stride=1))
-            heads.append(nn.Conv2d(skip, spec.num_classes, 1))
+            heads.append(PointwiseConv(skip, spec.num_classes))
         self.upsample_layers = nn.ModuleList(ups)
         self.stages = nn.ModuleList(stages)
         self.seg_layers = nn.ModuleList(heads)
