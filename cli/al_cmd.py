@@ -46,6 +46,13 @@ def al() -> None:
 @click.option("--minutes-per-round", type=float, default=2.0, show_default=True, help="Training budget of each round.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1 (start set, training, sampling).")
 @click.option(
+    "--first-seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run seeds K..K+N-1 instead: more seeds of an earlier comparison, in a second run.",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -90,6 +97,7 @@ def simulate_cmd(
     rounds: int,
     minutes_per_round: float,
     seeds: int,
+    first_seed: int,
     out_dir: Path,
     preset: str,
     init_path: Path | None,
@@ -131,7 +139,7 @@ def simulate_cmd(
             batch=batch,
             rounds=rounds,
             minutes_per_round=minutes_per_round,
-            seeds=tuple(range(seeds)),
+            seeds=tuple(range(first_seed, first_seed + seeds)),
             full_pool=full_pool,
             full_pool_minutes=full_pool_minutes,
             jobs=jobs,

@@ -35,7 +35,7 @@ from cli.import_cmd import os_user
     "--set-strategy",
     "set_strategy",
     default=None,
-    help="Make this the project's strategy (random, fg_random, entropy, default) and lease nothing.",
+    help="Make this the project's strategy (random, fg_random, entropy, power, coverage, default) and lease nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (the body of GET /api/next).")
 @pass_ctx

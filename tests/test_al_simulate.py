@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from backend.active_learning.candidates import uses_labelled
 from backend.active_learning.simulate import (
     RoundRecord,
     SimulationConfig,
@@ -20,7 +21,7 @@ from backend.active_learning.simulate import (
     plot_learning_curves,
     simulate,
 )
-from backend.active_learning.strategies import SCORE_FREE, STRATEGY_NAMES
+from backend.active_learning.strategies import SCORE_FREE, STRATEGY_NAMES, strategy_named
 from backend.errors import InvalidInput
 
 
@@ -94,10 +95,12 @@ def test_the_loop_grows_each_run_by_one_batch_without_repeats(tmp_path: Path) ->
         starts = {run.rounds[0].acquired for run in result.runs if run.seed == seed}
         assert len(starts) == 1
     # Rounds fine-tune from the previous round's model; round 0 and the full pool start fresh.
-    # A strategy that reads the labelled images (coverage) has them scored by the same model.
+    # A strategy that reads the labelled images (coverage, default) has them scored by the same model.
     # Chains run in order (one job): per seed, each scored strategy's four rounds.
     scored = [name for name in STRATEGY_NAMES if name not in SCORE_FREE]
-    expected = {name: [40] * 4 if name == "coverage" else [35 - 3 * r for r in range(4)] for name in scored}
+    expected = {
+        name: [40] * 4 if uses_labelled(strategy_named(name)) else [35 - 3 * r for r in range(4)] for name in scored
+    }
     assert learner.scored_sizes == [n for _seed in (0, 1) for name in scored for n in expected[name]]
     fits = {tag: (labels, init, minutes) for labels, init, minutes, tag in learner.fits}
     assert fits["seed0-round0"][1] is None and fits["full-pool"][1] is None
@@ -187,10 +190,10 @@ def test_al_simulate_end_to_end_on_a_tiny_network(tmp_path: Path) -> None:
         "--images", str(pool_images), "--masks", str(pool_masks),
         "--test-images", str(test_images), "--test-masks", str(test_masks),
         "--labels", "Nerve,Vessel", "--strategies", "random,fg_random,entropy,default",
-        "--start", "4", "--batch", "3", "--rounds", "2", "--minutes-per-round", "1", "--seeds", "2",
+        "--start", "4", "--batch", "3", "--rounds", "2", "--minutes-per-round", "1", "--seeds", "2", "--first-seed", "5",
         "--out", str(out), "--init", str(init), "--device", "cpu", "--threads", "1",
         "--epochs", "1", "--iterations", "2", "--train-batch-size", "2",
-        "--param", "default.beta=2",
+        "--param", "power.beta=2", "--param", "default.informative=0.5",
     ]  # fmt: skip
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -198,7 +201,10 @@ def test_al_simulate_end_to_end_on_a_tiny_network(tmp_path: Path) -> None:
     report = json.loads((out / "rounds.json").read_text())
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()  # released as the runs went
-    assert report["pool_size"] == 14 and report["config"]["strategy_params"] == {"default": {"beta": 2}}
+    assert report["pool_size"] == 14 and report["config"]["strategy_params"] == {
+        "power": {"beta": 2},
+        "default": {"informative": 0.5},
+    }
     assert len(report["runs"]) == 8
     for run in report["runs"]:
         assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
@@ -208,7 +214,7 @@ def test_al_simulate_end_to_end_on_a_tiny_network(tmp_path: Path) -> None:
         assert all(name.startswith("f0") for name in acquired)
         assert 0.0 <= run["aubc"] <= 1.0 and all(0.0 <= r["dice"] <= 1.0 for r in run["rounds"])
     for name, s in report["summary"].items():
-        assert len(s["aubc_per_seed"]) == 2 and s["labels"] == [4, 7, 10], name
+        assert set(s["aubc_per_seed"]) == {"5", "6"} and s["labels"] == [4, 7, 10], name
     assert report["full_pool"]["dice"] is not None
     # A non-empty --out is refused.
     again = CliRunner().invoke(cli, args)

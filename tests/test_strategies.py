@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.active_learning.candidates import Candidate
-from backend.active_learning.strategies import STRATEGY_NAMES, DefaultStrategy, strategy_named
+from backend.active_learning.candidates import Candidate, uses_labelled
+from backend.active_learning.strategies import STRATEGY_NAMES, DefaultStrategy, PowerStrategy, strategy_named
 from backend.errors import InvalidInput
 
 DIM = 8
@@ -61,7 +61,7 @@ def test_an_empty_pool_gives_nothing(name: str) -> None:
     seed=st.integers(0, 2**32 - 1),
     centre=st.booleans(),
 )
-def test_default_never_picks_two_identical_embeddings_while_distinct_ones_remain(
+def test_power_never_picks_two_identical_embeddings_while_distinct_ones_remain(
     copies: list[int], scores: st.DataObject, n: int, seed: int, centre: bool
 ) -> None:
     """Prototype k appears copies[k] times (consecutive cine frames); every pick before the
@@ -77,14 +77,14 @@ def test_default_never_picks_two_identical_embeddings_while_distinct_ones_remain
                     image_id, scores.draw(unit), scores.draw(unit), scores.draw(unit), scores.draw(unit), basis(k)
                 )
             )
-    chosen = DefaultStrategy(centre=centre).select(pool, n, np.random.default_rng(seed))
+    chosen = PowerStrategy(centre=centre).select(pool, n, np.random.default_rng(seed))
     k = len(copies)
     head = [prototype_of[i] for i in chosen[:k]]
     assert len(set(head)) == len(head) == min(n, k)
     assert len(chosen) == min(n, len(pool))
 
 
-def test_default_suppresses_near_duplicates_by_cosine_threshold() -> None:
+def test_power_suppresses_near_duplicates_by_cosine_threshold() -> None:
     rng = np.random.default_rng(1)
     base = rng.normal(size=(5, 16))
     pool = []
@@ -93,17 +93,17 @@ def test_default_suppresses_near_duplicates_by_cosine_threshold() -> None:
         pool.append(
             Candidate(i, 1.0 - (i // 4) * 0.2 - i * 1e-3, 0.5, 0.5, 0.5, (v / np.linalg.norm(v)).astype(np.float32))
         )
-    chosen = DefaultStrategy(beta=20.0, fg_share=0.0).select(pool, 5, np.random.default_rng(0))
+    chosen = PowerStrategy(beta=20.0, fg_share=0.0).select(pool, 5, np.random.default_rng(0))
     assert sorted(i // 4 for i in chosen) == [0, 1, 2, 3, 4]
     # Entropy top-k takes the whole hardest clip.
     assert sorted(strategy_named("entropy").select(pool, 4, np.random.default_rng(0))) == [0, 1, 2, 3]
 
 
-def test_default_keeps_its_share_of_foreground_random_slots() -> None:
+def test_power_keeps_its_share_of_foreground_random_slots() -> None:
     """Slots 4 and 8 (fg_share 0.25) come from fg_random even when every informative pick is empty."""
     pool = [Candidate(i, 1.0 - i / 100, 1.0 - i / 100, 1.0 - i / 100, 0.0, basis(i, 64)) for i in range(20)]
     pool += [Candidate(100 + i, 0.01, 0.01, 0.01, 0.2, basis(20 + i, 64)) for i in range(20)]
-    chosen = DefaultStrategy(beta=50.0).select(pool, 8, np.random.default_rng(3))
+    chosen = PowerStrategy(beta=50.0).select(pool, 8, np.random.default_rng(3))
     assert [i >= 100 for i in chosen] == [False, False, False, True, False, False, False, True]
     assert chosen[:3] == [0, 1, 2]
 
@@ -132,7 +132,7 @@ def test_combined_score_is_rank_based() -> None:
     raw = rng.random((3, 12))
     pool = [Candidate(i, *raw[:, i], 0.5, basis(i)) for i in range(12)]
     scaled = [Candidate(i, raw[0, i] ** 3 / 10, *raw[1:, i], 0.5, basis(i)) for i in range(12)]
-    s = DefaultStrategy()
+    s = PowerStrategy()
     np.testing.assert_allclose(s.combined_score(pool), s.combined_score(scaled))
     assert s.combined_score(pool).max() <= 1.0 and s.combined_score(pool).min() > 0.0
 
@@ -141,10 +141,10 @@ def test_unknown_names_and_bad_parameters_are_refused() -> None:
     with pytest.raises(InvalidInput, match="unknown strategy"):
         strategy_named("badge")
     with pytest.raises(InvalidInput):
-        strategy_named("default", nonsense=1)
+        strategy_named("power", nonsense=1)
     with pytest.raises(InvalidInput):
-        strategy_named("default", fg_share=1.5)
-    assert strategy_named("default", beta=2, weights=[1, 0, 1]).select([], 1, np.random.default_rng(0)) == []
+        strategy_named("power", fg_share=1.5)
+    assert strategy_named("power", beta=2, weights=[1, 0, 1]).select([], 1, np.random.default_rng(0)) == []
 
 
 def _clustered(
@@ -226,3 +226,20 @@ def test_coverage_keeps_its_foreground_random_share_and_ignores_foreign_embeddin
     chosen = strategy_named("coverage", fg_share=0.5).select(pool, 4, np.random.default_rng(0), foreign)
     assert len(chosen) == 4 and 1000 not in chosen
     assert all(chosen[slot] < 5 for slot in (1, 3))  # the fg slots: frames with predicted foreground
+
+
+@settings(max_examples=20, deadline=None)
+@given(counts=st.lists(st.integers(1, 5), min_size=1, max_size=6), n=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_default_is_coverage_under_its_own_name(counts: list[int], n: int, seed: int) -> None:
+    """The project default is the tuned winner (coverage): same picks for the same random state, it
+    reads the labelled images too (so coverage projects' labelled frames are scored), and its
+    parameters are coverage's."""
+    pool, _ = _clustered(counts, np.random.default_rng(seed))
+    labelled, rest = pool[:1], pool[1:]
+    default = strategy_named("default")
+    assert isinstance(default, DefaultStrategy) and default.name == "default" and uses_labelled(default)
+    assert default.select(rest, n, np.random.default_rng(seed), labelled) == strategy_named("coverage").select(
+        rest, n, np.random.default_rng(seed), labelled
+    )
+    with pytest.raises(InvalidInput):
+        strategy_named("default", beta=2)  # power's parameter, not the default's
