@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 PYTEST_WORKERS ?= 2
 export SONOSEG_DATA_DIR ?= $(CURDIR)/sonoseg-data
 
-.PHONY: run test install install-ls lint bench bench-training fuzz clean help
+.PHONY: run test install install-ls install-browser lint bench bench-training fuzz clean help
 
 help:
 	@echo "make run    - install into $(VENV), migrate the embedded SQLite database, start the server and a worker"
@@ -38,6 +38,13 @@ $(VENV_LS)/.installed:
 
 install-ls: $(VENV_LS)/.installed
 
+# The web pages' tests drive Debian's Chromium (nothing downloads a browser). Installed with apt
+# where we are root and it is missing; elsewhere those tests skip and say why.
+install-browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+	  || echo "make: no Chromium; the browser tests will skip (apt-get install chromium)"; }
+
 # The main job: the Label Studio backend, plus one worker (with the beat scheduler embedded) that
 # retrains in the background. The worker stops when the server does.
 run: install
@@ -47,7 +54,7 @@ run: install
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when pytest workers,
 # Label Studio and a Celery worker share 2 cores (the scan tests run 6x slower without it).
-test: lint install-ls
+test: lint install-ls install-browser
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
 
 # Types (mypy --strict, settings in pyproject.toml), style (ruff check + format) and the layer
