@@ -10,6 +10,7 @@ import json
 
 import click
 
+from backend.active_learning.strategies import STRATEGY_NAMES
 from backend.errors import SonosegError
 from backend.services.worklist import DEFAULT_TTL_SECONDS, MAX_BATCH, MAX_TTL_SECONDS
 from cli.context import CliContext, fail, pass_ctx
@@ -35,7 +36,7 @@ from cli.import_cmd import os_user
     "--set-strategy",
     "set_strategy",
     default=None,
-    help="Make this the project's strategy (random, fg_random, entropy, power, coverage, default) and lease nothing.",
+    help=f"Make this the project's strategy ({', '.join(STRATEGY_NAMES)}) and lease nothing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (the body of GET /api/next).")
 @pass_ctx

@@ -85,8 +85,8 @@ class Project(Base):
     # train or val only, and `sonoseg split move` refuses to move into or out of test without --force.
     test_frozen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # The active-learning strategy that ranks this project's work list (`sonoseg next`, /api/next): a
-    # name known to backend.active_learning.strategies.strategy_named ('default', 'coverage', 'power',
-    # 'random', 'fg_random', 'entropy'). Checked where it is set, not by a CHECK: the set of strategies grows with the code.
+    # name of backend.active_learning.strategies.STRATEGY_NAMES. Checked where it is set, not by a
+    # CHECK: the set of strategies grows with the code.
     al_strategy: Mapped[str] = mapped_column(String(32), default="default", server_default=text("'default'"))
 
     images: Mapped[list[Image]] = relationship(back_populates="project")
