@@ -52,9 +52,12 @@ def test_same_frame_same_scores_and_near_duplicates_embed_alike(tmp_path: Path) 
     noisy = np.clip(frame.astype(int) + np.random.default_rng(0).integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
     a, b, flipped, near = score_images(p, [frame, frame.copy(), np.ascontiguousarray(frame[:, ::-1]), noisy])
     # Two copies in one batch agree to float32 rounding: channels-last oneDNN kernels may split a
-    # batch across threads so that the two positions sum in different orders (a few ulp apart).
+    # batch across threads so that the two positions sum in different orders (a few ulp apart). The
+    # four scores are means over a thresholded region (p >= 0.05, argmax, an outline band), so a pixel
+    # whose probability sits at the threshold may fall on either side in the two copies: that moves a
+    # mean by about 1/region (3e-5 seen on this ~3,000-pixel grid), far below what changes a ranking.
     for name in ("entropy", "tta_disagreement", "boundary_uncertainty", "foreground_fraction"):
-        assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-5), name
+        assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-3), name
     np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
     assert float(a.embedding @ flipped.embedding) > 0.99
     assert float(a.embedding @ near.embedding) > 0.99
