@@ -52,13 +52,12 @@ def test_same_frame_same_scores_and_near_duplicates_embed_alike(tmp_path: Path) 
     noisy = np.clip(frame.astype(int) + np.random.default_rng(0).integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
     a, b, flipped, near = score_images(p, [frame, frame.copy(), np.ascontiguousarray(frame[:, ::-1]), noisy])
     # Two copies in one batch agree to float32 rounding: channels-last oneDNN kernels may split a
-    # batch across threads so that the two positions sum in different orders (a few ulp apart). The
-    # four scores are means over a thresholded region (p >= 0.05, argmax, an outline band), so a pixel
-    # whose probability sits at the threshold may fall on either side in the two copies: that moves a
-    # mean by about 1/region (3e-5 seen on this ~3,000-pixel grid), far below what changes a ranking.
+    # batch across threads so that the two positions sum in different orders. On a 2-core Xeon with
+    # AMX (2026-12-03) the two positions' scores and embedding values differed by up to 3e-5 (1e-3
+    # relative) after the whole network, far below what changes a ranking; a few ulp elsewhere.
     for name in ("entropy", "tta_disagreement", "boundary_uncertainty", "foreground_fraction"):
         assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-3), name
-    np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=2e-4)
     assert float(a.embedding @ flipped.embedding) > 0.99
     assert float(a.embedding @ near.embedding) > 0.99
     # A mirrored frame's scores are its own mirror image's: the two passes swap roles.
