@@ -204,7 +204,15 @@ class CoverageStrategy:
        its ``neighbours`` nearest neighbours inside the cluster (a dense region's centre, not its
        outlier). A cluster of near-duplicate cine frames is one cluster: it gives one frame until
        every other cluster has given one too. With ``informative`` > 0 the pick inside a cluster
-       mixes the typicality rank with the rank of ``power``'s combined score by that weight.
+       mixes the typicality rank with the pool rank of ``power``'s combined score by that weight,
+       and among equally covered clusters the one whose next frame has the best mix of cluster
+       size rank and combined score goes first (a cluster of one or two frames, the usual size
+       once tens are labelled, has no inside to choose from). With
+       ``informative_ramp`` > 0 that weight grows with the labelled set, ``informative * min(1,
+       len(labelled) / informative_ramp)``: typical frames while little is labelled, the model's
+       hardest frames of each uncovered cluster once it has seen enough to judge (TypiClust then
+       margin: Doucet et al., "Bridging diversity and uncertainty in active learning with
+       self-supervised pre-training", 2023, switch the same way, by round).
     3. Every ``1 / fg_share``-th slot is a ``fg_random`` pick, as in ``power``.
 
     When the pool is ranked whole (``n`` = the pool), the clusters are cycled: each round of the
@@ -216,6 +224,7 @@ class CoverageStrategy:
     neighbours: int = 20
     max_new_clusters: int = 32
     informative: float = 0.0
+    informative_ramp: int = 0
     centre: bool = True
     name: str = field(default="coverage", init=False)
     uses_labelled: bool = field(default=True, init=False)
@@ -225,6 +234,14 @@ class CoverageStrategy:
             raise InvalidInput(f"fg_share and informative must be in [0, 1], got {self.fg_share}, {self.informative}")
         if self.neighbours < 1 or self.max_new_clusters < 1:
             raise InvalidInput("neighbours and max_new_clusters must be >= 1")
+        if self.informative_ramp < 0:
+            raise InvalidInput(f"informative_ramp must be >= 0, got {self.informative_ramp}")
+
+    def informative_weight(self, labelled: int) -> float:
+        """The weight of the combined score inside a cluster when ``labelled`` images are labelled."""
+        if self.informative_ramp == 0:
+            return self.informative
+        return self.informative * min(1.0, labelled / self.informative_ramp)
 
     def select(
         self, pool: Sequence[Candidate], n: int, rng: np.random.Generator, labelled: Sequence[Candidate] = ()
@@ -235,6 +252,7 @@ class CoverageStrategy:
         n = min(n, len(unique))
         pool_ids = {c.image_id for c in unique}
         known = [c for c in _unique(labelled) if c.image_id not in pool_ids]
+        weight = self.informative_weight(len(known))
         if {np.asarray(c.embedding).size for c in known} - {np.asarray(unique[0].embedding).size}:
             known = []  # embeddings of another model: cluster the pool alone
         vectors, _ = _normalised([*unique, *known], centre=self.centre)
@@ -242,13 +260,26 @@ class CoverageStrategy:
         assign = _kmeans(vectors, k, rng)
         members = [np.flatnonzero(assign[: len(unique)] == j) for j in range(k)]
         covered = np.bincount(assign[len(unique) :], minlength=k).astype(np.int64)
-        order = [self._cluster_order(vectors, idx, unique) for idx in members]
+        # The combined score's pool rank, in (0, 1]: mixed into the pick inside a cluster and into
+        # the choice among equally covered clusters, by ``weight``.
+        score = PowerStrategy().combined_score(unique) if weight > 0 else np.zeros(len(unique))
+        order = [self._cluster_order(vectors, idx, score, weight) for idx in members]
         sizes = np.array([len(idx) for idx in members]) + covered
+        size_rank = _rank01(sizes.astype(np.float64))
         tiebreak = rng.permutation(k)
         foreground = _Cursor(_fg_random_order(unique, self.fg_threshold, rng))
         heads = [0] * k
         taken = np.zeros(len(unique), bool)
         picked: list[int] = []
+
+        def preference(c: int) -> tuple[int, float, int]:
+            """Least covered first; among those the largest cluster, or with ``weight`` the mix of its
+            size rank and its next frame's combined score."""
+            if weight == 0:
+                return int(covered[c]), -float(sizes[c]), int(tiebreak[c])
+            appeal = (1 - weight) * size_rank[c] + weight * score[order[c][heads[c]]]
+            return int(covered[c]), -float(appeal), int(tiebreak[c])
+
         for slot in range(n):
             index: int | None = None
             if _is_fg_slot(slot, self.fg_share):
@@ -258,7 +289,7 @@ class CoverageStrategy:
                 if not live:
                     index = foreground.next_untaken(taken)
                 else:
-                    j = min(live, key=lambda c: (covered[c], -sizes[c], tiebreak[c]))
+                    j = min(live, key=preference)
                     index = order[j][heads[j]]
             if index is None:  # pragma: no cover - every untaken image is in some cluster's order
                 break
@@ -271,16 +302,15 @@ class CoverageStrategy:
         return [unique[i].image_id for i in picked]
 
     def _cluster_order(
-        self, vectors: NDArray[np.float64], idx: NDArray[np.intp], pool: Sequence[Candidate]
+        self, vectors: NDArray[np.float64], idx: NDArray[np.intp], score: NDArray[np.float64], weight: float
     ) -> list[int]:
-        """A cluster's unlabelled members, most typical first (ties by position)."""
+        """A cluster's unlabelled members, most typical first (ties by position); with ``weight`` > 0
+        the typicality rank is mixed with ``score`` (the pool's combined-score ranks) by that weight."""
         if idx.size == 0:
             return []
-        typicality = _typicality(vectors[idx], self.neighbours)
-        key = _rank01(typicality)
-        if self.informative > 0:
-            score = PowerStrategy().combined_score([pool[int(i)] for i in idx])
-            key = (1 - self.informative) * key + self.informative * _rank01(score)
+        key = _rank01(_typicality(vectors[idx], self.neighbours))
+        if weight > 0:
+            key = (1 - weight) * key + weight * score[idx]
         return [int(idx[i]) for i in np.argsort(-key, kind="stable")]
 
 
