@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -243,3 +245,50 @@ def test_default_is_coverage_under_its_own_name(counts: list[int], n: int, seed:
     )
     with pytest.raises(InvalidInput):
         strategy_named("default", beta=2)  # power's parameter, not the default's
+
+
+def test_the_informative_weight_ramps_with_the_labelled_count_and_a_negative_ramp_is_refused() -> None:
+    flat = strategy_named("coverage", informative=0.6)
+    assert [flat.informative_weight(n) for n in (0, 5, 500)] == [0.6, 0.6, 0.6]
+    ramp = strategy_named("coverage", informative=0.8, informative_ramp=40)
+    weights = [ramp.informative_weight(n) for n in range(0, 100, 5)]
+    assert weights[0] == 0.0 and weights[-1] == pytest.approx(0.8)
+    assert all(a <= b for a, b in itertools.pairwise(weights))
+    assert ramp.informative_weight(20) == pytest.approx(0.4)
+    with pytest.raises(InvalidInput, match="informative_ramp"):
+        strategy_named("coverage", informative_ramp=-1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    n=st.integers(1, 12),
+    ramp=st.integers(1, 200),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_ramp_with_nothing_labelled_picks_as_plain_coverage(counts: list[int], n: int, ramp: int, seed: int) -> None:
+    """With no labelled image the ramped weight is 0: the picks are plain coverage's, whatever the scores."""
+    rng = np.random.default_rng(seed)
+    pool, _ = _clustered(counts, rng)
+    pool = [Candidate(c.image_id, *rng.random(4).tolist(), c.embedding) for c in pool]
+    ramped = strategy_named("coverage", informative=1.0, informative_ramp=ramp)
+    assert ramped.select(pool, n, np.random.default_rng(seed)) == strategy_named("coverage").select(
+        pool, n, np.random.default_rng(seed)
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(1, 4), min_size=3, max_size=8), seed=st.integers(0, 2**32 - 1))
+def test_full_informative_weight_takes_the_most_informative_frame_of_the_uncovered_clusters(
+    counts: list[int], seed: int
+) -> None:
+    """At weight 1 the first pick is the frame with the best combined score among all uncovered
+    clusters (each cluster's head is its most informative frame, and clusters are equally uncovered)."""
+    rng = np.random.default_rng(seed)
+    pool, _ = _clustered(counts, rng)
+    pool = [Candidate(c.image_id, *rng.random(3).tolist(), 0.5, c.embedding) for c in pool]
+    strategy = strategy_named("coverage", fg_share=0.0, informative=1.0, max_new_clusters=len(counts))
+    first = strategy.select(pool, 1, np.random.default_rng(seed))
+    score = PowerStrategy().combined_score(pool)
+    ids = [c.image_id for c in pool]
+    assert len(first) == 1 and score[ids.index(first[0])] == score.max()
