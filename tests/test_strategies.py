@@ -233,16 +233,19 @@ def test_coverage_keeps_its_foreground_random_share_and_ignores_foreign_embeddin
 @settings(max_examples=20, deadline=None)
 @given(counts=st.lists(st.integers(1, 5), min_size=1, max_size=6), n=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
 def test_default_is_coverage_under_its_own_name(counts: list[int], n: int, seed: int) -> None:
-    """The project default is the tuned winner (coverage): same picks for the same random state, it
-    reads the labelled images too (so coverage projects' labelled frames are scored), and its
-    parameters are coverage's."""
+    """The project default is the tuned winner (coverage with the informative ramp): same picks for
+    the same random state, it reads the labelled images too (so coverage projects' labelled frames
+    are scored), and its parameters are coverage's."""
     pool, _ = _clustered(counts, np.random.default_rng(seed))
     labelled, rest = pool[:1], pool[1:]
     default = strategy_named("default")
     assert isinstance(default, DefaultStrategy) and default.name == "default" and uses_labelled(default)
-    assert default.select(rest, n, np.random.default_rng(seed), labelled) == strategy_named("coverage").select(
+    assert (default.informative, default.informative_ramp) == (1.0, 60)
+    tuned = strategy_named("coverage", informative=1.0, informative_ramp=60)
+    assert default.select(rest, n, np.random.default_rng(seed), labelled) == tuned.select(
         rest, n, np.random.default_rng(seed), labelled
     )
+    assert strategy_named("default", informative=0.0).informative_weight(100) == 0.0
     with pytest.raises(InvalidInput):
         strategy_named("default", beta=2)  # power's parameter, not the default's
 
