@@ -322,8 +322,8 @@ class DefaultStrategy(CoverageStrategy):
     Why a name of its own rather than a column default of ``coverage``: a project that never chose
     a strategy follows whatever the latest measurement found best, and ``sonoseg al simulate
     --strategies ...,coverage,default --param coverage.X=...`` compares a variant with the default
-    in one run. The choice, and the run behind it, are in docs/decisions.md ("Active learning:
-    the default strategy"). Its parameters are coverage's with the informative ramp on: on a
+    in one run. The choices, and the runs behind them, are in docs/decisions.md ("Active learning:
+    the default strategy" and "the default gets the informative ramp"). Its parameters are coverage's with the informative ramp on: on a
     validation split of usgra-seg (3 seeds, 7 rounds of 20 from 10 up to 150 labels) coverage with
     ``informative=1, informative_ramp=60`` scored a mean AUBC of 0.462 against random's 0.442 and
     plain coverage's 0.438, at or above random on every seed; plain coverage had tied random
