@@ -57,7 +57,7 @@ def al() -> None:
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="A new or empty folder: rounds.json, learning_curve.png.",
+    help="A new or empty folder: rounds.json, learning_curve.png, train_config.json.",
 )
 @click.option("--preset", default="cpu_small", show_default=True, help="Model preset (training config and network).")
 @click.option(
@@ -83,6 +83,12 @@ def al() -> None:
     "params",
     multiple=True,
     help="A strategy parameter, STRATEGY.NAME=JSON (e.g. default.beta=2, default.weights=[1,0,1]); repeatable.",
+)
+@click.option(
+    "--train-param",
+    "train_params",
+    multiple=True,
+    help="A training-config field, NAME=JSON (e.g. finetune_warmup=0.2, learning_rate=1e-3); repeatable.",
 )
 @click.option("--keep-checkpoints", is_flag=True, help="Keep every round's checkpoint under OUT/checkpoints.")
 def simulate_cmd(
@@ -111,6 +117,7 @@ def simulate_cmd(
     full_pool: bool,
     full_pool_minutes: float | None,
     params: tuple[str, ...],
+    train_params: tuple[str, ...],
     keep_checkpoints: bool,
 ) -> None:
     """Simulate active learning on IMAGES/MASKS and score every round on TEST-IMAGES/TEST-MASKS.
@@ -151,6 +158,7 @@ def simulate_cmd(
         for key, value in (("epochs", epochs), ("iterations_per_epoch", iterations), ("batch_size", train_batch_size)):
             if value is not None:
                 overrides[key] = value
+        overrides.update(_parse_train_params(train_params))
         train_config = training_preset(preset).replace(**overrides)
         out_dir.mkdir(parents=True, exist_ok=True)
         learner = PoolLearner(
@@ -178,6 +186,7 @@ def simulate_cmd(
 
             result = simulate(learner, sim_config, names=list(pool.names or ()), on_step=on_step)
         result.write_json(out_dir / "rounds.json")
+        (out_dir / "train_config.json").write_text(train_config.to_json() + "\n")
         plot_learning_curves(result, out_dir / "learning_curve.png")
         if not keep_checkpoints:
             try:
@@ -194,6 +203,28 @@ def simulate_cmd(
 def _planned_minutes(config: Any, n_fits: int) -> float:
     full = (config.full_pool_minutes or config.total_minutes) if config.full_pool else 0.0
     return float((n_fits - int(config.full_pool)) * config.minutes_per_round + full)
+
+
+def _parse_train_params(params: tuple[str, ...]) -> dict[str, Any]:
+    """``--train-param NAME=JSON`` items as TrainConfig overrides (names checked, values by the config)."""
+    from dataclasses import fields
+
+    from backend.model.train_config import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)} - {"augment", "device", "num_threads", "seed", "max_minutes"}
+    out: dict[str, Any] = {}
+    for item in params:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise click.UsageError(f"--train-param {item!r}: expected NAME=VALUE")
+        if name not in known:
+            raise click.UsageError(f"--train-param {name!r}: not a training field; known: {', '.join(sorted(known))}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
 
 
 def _parse_params(params: tuple[str, ...]) -> dict[str, dict[str, Any]]:

@@ -194,6 +194,7 @@ def test_al_simulate_end_to_end_on_a_tiny_network(tmp_path: Path) -> None:
         "--out", str(out), "--init", str(init), "--device", "cpu", "--threads", "1",
         "--epochs", "1", "--iterations", "2", "--train-batch-size", "2",
         "--param", "power.beta=2", "--param", "default.informative=0.5",
+        "--train-param", "finetune_warmup=0.25", "--train-param", "finetune_lr_scale=0.5",
     ]  # fmt: skip
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -216,6 +217,26 @@ def test_al_simulate_end_to_end_on_a_tiny_network(tmp_path: Path) -> None:
     for name, s in report["summary"].items():
         assert set(s["aubc_per_seed"]) == {"5", "6"} and s["labels"] == [4, 7, 10], name
     assert report["full_pool"]["dice"] is not None
+    trained_with = json.loads((out / "train_config.json").read_text())
+    assert (trained_with["finetune_warmup"], trained_with["finetune_lr_scale"]) == (0.25, 0.5)
     # A non-empty --out is refused.
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "new or empty" in again.output
+
+
+def test_al_simulate_refuses_an_unknown_or_invalid_training_field(tmp_path: Path) -> None:
+    from cli.main import cli
+    from tests.support.frames import blob_pairs
+
+    images, masks = write_folder(tmp_path / "pool", blob_pairs(3, seed=1, size=(32, 32)))
+    base = [
+        "al", "simulate", "--images", str(images), "--masks", str(masks),
+        "--test-images", str(images), "--test-masks", str(masks), "--labels", "Nerve,Vessel",
+    ]  # fmt: skip
+    unknown = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a"), "--train-param", "warp=9"])
+    assert unknown.exit_code == 2 and "not a training field" in unknown.output
+    malformed = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--train-param", "finetune_warmup"])
+    assert malformed.exit_code == 2 and "NAME=VALUE" in malformed.output
+    invalid = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "c"), "--train-param", "finetune_warmup=1.5"])
+    assert invalid.exit_code == 1 and "finetune_warmup" in invalid.output
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")

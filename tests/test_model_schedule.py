@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backend.errors import InvalidInput, NotReady
 from backend.model.device import mixed_precision_dtype, resolve_device
@@ -18,6 +20,47 @@ def test_poly_schedule_follows_steps_or_time_whichever_runs_out_first() -> None:
     assert s.lr(10, 30.0) == pytest.approx(0.01 * 0.5**0.9)  # time is further along
     assert s.lr(100, 0.0) == 0.0 and s.lr(0, 120.0) == 0.0
     assert PolySchedule(0.01, 100, None).lr(50, 1e9) == pytest.approx(0.01 * 0.5**0.9)
+
+
+@given(
+    warmup=st.floats(0.01, 0.9),
+    total=st.integers(2, 10_000),
+    exponent=st.floats(0.5, 2.0),
+    progress=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=20),
+)
+def test_warmup_rises_to_the_poly_curve_and_then_follows_it(
+    warmup: float, total: int, exponent: float, progress: list[float]
+) -> None:
+    warm = PolySchedule(1.0, total, 100.0, exponent, warmup=warmup)
+    plain = PolySchedule(1.0, total, 100.0, exponent)
+    for p in progress:
+        lr, poly = warm.lr(0, 100.0 * p), plain.lr(0, 100.0 * p)
+        assert 0.0 <= lr <= poly + 1e-12
+        if p >= warmup:
+            assert lr == pytest.approx(poly)
+    assert warm.lr(0, 0.0) > 0.0  # the first step moves
+    # Rising while the ramp outpaces the decay: strictly below the poly curve before the end of warm-up.
+    if warmup > 2.0 / total:
+        assert warm.lr(0, 100.0 * warmup / 2) < plain.lr(0, 100.0 * warmup / 2)
+
+
+def test_warmup_outside_zero_to_one_is_refused() -> None:
+    for bad in (-0.1, 1.0, 2.0):
+        with pytest.raises(ValueError, match="warm-up"):
+            PolySchedule(1.0, 10, None, warmup=bad)
+    for field, bad in (("finetune_warmup", 1.0), ("finetune_warmup", -0.5), ("finetune_lr_scale", 0.0)):
+        with pytest.raises(InvalidInput, match=field):
+            TrainConfig(**{field: bad})
+
+
+def test_only_a_fine_tune_takes_the_fine_tune_schedule() -> None:
+    from backend.model.train import _schedule
+
+    config = TrainConfig(learning_rate=2e-3, finetune_lr_scale=0.5, finetune_warmup=0.2)
+    scratch = _schedule(config, 100, 60.0, fine_tune=False)
+    tune = _schedule(config, 100, 60.0, fine_tune=True)
+    assert (scratch.base_lr, scratch.warmup) == (2e-3, 0.0)
+    assert (tune.base_lr, tune.warmup) == (pytest.approx(1e-3), 0.2)
 
 
 def test_best_keeper_copies_weights_and_counts_epochs_since() -> None:

@@ -112,6 +112,23 @@ def test_fine_tuning_starts_from_the_checkpoint_and_needs_the_same_classes(data:
         train(config(epochs=1), other, init_checkpoint=tmp_path / "base.safetensors")
 
 
+def test_a_fine_tune_warms_up_at_its_scaled_rate_and_keeps_that_schedule_on_resume(
+    data: TrainData, tmp_path: Path
+) -> None:
+    base = train(config(epochs=1), data)
+    base.save(tmp_path / "base.safetensors")
+    tune = config(epochs=4, learning_rate=1e-2, finetune_lr_scale=0.5, finetune_warmup=0.5)
+    straight = train(tune, data, init_checkpoint=tmp_path / "base.safetensors")
+    rates = [p.learning_rate for p in straight.history]  # each epoch's last rate
+    assert rates[0] < rates[1] and max(rates) <= 0.5e-2
+    scratch = train(tune, data)  # from scratch: the base rate, no warm-up
+    assert scratch.history[0].learning_rate > rates[0]
+    state = tmp_path / "tune.state"
+    train(tune, data, init_checkpoint=tmp_path / "base.safetensors", state_path=state, should_stop=_stop_after_steps(8))
+    resumed = train(tune, data, resume_from=state)
+    assert [p.learning_rate for p in resumed.history] == pytest.approx(rates)
+
+
 def _stop_after_steps(n: int):  # type: ignore[no-untyped-def]
     calls = iter(range(10**6))
     return lambda: next(calls) >= n

@@ -44,6 +44,7 @@ class ResumeState:
     numpy_rng: dict[str, Any]
     torch_generator: torch.Tensor
     torch_rng: torch.Tensor
+    fine_tune: bool = False  # the run started from a checkpoint (its schedule is the fine-tune one)
 
 
 def save_resume_state(path: Path, state: ResumeState) -> None:

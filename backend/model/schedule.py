@@ -20,12 +20,25 @@ def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter]) ->
 
 @dataclass(frozen=True)
 class PolySchedule:
-    """lr = base * (1 - progress) ** exponent, progress = max(step share, time share)."""
+    """lr = base * warm-up * (1 - progress) ** exponent, progress = max(step share, time share).
+
+    ``warmup`` is the share of the run over which the rate first rises linearly from
+    ``base * 1/total_steps`` to ``base`` (0: none, nnU-Net's schedule). A fine-tune starts with
+    fresh optimiser moments on weights that already fit: AdamW's first, bias-corrected steps move
+    every weight by about the full rate whatever its gradient, which throws a trained network far
+    from where it was (the reason for a warm-up with Adam, Liu et al. 2020, "On the variance of the
+    adaptive learning rate and beyond").
+    """
 
     base_lr: float
     total_steps: int
     max_seconds: float | None
     exponent: float = 0.9
+    warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warm-up must be a share in [0, 1), not {self.warmup}")
 
     def progress(self, step: int, elapsed: float) -> float:
         frac = step / self.total_steps
@@ -34,7 +47,11 @@ class PolySchedule:
         return min(max(frac, 0.0), 1.0)
 
     def lr(self, step: int, elapsed: float) -> float:
-        return float(self.base_lr * (1.0 - self.progress(step, elapsed)) ** self.exponent)
+        progress = self.progress(step, elapsed)
+        ramp = 1.0
+        if self.warmup:
+            ramp = min(1.0, max(progress, 1.0 / self.total_steps) / self.warmup)
+        return float(self.base_lr * ramp * (1.0 - progress) ** self.exponent)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -192,7 +192,7 @@ def train(
     )
     max_seconds = config.max_minutes * 60 if config.max_minutes else None
     total_steps = config.epochs * config.iterations_per_epoch
-    schedule = PolySchedule(config.learning_rate, total_steps, max_seconds, config.poly_exponent)
+    schedule = _schedule(config, total_steps, max_seconds, fine_tune=setup.fine_tune)
     stopper = StopPolicy(config.epochs, max_seconds, config.patience)
     sample = validation_sample(len(val_cases), config.val_sample, config.seed)
     validator = Validator([val_cases[i] for i in sample], spec, device, mixed_precision=config.amp)
@@ -333,6 +333,19 @@ def train(
     )
 
 
+def _schedule(config: TrainConfig, total_steps: int, max_seconds: float | None, *, fine_tune: bool) -> PolySchedule:
+    """The run's learning-rate schedule: a fine-tune takes the config's fine-tune scale and warm-up."""
+    if not fine_tune:
+        return PolySchedule(config.learning_rate, total_steps, max_seconds, config.poly_exponent)
+    return PolySchedule(
+        config.learning_rate * config.finetune_lr_scale,
+        total_steps,
+        max_seconds,
+        config.poly_exponent,
+        warmup=config.finetune_warmup,
+    )
+
+
 @dataclass
 class _Run:
     """The loop's counters and history (what a resume restores besides weights and generators)."""
@@ -353,6 +366,11 @@ class _Setup:
     init_sha: str | None = None
     batch_size: int | None = None  # the plan's (None: the config's)
     plan: dict[str, Any] | None = None
+    resumed_fine_tune: bool = False  # a resume of a run that started from a checkpoint
+
+    @property
+    def fine_tune(self) -> bool:
+        return self.init_state is not None or self.resumed_fine_tune
 
 
 def _setup(
@@ -367,7 +385,13 @@ def _setup(
         if max([*resume.train_indices, *resume.val_indices, -1]) >= _n_pairs(data):
             raise CheckpointError("the resume state was made with more training images than given")
         batch = int(json.loads(resume.config_json).get("batch_size", config.batch_size))
-        return _Setup(spec, list(resume.train_indices), list(resume.val_indices), batch_size=batch)
+        return _Setup(
+            spec,
+            list(resume.train_indices),
+            list(resume.val_indices),
+            batch_size=batch,
+            resumed_fine_tune=resume.fine_tune,
+        )
     train_idx, val_idx = _split(config, data)
     if init is not None:
         ckpt = load_checkpoint(init)
@@ -429,6 +453,7 @@ def _snapshot(
         numpy_rng=dict(rng.bit_generator.state),
         torch_generator=gen.get_state(),
         torch_rng=torch.get_rng_state(),
+        fine_tune=setup.fine_tune,
     )
 
 

@@ -68,6 +68,11 @@ class TrainConfig:
     val_budget_fraction: float = 0.1
     val_sample: int = 64
     val_ema: float = 0.3
+    # A fine-tune (``train(init_checkpoint=...)``: a worker's retrain, an active-learning round)
+    # runs its schedule at finetune_lr_scale x learning_rate, and warms up over finetune_warmup of
+    # the run (backend.model.schedule.PolySchedule). A run from scratch ignores both.
+    finetune_lr_scale: float = 1.0
+    finetune_warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -82,6 +87,8 @@ class TrainConfig:
             raise InvalidInput(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.learning_rate <= 0:
             raise InvalidInput(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.finetune_lr_scale <= 1 or not 0 <= self.finetune_warmup < 1:
+            raise InvalidInput("finetune_lr_scale must be in (0, 1] and finetune_warmup in [0, 1)")
         if not 0 < self.val_budget_fraction <= 1 or self.val_sample < 1 or not 0 < self.val_ema <= 1:
             raise InvalidInput("val_budget_fraction and val_ema must be in (0, 1], val_sample >= 1")
 
